@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both bootstrap .venv first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --quiet
+STAMP  := $(VENV)/.setup-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean-runs
+
+setup: $(STAMP)
+
+# Re-run only when the dependency list changes: a set-up tree costs one stat.
+# torch comes first (pinned builds on local disk); deepspeed builds against it, so it follows
+# without build isolation.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) --upgrade pip wheel setuptools
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) --no-build-isolation deepspeed==0.19.8
+	$(PIP) --no-build-isolation -e '.[test]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/side4video demo
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests
+
+clean-runs:
+	rm -rf runs

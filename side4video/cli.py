@@ -1,0 +1,282 @@
+"""`side4video` entry point: parse, load the config, call one function per command.
+
+Heavy modules (torch, DALI, DeepSpeed) are imported inside the command functions so that
+`--help` and `config` answer instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Dict, List, Optional
+
+from side4video.errors import UserError
+
+PROG = "side4video"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (exit 2) instead of the usage block."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _load(args) -> "object":
+    from side4video.config import load_config
+    from side4video.logs import setup_logging
+
+    cfg = load_config(args.config, args.overrides)
+    setup_logging(cfg.logging.level, cfg.logging.all_ranks)
+    return cfg
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+# ------------------------------------------------------------------------------------ commands
+def cmd_config(args) -> int:
+    from side4video.config import describe_schema, load_config, to_yaml
+
+    if args.schema:
+        print(describe_schema())
+        return 0
+    if not args.config:
+        raise UserError("config: give a CONFIG file (or --schema)")
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from side4video.bench.planner import plan, format_plan
+
+    report = plan(_load(args))
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_plan(report))
+    return 0
+
+
+def cmd_convert_official(args) -> int:
+    from side4video.model.convert import convert_official_file
+
+    out = convert_official_file(args.input, args.output, num_frames=args.frames)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_make_shards(args) -> int:
+    from side4video.data.shards import make_shards
+
+    manifest = make_shards(
+        list_file=args.list, fmt=args.format, root=args.root, out=args.out, labels=args.labels,
+        split=args.split, shard_size=args.shard_size, workers=args.workers, validate=args.validate,
+        transcode=args.transcode, short_side=args.short_side, progress=not args.no_progress,
+    )
+    n = sum(s["samples"] for s in manifest["shards"])
+    print(f"wrote {len(manifest['shards'])} shards, {n} samples, {len(manifest['quarantine'])} quarantined -> {args.out}")
+    return 0
+
+
+def cmd_make_synthetic(args) -> int:
+    from side4video.data.synthetic import make_synthetic
+
+    report = make_synthetic(
+        args.out, videos=args.videos, classes=args.classes, val_videos=args.val_videos, frames=args.frames,
+        size=args.size, fps=args.fps, seed=args.seed, shard_samples=args.shard_samples, workers=args.workers,
+    )
+    print(f"wrote {report['train']} train and {report['val']} val videos of {args.classes} classes -> {args.out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from side4video.config import load_config
+    from side4video.data.inspect import format_report, inspect_shards
+
+    cfg = load_config(args.config, args.overrides)
+    report = inspect_shards(args.spec, cfg, decode=args.decode, progress=not args.json)
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_report(report))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from side4video.engine.train import train
+
+    summary = train(_load(args))
+    return 0 if summary.get("status", "finished") in ("finished", "preempted") else 1
+
+
+def cmd_eval(args) -> int:
+    from side4video.engine.evaluate import evaluate_command
+
+    report = evaluate_command(_load(args))
+    if args.json and report is not None:
+        _print_json(report)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from side4video.engine.predict import format_predictions, predict_video
+
+    preds = predict_video(args.export, args.video, top_k=args.top_k, overrides=args.overrides)
+    if args.json:
+        _print_json(preds)
+    else:
+        print(format_predictions(preds))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from side4video.submit import submit
+
+    return submit(_load(args), command=args.command, wait=args.wait)
+
+
+def cmd_bench(args) -> int:
+    from side4video.bench import run_bench
+
+    run_bench(args.what, args.out, config=args.config, overrides=args.overrides, quick=args.quick)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from side4video.demo import run_demo
+
+    return run_demo(args.out, nproc=args.nproc, videos=args.videos, fresh=args.fresh)
+
+
+# -------------------------------------------------------------------------------------- parser
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", nargs=None if required else "?", help="experiment YAML (e.g. configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Side4Video: memory-efficient image-to-video transfer learning.")
+    parser.add_argument("--version", action="version", version=f"{PROG} 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands: Dict[str, Callable] = {}
+
+    def add(name: str, fn: Callable, help: str, example: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=f"{help}\n\nexample: {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        commands[name] = fn
+        p.set_defaults(_fn=fn)
+        return p
+
+    p = add("config", cmd_config, "print the resolved config (secrets redacted)",
+            "side4video config configs/demo.yaml train.lr=0.5")
+    _add_config_args(p, required=False)
+    p.add_argument("--schema", action="store_true", help="list every key with its type, default and meaning")
+
+    p = add("plan", cmd_plan, "parameter counts and memory plan for a config (no memory allocated)",
+            "side4video plan configs/ssv2_vitb16.yaml --json")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    p = add("convert-official", cmd_convert_official, "convert a reference Side4Video checkpoint to ours",
+            "side4video convert-official side4video_k400_b16.pt converted.pt")
+    p.add_argument("input", help="reference checkpoint (.pt/.pth)")
+    p.add_argument("output", help="output file (our format)")
+    p.add_argument("--frames", type=int, default=8, help="frames the model was trained with (default 8)")
+
+    p = add("make-shards", cmd_make_shards, "write WebDataset shards + manifest.json from videos and an annotation list",
+            "side4video make-shards --list train.csv --format k400 --root /data/k400 --out s3://bucket/k400/train")
+    p.add_argument("--list", required=True, help="annotation file (CSV, JSON or 'path label' lines)")
+    p.add_argument("--format", required=True, choices=["k400", "ssv2", "msrvtt", "msvd", "vatex", "list"])
+    p.add_argument("--root", required=True, help="folder the annotation's video paths are relative to")
+    p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    p.add_argument("--labels", default=None, help="class list: SSv2 labels.json, or a text file (one name per line)")
+    p.add_argument("--split", default=None, help="keep only this split (Kinetics CSV 'split' column, MSR-VTT 'split')")
+    p.add_argument("--shard-size", default="1GB", help="target bytes per shard, e.g. 512MB (default 1GB)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes for probing/transcoding")
+    p.add_argument("--validate", action="store_true", help="probe and decode every video; failures are quarantined")
+    p.add_argument("--transcode", choices=["none", "vp9", "h264"], default="none")
+    p.add_argument("--short-side", type=int, default=0, help="resize the short side when transcoding (e.g. 320)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = add("make-synthetic", cmd_make_synthetic, "generate a motion-only synthetic video dataset (VP9 WebM shards)",
+            "side4video make-synthetic data/synth --videos 256 --classes 8")
+    p.add_argument("out", help="output folder (train/ and val/ with manifest.json each)")
+    p.add_argument("--videos", type=int, default=256, help="training videos")
+    p.add_argument("--val-videos", type=int, default=None, help="validation videos (default videos // 4)")
+    p.add_argument("--classes", type=int, default=8, help="motion classes (at most 8)")
+    p.add_argument("--frames", type=int, default=16, help="frames per video")
+    p.add_argument("--size", type=int, default=64, help="frame side in pixels")
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-samples", type=int, default=32, help="videos per shard")
+    p.add_argument("--workers", type=int, default=1)
+
+    p = add("inspect", cmd_inspect, "stream a shard spec and report samples, classes, sizes and bad samples",
+            "side4video inspect 's3://bucket/k400/train/manifest.json' --decode --json")
+    p.add_argument("spec", help="shard spec: brace pattern, comma-separated list or manifest URL")
+    p.add_argument("--config", default=None, help="config whose data section (decoder, s3, ...) applies")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--decode", action="store_true", help="decode every video through the configured pipeline")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    p = add("train", cmd_train, "train (one process, or one rank of a launcher/SLURM job)",
+            "side4video train configs/experiments/ssv2_vitb16.yaml train.lr=5e-4 data.frames=16")
+    _add_config_args(p)
+
+    p = add("eval", cmd_eval, "evaluate a checkpoint (multi-view: eval.crops x eval.clips)",
+            "side4video eval configs/demo.yaml checkpoint=runs/demo/side4video eval.crops=3 eval.clips=2")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    p = add("predict", cmd_predict, "top-k classes for one video file with an exported model",
+            "side4video predict runs/demo/side4video/export clip.webm")
+    p.add_argument("export", help="export folder (model.safetensors + model.json)")
+    p.add_argument("video", help="video file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. eval.crops=3)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+
+    p = add("submit", cmd_submit, "submit training (or evaluation) to SLURM through submitit",
+            "side4video submit configs/experiments/ssv2_eva02e14.yaml slurm.nodes=4 slurm.gpus_per_node=8 --wait")
+    _add_config_args(p)
+    p.add_argument("--command", choices=["train", "eval"], default="train", help="what the job runs")
+    p.add_argument("--wait", action="store_true", help="follow the job to its end; exit with its status")
+
+    p = add("bench", cmd_bench, "benchmarks writing OUT/*.json, *.md and *.png",
+            "side4video bench memory --out bench/")
+    p.add_argument("what", choices=["data", "memory"], help="data: decode clips/s (DALI vs PyAV); memory: methods x backbones")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--config", default=None, help="config to benchmark (default: built-in small setup)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--quick", action="store_true", help="smallest settings (for smoke tests)")
+
+    p = add("demo", cmd_demo, "synthetic data -> 2-process side network + linear probe on CPU -> results table",
+            "side4video demo")
+    p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
+    p.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
+    p.add_argument("--videos", type=int, default=256, help="training videos to generate")
+    p.add_argument("--fresh", action="store_true", help="delete earlier demo runs first")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "_fn", None):
+            parser.print_help()
+            return 2
+        return int(args._fn(args) or 0)
+    except UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""The config schema (one place), YAML composition, overrides and validation.
+
+A config is a YAML file whose optional `defaults:` list names base files (relative to the file's
+folder or any folder above it, without `.yaml`); bases merge in order, then the file itself, then
+`key=value` overrides from the command line. Every key is checked against the dataclasses below:
+unknown keys, wrong types and values outside an allowed set raise `UserError` with one line that
+names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from side4video.errors import UserError
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def F(default: Any, help: str, choices: Optional[Sequence[Any]] = None):
+    """A schema field: default, one-line meaning, and optionally the allowed values."""
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def S(cls, help: str):
+    """A nested section field."""
+    return field(default_factory=cls, metadata={"help": help, "choices": None})
+
+
+PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+# ----------------------------------------------------------------------------------------- data
+@dataclass
+class S3Config:
+    endpoint_url: str = F("", "S3-compatible endpoint URL; empty: AWS_ENDPOINT_URL or AWS itself")
+    access_key_id: str = F("", "S3 access key id; empty: AWS_ACCESS_KEY_ID / the AWS credential chain")
+    secret_access_key: str = F("", "S3 secret key; empty: AWS_SECRET_ACCESS_KEY / the AWS credential chain")
+    region: str = F("", "S3 region; empty: AWS_DEFAULT_REGION")
+
+
+@dataclass
+class SplitConfig:
+    shards: Any = F("", "shard spec: brace pattern, list of URLs, or a manifest.json URL")
+    epoch_samples: int = F(0, "samples per epoch in resampled mode (0: the dataset's size)")
+
+
+@dataclass
+class RandAugmentConfig:
+    enabled: bool = F(False, "RandAugment, the same ops on every frame of a clip")
+    num_ops: int = F(4, "ops applied per clip (the reference's n)")
+    magnitude: float = F(7.0, "op strength on a 0-10 scale (the reference's m)")
+    magnitude_std: float = F(0.5, "per-clip gaussian noise on the magnitude (the reference's mstd)")
+
+
+@dataclass
+class DataConfig:
+    train: SplitConfig = S(SplitConfig, "training shards")
+    val: SplitConfig = S(SplitConfig, "evaluation shards")
+    num_classes: int = F(400, "number of classes of the recognition head")
+    frames: int = F(8, "frames per clip (T)")
+    size: int = F(224, "input frame size (square crop side, px)")
+    sampling: str = F("tsn", "frame sampling: TSN segments or dense clips", ("tsn", "dense"))
+    dense_stride: int = F(2, "frame stride of dense clips")
+    resize: List[int] = F([256], "resize before cropping: [short side] or [height, width]")
+    crop_area: List[float] = F([0.08, 1.0], "random resized crop: area fraction range")
+    crop_aspect: List[float] = F([0.75, 1.3333333], "random resized crop: aspect ratio range")
+    flip: bool = F(True, "random horizontal flip in training")
+    flip_label_pairs: List[List[int]] = F([], "label pairs swapped by a flip, e.g. SSv2 [[86,87],...]")
+    randaugment: RandAugmentConfig = S(RandAugmentConfig, "RandAugment")
+    repeated_views: int = F(1, "repeated augmentation: differently augmented views of each clip per batch")
+    mean: List[float] = F(CLIP_MEAN, "normalisation mean (RGB, 0-1 scale)")
+    std: List[float] = F(CLIP_STD, "normalisation std (RGB, 0-1 scale)")
+    dtype: str = F("auto", "clip tensor dtype; auto: the backbone's compute precision", ("auto",) + PRECISIONS)
+    decoder: str = F("auto", "video decoder: DALI (GPU 'mixed' or CPU), PyAV, or pick by codec", ("auto", "dali", "pyav"))
+    decode_threads: int = F(2, "decoder threads per loader")
+    workers: int = F(1, "stream reader workers per rank")
+    prefetch: int = F(2, "decoded batches prepared ahead of the training step")
+    shuffle_buffer: int = F(64, "samples (compressed bytes) in the shuffle buffer")
+    shuffle_shards: bool = F(True, "shuffle the shard list every epoch")
+    resampled: bool = F(False, "infinite stream: shards drawn with replacement")
+    seed: int = F(0, "seed of the data order (with epoch, rank and worker)")
+    s3: S3Config = S(S3Config, "object storage access")
+    allow_pipe: bool = F(False, "allow pipe: shard URLs (they run shell commands)")
+    retries: int = F(6, "attempts per shard read on connection errors and 5xx")
+    retry_backoff: float = F(0.5, "first retry delay in seconds, doubled each attempt")
+
+
+# ---------------------------------------------------------------------------------------- model
+@dataclass
+class BackboneConfig:
+    name: str = F("ViT-B-16", "open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14, EVA02-L-14, EVA02-E-14)")
+    weights: str = F("", "local open_clip/EVA checkpoint file; empty: random init")
+    precision: str = F("fp16", "storage precision of the frozen weights", PRECISIONS)
+    compute_precision: str = F("auto", "compute precision; auto: storage precision on GPU, fp32 on CPU", ("auto",) + PRECISIONS)
+    quick_gelu: bool = F(False, "QuickGELU MLP activation (OpenAI CLIP weights)")
+    width: int = F(0, "override: transformer width (0: from the model name)")
+    layers: int = F(0, "override: number of blocks (0: from the model name)")
+    heads: int = F(0, "override: attention heads (0: from the model name)")
+    patch_size: int = F(0, "override: patch size (0: from the model name)")
+
+
+@dataclass
+class SideConfig:
+    dim: int = F(320, "side network width d")
+    layers: Any = F("auto", "backbone layers feeding side blocks: auto, all, every_other or a list of indices")
+    variant: str = F("auto", "side block: clip (pre-norm) or eva (post-norm); auto follows the backbone", ("auto", "clip", "eva"))
+    heads: int = F(0, "side attention heads (0: d // 64, at least 1)")
+    checkpointing: bool = F(False, "activation checkpointing of side blocks")
+    drop_path: float = F(0.0, "stochastic depth rate of side blocks")
+
+
+@dataclass
+class AdapterConfig:
+    dim: int = F(64, "bottleneck width of the ST-Adapter baseline")
+    kernel: int = F(3, "temporal kernel of the adapter's depthwise conv")
+
+
+@dataclass
+class HeadConfig:
+    dropout: float = F(0.0, "dropout before the classifier")
+
+
+@dataclass
+class ModelConfig:
+    method: str = F("side4video", "what is trained", ("side4video", "adapter", "full", "linear_probe"))
+    backbone: BackboneConfig = S(BackboneConfig, "frozen image backbone")
+    side: SideConfig = S(SideConfig, "side network")
+    adapter: AdapterConfig = S(AdapterConfig, "ST-Adapter baseline")
+    head: HeadConfig = S(HeadConfig, "classification head")
+
+
+# ---------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    output_dir: str = F("runs/default", "run directory: config, metrics, checkpoints, plots")
+    batch_size: int = F(8, "clips per process per step (before repeated views)")
+    grad_accum: int = F(1, "gradient accumulation steps")
+    epochs: int = F(30, "training epochs")
+    steps_per_epoch: int = F(0, "steps per epoch (0: from the dataset size)")
+    max_steps: int = F(0, "stop after this many steps (0: epochs decide)")
+    lr: float = F(1e-3, "peak learning rate (for the global batch as configured)")
+    min_lr: float = F(0.0, "learning rate at the end of the cosine")
+    warmup_epochs: float = F(4.0, "linear warmup length in epochs")
+    optimizer: str = F("adamw", "optimizer", ("adamw", "sgd"))
+    betas: List[float] = F([0.9, 0.999], "AdamW betas")
+    eps: float = F(1e-8, "AdamW epsilon")
+    weight_decay: float = F(0.15, "weight decay")
+    decay_norm_and_bias: bool = F(True, "also decay norm weights, biases and position embeddings (as the reference)")
+    label_smoothing: float = F(0.1, "label smoothing of the cross-entropy")
+    grad_clip: float = F(0.0, "gradient norm clipping (0: off)")
+    seed: int = F(0, "seed of model init and augmentation")
+    log_every: int = F(10, "steps between logged metrics")
+    eval_every: int = F(1, "epochs between evaluations (0: only at the end)")
+    save_every: int = F(0, "steps between checkpoints (0: at the end of each epoch)")
+    keep_checkpoints: int = F(3, "checkpoints kept (older ones deleted)")
+    resume: str = F("auto", "auto: from output_dir's latest checkpoint; none; or a checkpoint path")
+    max_bad_steps: int = F(5, "consecutive non-finite losses before stopping")
+    export: bool = F(True, "export model.safetensors + model.json at the end")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = F(2, "ZeRO stage", (0, 1, 2, 3))
+    precision: str = F("fp32", "precision of the trained parameters and activations", PRECISIONS)
+    loss_scale: float = F(0.0, "fp16 static loss scale (0: dynamic)")
+    initial_scale_power: int = F(16, "fp16 dynamic loss scale starts at 2**this")
+    offload_param: str = F("none", "ZeRO-3 parameter offload", ("none", "cpu", "nvme"))
+    offload_optimizer: str = F("none", "optimizer state offload (ZeRO >= 1)", ("none", "cpu", "nvme"))
+    nvme_path: str = F("/local_nvme", "folder for nvme offload")
+    backbone_engine: str = F("shared", "frozen backbone inside the training engine or its own inference engine", ("shared", "separate"))
+    timeout_minutes: int = F(30, "collective timeout")
+
+
+# ----------------------------------------------------------------------------------------- eval
+@dataclass
+class EvalConfig:
+    crops: int = F(1, "spatial crops per clip (1: centre, 3: left/centre/right)", (1, 3))
+    clips: int = F(1, "temporal clips per video")
+    batch_size: int = F(0, "videos per process per step (0: train.batch_size)")
+    max_batches: int = F(0, "stop after this many batches (0: whole split)")
+
+
+# ---------------------------------------------------------------------------------------- slurm
+@dataclass
+class SlurmConfig:
+    nodes: int = F(1, "nodes")
+    gpus_per_node: int = F(0, "GPUs per node, one task each (0: CPU job, tasks_per_node decides)")
+    tasks_per_node: int = F(1, "tasks per node when gpus_per_node is 0")
+    cpus_per_task: int = F(1, "CPUs per task")
+    mem_gb: int = F(0, "memory per node in GB (0: cluster default)")
+    time_minutes: int = F(60, "time limit")
+    partition: str = F("", "partition")
+    account: str = F("", "account")
+    qos: str = F("", "quality of service")
+    constraint: str = F("", "node constraint")
+    job_name: str = F("side4video", "job name")
+    log_folder: str = F("", "submitit log folder (empty: OUTPUT_DIR/slurm)")
+    signal_delay_s: int = F(120, "seconds before the time limit at which the job is signalled")
+    max_requeues: int = F(10, "requeues after preemption or timeout")
+    additional: Dict[str, Any] = F({}, "extra sbatch options, e.g. {exclusive: true}")
+    setup: List[str] = F([], "shell lines run before the job (module load ...)")
+
+
+# -------------------------------------------------------------------------------------- logging
+@dataclass
+class LoggingConfig:
+    level: str = F("info", "log level", ("debug", "info", "warning", "error"))
+    all_ranks: bool = F(False, "every rank prints (else rank 0 only)")
+    progress: bool = F(True, "progress bar on rank 0")
+    tensorboard: bool = F(True, "TensorBoard scalars under OUTPUT_DIR/tensorboard")
+    plots: bool = F(True, "PNG plots of curves and the confusion matrix at the end")
+
+
+@dataclass
+class Config:
+    data: DataConfig = S(DataConfig, "data")
+    model: ModelConfig = S(ModelConfig, "model")
+    train: TrainConfig = S(TrainConfig, "training")
+    deepspeed: DeepSpeedConfig = S(DeepSpeedConfig, "DeepSpeed engine")
+    eval: EvalConfig = S(EvalConfig, "evaluation")
+    slurm: SlurmConfig = S(SlurmConfig, "SLURM submission")
+    logging: LoggingConfig = S(LoggingConfig, "logging")
+    checkpoint: str = F("", "checkpoint or exported model to evaluate/predict with")
+
+
+# ------------------------------------------------------------------------------------- loading
+SECRET_KEY = re.compile(r"(secret|token|password|passwd|access_key|api_key|credential)", re.I)
+REDACTED = "***"
+
+
+def schema_fields(cls=Config, prefix: str = ""):
+    """Yield (dotted key, dataclasses.Field, is_section) for the whole schema."""
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        section = dataclasses.is_dataclass(f.type) or (
+            f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
+        )
+        yield key, f, section
+        if section:
+            yield from schema_fields(f.default_factory, key + ".")
+
+
+def _type_name(f) -> str:
+    return getattr(f.type, "__name__", None) or str(f.type).replace("typing.", "")
+
+
+def _suggest(bad: str, section: str) -> str:
+    """'did you mean' over the keys of the section that holds the bad key."""
+    siblings = [k for k, _, _ in schema_fields() if k.rsplit(".", 1)[0] == section and k != section] if section else [
+        f.name for f in dataclasses.fields(Config)
+    ]
+    leaf = bad.rsplit(".", 1)[-1]
+    names = {k.rsplit(".", 1)[-1]: k for k in siblings}
+    close = difflib.get_close_matches(leaf, list(names), n=1, cutoff=0.6)
+    return f" (did you mean {names[close[0]]}?)" if close else ""
+
+
+def _explain(err: OmegaConfBaseException, where: str) -> UserError:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigKeyError) or "Key '" in str(err) and "not in struct" in str(err):
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        return UserError(f"{where}: unknown config key '{key}'{_suggest(key, section)}")
+    if isinstance(err, ValidationError):
+        fields = {k: f for k, f, _ in schema_fields()}
+        expected = _type_name(fields[key]) if key in fields else "another type"
+        value = getattr(err, "value", None)
+        msg = str(err).splitlines()[0]
+        got = f"got {value!r}" if value is not None else msg
+        return UserError(f"{where}: config key '{key}' expects {expected}, {got}")
+    return UserError(f"{where}: {str(err).splitlines()[0]}")
+
+
+def _find_base(name: str, start: Path) -> Path:
+    """A base named in `defaults:`: looked up from the file's folder upwards."""
+    for folder in [start, *start.parents]:
+        candidate = folder / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"{start}: base config '{name}' not found in this folder or above")
+
+
+def _read_yaml(path: Path, chain: tuple = ()) -> DictConfig:
+    """Read one YAML file with its bases merged in, bases first. Untyped: validated later."""
+    path = path.resolve()
+    if path in chain:
+        raise UserError(f"{path}: config defaults form a cycle: {' -> '.join(p.name for p in chain + (path,))}")
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors come in many types
+        raise UserError(f"{path}: not a valid YAML config: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, DictConfig):
+        raise UserError(f"{path}: a config must be a mapping of sections")
+    defaults = raw.pop("defaults", [])
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    if not isinstance(defaults, (list, ListConfig)):
+        raise UserError(f"{path}: 'defaults' must be a list of base config names")
+    merged = OmegaConf.create()
+    for name in defaults:
+        merged = OmegaConf.merge(merged, _read_yaml(_find_base(str(name), path.parent), chain + (path,)))
+    return OmegaConf.merge(merged, raw)
+
+
+def _merge_checked(base: DictConfig, layer: DictConfig, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as e:
+        raise _explain(e, where) from None
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"override '{item}' is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise UserError(f"overrides: {str(e).splitlines()[0]}") from None
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, f, section in schema_fields():
+        choices = f.metadata.get("choices")
+        if section or not choices:
+            continue
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            allowed = ", ".join(str(c) for c in choices)
+            raise UserError(f"config key '{key}' is {value!r}; allowed: {allowed}")
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Checks a type alone cannot express."""
+    layers = cfg.model.side.layers
+    if isinstance(layers, str):
+        if layers not in ("auto", "all", "every_other"):
+            raise UserError(f"config key 'model.side.layers' is {layers!r}; allowed: auto, all, every_other or a list of layer indices")
+    elif not (isinstance(layers, ListConfig) and all(isinstance(i, int) and i >= 0 for i in layers)):
+        raise UserError("config key 'model.side.layers' must be auto, all, every_other or a list of non-negative integers")
+    for split in ("train", "val"):
+        shards = cfg.data[split].shards
+        ok = isinstance(shards, str) or (isinstance(shards, ListConfig) and all(isinstance(s, str) for s in shards))
+        if not ok:
+            raise UserError(f"config key 'data.{split}.shards' must be a string or a list of strings")
+    if len(cfg.data.resize) not in (1, 2):
+        raise UserError("config key 'data.resize' must be [short_side] or [height, width]")
+    for key in ("crop_area", "crop_aspect"):
+        lo_hi = list(cfg.data[key])
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+            raise UserError(f"config key 'data.{key}' must be [low, high] with 0 < low <= high")
+    positive = ["data.frames", "data.size", "data.num_classes", "train.batch_size", "train.grad_accum",
+                "model.side.dim", "data.repeated_views", "eval.clips", "data.workers"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) < 1:
+            raise UserError(f"config key '{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.deepspeed.offload_param != "none" and cfg.deepspeed.zero_stage != 3:
+        raise UserError("config key 'deepspeed.offload_param' needs deepspeed.zero_stage=3")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose YAML file(s) and `key=value` overrides onto the schema; validate; return it typed."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        cfg = _merge_checked(cfg, _read_yaml(Path(path)), str(path))
+    cfg = _merge_checked(cfg, _parse_overrides(overrides), "overrides")
+    _check_choices(cfg)
+    _check_values(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def redacted(cfg: DictConfig) -> Dict[str, Any]:
+    """Plain dict of the config with secrets (keys, tokens, passwords) replaced by ***."""
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: (REDACTED if SECRET_KEY.search(str(k)) and v not in ("", None) else walk(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(OmegaConf.to_container(cfg, resolve=True))
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML, secrets redacted."""
+    return OmegaConf.to_yaml(OmegaConf.create(redacted(cfg)))
+
+
+def describe_schema() -> str:
+    """Every key with its type, default and meaning (for `side4video config --schema`)."""
+    lines = []
+    for key, f, section in schema_fields():
+        if section:
+            lines.append(f"{key}:  # {f.metadata['help']}")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        allowed = f" [{'|'.join(str(c) for c in choices)}]" if choices else ""
+        lines.append(f"  {key} = {default!r}{allowed}  # {f.metadata['help']}")
+    return "\n".join(lines)

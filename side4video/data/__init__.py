@@ -1,0 +1,1 @@
+"""side4video.data"""

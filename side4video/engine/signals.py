@@ -1,0 +1,57 @@
+"""Stop requests: a signal only sets a flag; the training loop acts at the next step boundary.
+
+SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 (SLURM's preemption and time-limit warnings, submitit's
+checkpoint hook) all land here. At each step boundary every rank asks `stop_requested()`; the
+engine all-reduces the answer so that all ranks stop together, save collectively, then exit
+(and, under SLURM, requeue).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from side4video.logs import get_logger
+
+log = get_logger(__name__)
+
+_stop = threading.Event()
+_reason = {"signal": ""}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def request_stop(reason: str = "requested") -> None:
+    """Ask the training loop to save and stop at the next step boundary (safe in a signal handler)."""
+    _reason["signal"] = _reason["signal"] or reason
+    _stop.set()
+
+
+def stop_requested() -> bool:
+    return _stop.is_set()
+
+
+def stop_reason() -> str:
+    return _reason["signal"]
+
+
+def clear() -> None:
+    _stop.clear()
+    _reason["signal"] = ""
+
+
+def _handler(signum, frame) -> None:
+    request_stop(signal.Signals(signum).name)
+
+
+def install_handlers(signals=STOP_SIGNALS) -> None:
+    """Route stop signals to the flag (main thread only; a no-op elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in signals:
+        signal.signal(sig, _handler)
+
+
+def ignore_in_worker() -> None:
+    """Data-loader workers ignore stop signals: the main process decides when to stop."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -1,0 +1,11 @@
+"""The one exception type for bad user input (config, CLI, data, URL).
+
+The CLI turns it into one line on stderr and exit status 2; everything else is a bug and keeps
+its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+    exit_code = 2
