@@ -371,9 +371,15 @@ def _check_values(cfg: DictConfig) -> None:
         raise UserError("config key 'deepspeed.offload_param' needs deepspeed.zero_stage=3")
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose YAML file(s) and `key=value` overrides onto the schema; validate; return it typed."""
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
+                base: Optional[Dict[str, Any]] = None) -> DictConfig:
+    """Compose YAML file(s) and `key=value` overrides onto the schema; validate; return it typed.
+
+    `base` (a plain dict, e.g. the config stored with an exported model) merges before the file.
+    """
     cfg = OmegaConf.structured(Config)
+    if base is not None:
+        cfg = _merge_checked(cfg, OmegaConf.create(base), "stored config")
     if path is not None:
         cfg = _merge_checked(cfg, _read_yaml(Path(path)), str(path))
     cfg = _merge_checked(cfg, _parse_overrides(overrides), "overrides")

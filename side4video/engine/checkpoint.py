@@ -1,0 +1,180 @@
+"""Checkpoints: trainable state only, written atomically, `latest` moved last, last K kept.
+
+DeepSpeed writes the files (module state without frozen parameters, ZeRO-partitioned optimizer
+state, scheduler); we add the step, the data-stream position, RNG states and a fingerprint of
+the frozen backbone as client state. What DeepSpeed does not do, and we do here:
+- write into `.tmp-step_N/` and rename to `step_N/` once every rank has finished, then replace
+  `latest` (a one-line file) atomically, so a kill at any moment leaves `latest` on a complete one;
+- load every file with `torch.load(weights_only=True)` (DeepSpeed's own loader unpickles freely);
+- refuse a checkpoint made over a different frozen backbone.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from side4video.engine.collectives import barrier, is_distributed
+from side4video.errors import UserError
+from side4video.logs import get_logger
+
+log = get_logger(__name__)
+
+LATEST = "latest"
+TAG = re.compile(r"^step_(\d{7,})$")
+
+
+def _rank() -> int:
+    return torch_dist.get_rank() if is_distributed() else 0
+
+
+# ------------------------------------------------------------------------- safe deepspeed loads
+def _deepspeed_safe_globals() -> list:
+    """Non-tensor objects DeepSpeed pickles into its checkpoints, allowed by name."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+def use_safe_loading(engine) -> None:
+    """Make this engine load checkpoint files with weights_only=True."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    safe = SafeTorchCheckpointEngine(None)
+    engine.checkpoint_engine = safe
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is not None and hasattr(optimizer, "checkpoint_engine"):
+        optimizer.checkpoint_engine = safe
+
+
+# ------------------------------------------------------------------------------- RNG and state
+def rng_state() -> Dict[str, Any]:
+    """RNG states as tensors and plain Python values (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------- directories
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_tag(root: Path) -> Optional[str]:
+    """The tag `latest` names, if it names a complete checkpoint."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    return tag if TAG.match(tag) and (root / tag).is_dir() else None
+
+
+def resolve(resume: str, output_dir: str) -> Optional[tuple[Path, str]]:
+    """`train.resume` -> (root, tag) to load, or None for a fresh start."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        root = checkpoint_root(output_dir)
+        tag = latest_tag(root)
+        return (root, tag) if tag else None
+    path = Path(resume)
+    if (path / LATEST).is_file():  # a checkpoints/ folder
+        tag = latest_tag(path)
+        if tag is None:
+            raise UserError(f"train.resume: {path}/latest does not name a complete checkpoint")
+        return path, tag
+    if (path / "checkpoints" / LATEST).is_file():  # a run directory
+        return resolve("auto", str(path))
+    if path.is_dir() and TAG.match(path.name):
+        return path.parent, path.name
+    raise UserError(f"train.resume: {resume} is not a run directory, checkpoints folder or step_N checkpoint")
+
+
+def _write_latest(root: Path, tag: str) -> None:
+    tmp = root / f".{LATEST}.tmp"
+    tmp.write_text(tag + "\n")
+    os.replace(tmp, root / LATEST)  # atomic on POSIX
+
+
+def _prune(root: Path, keep: int) -> None:
+    current = latest_tag(root)
+    tags = sorted((p.name for p in root.iterdir() if TAG.match(p.name)), key=lambda t: int(TAG.match(t).group(1)))
+    for tag in tags[:-keep] if keep > 0 else []:
+        if tag != current:
+            shutil.rmtree(root / tag, ignore_errors=True)
+    for stale in root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _commit(root: Path, tmp_tag: str, tag: str) -> None:
+    """Rank 0: turn the finished temporary folder into the checkpoint, then move `latest`."""
+    final = root / tag
+    if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
+        shutil.rmtree(final)
+    os.rename(root / tmp_tag, final)
+    _write_latest(root, tag)
+
+
+# --------------------------------------------------------------------------------- save / load
+def save(engine, output_dir: str | Path, step: int, client_state: Dict[str, Any], keep: int) -> Path:
+    """Collective: every rank calls it at the same step."""
+    root = checkpoint_root(output_dir)
+    tag = f"step_{step:07d}"
+    tmp_tag = f".tmp-{tag}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)
+    barrier()  # every rank's shard is on disk before the folder becomes visible
+    if _rank() == 0:
+        _commit(root, tmp_tag, tag)
+        _prune(root, keep)
+    barrier()
+    log.info("saved checkpoint %s", root / tag)
+    return root / tag
+
+
+def load(engine, root: Path, tag: str, fingerprint: Dict[str, Any]) -> Dict[str, Any]:
+    """Load model/optimizer/scheduler into the engine; return our client state."""
+    use_safe_loading(engine)
+    path, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise UserError(f"checkpoint {root / tag} could not be loaded")
+    saved = client.get("backbone")
+    if saved is not None and saved != fingerprint:
+        raise UserError(f"checkpoint {root / tag} was made over another frozen backbone: {saved} != {fingerprint}")
+    log.info("resumed from %s (step %s)", root / tag, client.get("step"))
+    return client

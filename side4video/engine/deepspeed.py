@@ -1,0 +1,172 @@
+"""Our config -> a DeepSpeed config, and the engine that optimises only the side network + head.
+
+The frozen backbone sits inside the same engine (`deepspeed.backbone_engine=shared`, the default:
+one forward, one set of hooks, ZeRO-3 partitions and offloads the frozen weights too) or in an
+inference-only ZeRO engine of its own (`separate`); README "Measured" compares the two.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+from side4video.distributed import DistEnv
+from side4video.logs import get_logger
+
+log = get_logger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def init_distributed(dist: DistEnv, timeout_minutes: int = 30) -> None:
+    """Start torch.distributed the DeepSpeed way: NCCL on GPUs, gloo (+ DeepSpeed's shm) on CPUs."""
+    import deepspeed
+
+    dist.export()
+    if has_cuda():
+        torch.cuda.set_device(dist.local_rank)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if has_cuda() else "gloo",
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+
+
+def _offload(device: str, nvme_path: str, pin: bool) -> Dict[str, Any]:
+    block: Dict[str, Any] = {"device": device, "pin_memory": pin}
+    if device == "nvme":
+        block["nvme_path"] = nvme_path
+    return block
+
+
+def deepspeed_config(cfg, total_steps: int, warmup_steps: int, world_size: int) -> Dict[str, Any]:
+    """The DeepSpeed JSON config for training the side network (+ head) under ZeRO."""
+    ds = cfg.deepspeed
+    tr = cfg.train
+    micro = tr.batch_size * cfg.data.repeated_views
+    zero: Dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1 and ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(ds.offload_optimizer, ds.nvme_path, has_cuda())
+    if ds.zero_stage == 3:
+        zero["offload_param"] = _offload(ds.offload_param, ds.nvme_path, has_cuda()) if ds.offload_param != "none" else None
+        zero = {k: v for k, v in zero.items() if v is not None}
+        # Frozen weights are gathered per block (ZeRO-3 leaf modules); keep prefetch modest so a
+        # 4.4B backbone does not materialise several blocks at once.
+        zero["stage3_prefetch_bucket_size"] = int(5e7)
+        zero["stage3_param_persistence_threshold"] = int(1e5)
+    config: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": tr.grad_accum,
+        "train_batch_size": micro * tr.grad_accum * world_size,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # our own progress bar and metrics report progress
+        "wall_clock_breakdown": False,
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(total_steps, 1),
+                "warmup_num_steps": max(min(warmup_steps, total_steps - 1), 0),
+                "warmup_min_ratio": 0.0,
+                "warmup_type": "linear",
+                "cos_min_ratio": tr.min_lr / tr.lr if tr.lr > 0 else 0.0,
+            },
+        },
+    }
+    if tr.grad_clip > 0:
+        config["gradient_clipping"] = tr.grad_clip
+    if ds.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif ds.precision == "fp16":
+        config["fp16"] = {
+            "enabled": True,
+            "loss_scale": ds.loss_scale,
+            "initial_scale_power": ds.initial_scale_power,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    return config
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    """Norm weights, biases and position embeddings: the parameters decay usually skips."""
+    return param.ndim <= 1 or name.endswith(".bias") or "position" in name or "pos_emb" in name
+
+
+def param_groups(model: nn.Module, cfg) -> List[Dict[str, Any]]:
+    """Trainable parameters only, with and without weight decay (the reference decays all)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if not cfg.train.decay_norm_and_bias and _no_decay(name, param):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(groups: List[Dict[str, Any]], cfg) -> torch.optim.Optimizer:
+    """AdamW as the reference (DeepSpeed's CPU Adam when the optimizer state is offloaded)."""
+    tr = cfg.train
+    if tr.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=tr.lr, momentum=0.9)
+    if cfg.deepspeed.offload_optimizer != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=tr.lr, betas=tuple(tr.betas), eps=tr.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas), eps=tr.eps)
+
+
+def _mark_backbone_blocks_as_leaves(model: nn.Module) -> None:
+    """ZeRO-3 gathers a whole frozen block at once (one all-gather per block, and attention
+    modules that read child weights without calling them, like nn.MultiheadAttention's out_proj,
+    still see full tensors)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    blocks = getattr(model.backbone, "blocks", None)
+    if blocks is not None and len(blocks):
+        set_z3_leaf_modules(model, list({type(b) for b in blocks}))
+
+
+def initialize(model: nn.Module, cfg, total_steps: int, warmup_steps: int, world_size: int):
+    """DeepSpeed engine over the model; only trainable parameters reach the optimizer.
+
+    Returns (engine, scheduler). The frozen backbone keeps its storage precision and runs
+    under no_grad inside the model's forward.
+    """
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, total_steps, warmup_steps, world_size)
+    if cfg.deepspeed.zero_stage == 3:
+        _mark_backbone_blocks_as_leaves(model)
+    groups = param_groups(model, cfg)
+    optimizer = build_optimizer(groups, cfg)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    _restore_backbone_precision(engine.module, cfg)
+    return engine, scheduler
+
+
+def _restore_backbone_precision(model: nn.Module, cfg) -> None:
+    """DeepSpeed casts the whole module to its training precision; put the frozen backbone back
+    in its storage precision (its compute precision is the backbone's own business), and
+    re-register the backbone's upcast hooks so they run after ZeRO-3's gather hooks."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is None:
+        return
+    if cfg.deepspeed.zero_stage != 3 and cfg.model.method in ("side4video", "linear_probe"):
+        backbone.to(DTYPES[cfg.model.backbone.precision])
+    if hasattr(backbone, "install_compute_hooks"):
+        backbone.install_compute_hooks()

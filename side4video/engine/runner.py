@@ -1,0 +1,179 @@
+"""The pieces of a run, set up once: process group, device, model, loaders, engine, run directory.
+
+`train` and `eval` both start here; the loops themselves live in train.py and evaluate.py.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from side4video import distributed
+from side4video.config import to_yaml
+from side4video.engine import checkpoint, export
+from side4video.engine import deepspeed as ds
+from side4video.engine.collectives import barrier
+from side4video.engine.evaluate import evaluate, write_report
+from side4video.errors import UserError
+from side4video.logs import get_logger
+
+log = get_logger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: identical model init everywhere (data order has its own seeds)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def compute_dtype(cfg) -> torch.dtype:
+    """The dtype clips are fed in: the backbone's compute precision (fp32 on CPU hosts, see
+    ENVIRONMENT.md: half-precision matmuls are 10-400x slower there)."""
+    if cfg.data.dtype != "auto":
+        return ds.DTYPES[cfg.data.dtype]
+    name = cfg.model.backbone.compute_precision
+    if name == "auto":
+        name = cfg.model.backbone.precision if ds.has_cuda() else "fp32"
+    return ds.DTYPES[name]
+
+
+class Runner:
+    """Context manager owning a run's process group, model, loaders and engine."""
+
+    def __init__(self, cfg, for_training: bool = True):
+        from side4video.model.build import build_model
+
+        self.cfg = cfg
+        self.for_training = for_training
+        self.dist = distributed.detect()
+        ds.init_distributed(self.dist, cfg.deepspeed.timeout_minutes)
+        self.device = torch.device("cuda", self.dist.local_rank) if ds.has_cuda() else torch.device("cpu")
+        self.dtype = compute_dtype(cfg)
+        self.run_dir = Path(cfg.train.output_dir)
+        seed_everything(cfg.train.seed)
+        self.model = build_model(cfg)
+        self.engine = None
+        self.scheduler = None
+        self.train_loader = None
+        self.val_loader = self._build_loader("val") if cfg.data.val.shards else None
+        self.class_names = list(getattr(self.val_loader, "class_names", None) or [])
+
+    # ------------------------------------------------------------------------------ building
+    def _build_loader(self, split: str):
+        from side4video.data.loader import build_loader
+
+        return build_loader(self.cfg, split, rank=self.dist.rank, world_size=self.dist.world_size, dtype=self.dtype)
+
+    def build_training(self) -> Dict[str, int]:
+        """Train loader, step budget, and the DeepSpeed engine over the model. Returns the plan."""
+        cfg = self.cfg
+        if not cfg.data.train.shards:
+            raise UserError("data.train.shards is empty: give the training shard spec")
+        self.train_loader = self._build_loader("train")
+        if not self.class_names:
+            self.class_names = list(getattr(self.train_loader, "class_names", None) or [])
+        micro_per_epoch = cfg.train.steps_per_epoch or len(self.train_loader)
+        steps_per_epoch = max(micro_per_epoch // cfg.train.grad_accum, 1)
+        total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+        warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
+        self.engine, self.scheduler = ds.initialize(self.model, cfg, total, warmup, self.dist.world_size)
+        plan = {"steps_per_epoch": steps_per_epoch, "micro_batches_per_epoch": steps_per_epoch * cfg.train.grad_accum,
+                "total_steps": total, "warmup_steps": warmup, "epochs": math.ceil(total / steps_per_epoch)}
+        log.info("plan: %s", plan)
+        return plan
+
+    def build_inference(self) -> None:
+        """For eval/predict: ZeRO-3 still partitions (and offloads) the frozen weights; other
+        stages just place the model on the device."""
+        if self.cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": ds.deepspeed_config(
+                self.cfg, 1, 0, self.dist.world_size)["zero_optimization"]}
+            ds._mark_backbone_blocks_as_leaves(self.model)
+            self.engine = deepspeed.initialize(model=self.model, config=config)[0]
+            ds._restore_backbone_precision(self.engine.module, self.cfg)
+        else:
+            self.model.to(self.device)
+        self.module.eval()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module if self.engine is not None else self.model
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.engine(video) if self.engine is not None else self.model(video)
+
+    # ------------------------------------------------------------------------------ run folder
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def prepare_run_dir(self) -> None:
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        barrier()
+
+    def fingerprint(self) -> Dict[str, Any]:
+        return self.model.backbone.fingerprint()
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def save(self, step: int, epoch: int, extra: Dict[str, Any]) -> None:
+        client = {"step": step, "epoch": epoch, "data": self.train_loader.state_dict(),
+                  "rng": checkpoint.rng_state(), "backbone": self.fingerprint(), **extra}
+        path = checkpoint.save(self.engine, self.run_dir, step, client, self.cfg.train.keep_checkpoints)
+        export.write_trainable(self.engine, path, self.cfg.deepspeed.zero_stage, self.is_main)
+        barrier()
+
+    def resume(self) -> Optional[Dict[str, Any]]:
+        found = checkpoint.resolve(self.cfg.train.resume, str(self.run_dir))
+        if found is None:
+            return None
+        client = checkpoint.load(self.engine, *found, fingerprint=self.fingerprint())
+        self.train_loader.load_state_dict(client["data"])
+        checkpoint.set_rng_state(client["rng"])
+        return client
+
+    def load_weights_for_eval(self, source: str) -> None:
+        """Trained weights from an export folder, a checkpoint (step_N/), a checkpoints folder
+        or a run directory; then the inference engine."""
+        if not source:
+            raise UserError("eval needs checkpoint=PATH (a run directory, checkpoint or export folder)")
+        state = export.load_trained_state(source, self.fingerprint())
+        export.apply_trained_state(self.model, state)
+        self.build_inference()
+
+    # ------------------------------------------------------------------------------ evaluation
+    def evaluate(self) -> Dict[str, Any]:
+        if self.val_loader is None:
+            raise UserError("data.val.shards is empty: nothing to evaluate")
+        was_training = self.module.training
+        self.module.eval()
+        report = evaluate(self.forward, self.val_loader, self.cfg, self.device, self.dtype, self.class_names)
+        self.module.train(was_training)
+        return report
+
+    def write_eval_report(self, report: Dict[str, Any], tag: str = "eval") -> None:
+        if self.is_main:
+            write_report(report, self.run_dir, self.class_names, tag)
+            log.info("%s: top-1 %.2f%%  top-5 %.2f%%  (%d samples, %d views)", tag, 100 * report["top1"],
+                     100 * report["top5"], report["samples"], report["views"])
+
+    # ------------------------------------------------------------------------------ teardown
+    def close(self) -> None:
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.close()
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
