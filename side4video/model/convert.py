@@ -1,0 +1,181 @@
+"""Reference Side4Video checkpoints (recognition, CLIP variant) -> our model.
+
+The reference keeps everything under `visual.*` in OpenAI-CLIP names (frozen ViT and side network
+side by side) plus the classifier `fc.*`; training checkpoints wrap it in `model_state_dict` (the
+classifier in `fusion_model_state_dict`) and DDP adds `module.`. Its pointwise/depthwise Conv3d
+weights become our Linear / (C, k) temporal conv weights.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from side4video.errors import UserError
+from side4video.logs import get_logger
+
+log = get_logger(__name__)
+
+FORMAT = "side4video-model"
+
+
+def _squeeze_conv(v: torch.Tensor) -> torch.Tensor:
+    """Conv3d weight with unit spatial kernel -> (out, in) or (C, k)."""
+    return v.reshape(v.shape[0], -1)
+
+
+_SIDE_BLOCK = r"^visual\.transformer\.side_transformer\.(\d+)\."
+# (pattern, replacement, tensor transform) in the order tried; the first match wins.
+_RULES: List[Tuple[str, str, Optional[Callable]]] = [
+    (r"^visual\.conv1\.", "backbone.stem.conv1.", None),
+    (r"^visual\.class_embedding$", "backbone.stem.class_embedding", None),
+    (r"^visual\.positional_embedding$", "backbone.stem.positional_embedding", None),
+    (r"^visual\.ln_pre\.", "backbone.stem.ln_pre.", None),
+    (r"^visual\.transformer\.resblocks\.(\d+)\.", r"backbone.blocks.\1.", None),
+    (r"^visual\.ln_post\.", "backbone.final_norm.", None),
+    (r"^visual\.proj$", "backbone.proj.weight", None),
+    (r"^visual\.side_conv1\.", "side.patch_embed.", None),
+    (r"^visual\.side_pre_bn3d\.", "side.patch_norm.", None),
+    (r"^visual\.side_post_bn\.", "side.post_norm.", None),
+    (r"^visual\.side_proj$", "side_proj", None),
+    (r"^visual\.transformer\.side_spatial_position_embeddings$", "side.pos_embed", None),
+    (r"^visual\.transformer\.side_lns\.(\d+)\.", r"side.taps.\1.norm.", None),
+    (r"^visual\.transformer\.side_linears\.(\d+)\.", r"side.taps.\1.linear.", None),
+    (_SIDE_BLOCK + r"(?:bn_1|norm1)\.", r"side.blocks.\1.conv_norm.", None),
+    (_SIDE_BLOCK + r"(?:conv\.0|pw_conv1)\.weight$", r"side.blocks.\1.conv.pw1.weight", _squeeze_conv),
+    (_SIDE_BLOCK + r"(?:conv\.0|pw_conv1)\.bias$", r"side.blocks.\1.conv.pw1.bias", None),
+    (_SIDE_BLOCK + r"(?:conv\.1|dw_conv1)\.weight$", r"side.blocks.\1.conv.dw.weight", _squeeze_conv),
+    (_SIDE_BLOCK + r"(?:conv\.1|dw_conv1)\.bias$", r"side.blocks.\1.conv.dw.bias", None),
+    (_SIDE_BLOCK + r"(?:conv\.2|pw_conv2)\.weight$", r"side.blocks.\1.conv.pw2.weight", _squeeze_conv),
+    (_SIDE_BLOCK + r"(?:conv\.2|pw_conv2)\.bias$", r"side.blocks.\1.conv.pw2.bias", None),
+    (_SIDE_BLOCK + r"(?:bn_2|norm2)\.", r"side.blocks.\1.mlp_norm.", None),
+    (_SIDE_BLOCK + r"ln_1\.", r"side.blocks.\1.attn_norm.", None),
+    (_SIDE_BLOCK + r"attn\.in_proj_weight$", r"side.blocks.\1.attn.in_proj.weight", None),
+    (_SIDE_BLOCK + r"attn\.in_proj_bias$", r"side.blocks.\1.attn.in_proj.bias", None),
+    (_SIDE_BLOCK + r"attn\.out_proj\.", r"side.blocks.\1.attn.out_proj.", None),
+    (_SIDE_BLOCK + r"mlp\.(fc1|fc2)\.", r"side.blocks.\1.mlp.\2.", None),
+    (r"^fc\.", "head.fc.", None),
+]
+_COMPILED = [(re.compile(p), r, f) for p, r, f in _RULES]
+
+
+def unwrap_official(obj) -> Dict[str, torch.Tensor]:
+    """A reference checkpoint or state dict -> one flat state dict in the reference's names."""
+    if not isinstance(obj, dict):
+        raise UserError("not a Side4Video checkpoint: expected a dict of tensors")
+    sd = dict(obj.get("model_state_dict", obj.get("state_dict", obj)))
+    if isinstance(obj.get("fusion_model_state_dict"), dict):  # the reference's classifier, saved apart
+        sd.update(obj["fusion_model_state_dict"])
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items() if torch.is_tensor(v)}
+    if "visual.side_conv1.weight" not in sd:
+        raise UserError("not a Side4Video checkpoint: no 'visual.side_conv1.weight' (keys as in the reference's model)")
+    return sd
+
+
+def convert_official_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Reference names -> our names; keys of no use to the visual model (text tower, ...) dropped."""
+    out, dropped = {}, []
+    for key, value in unwrap_official(sd).items():
+        for pattern, repl, transform in _COMPILED:
+            if pattern.match(key):
+                out[pattern.sub(repl, key)] = transform(value) if transform else value
+                break
+        else:
+            dropped.append(key)
+    if dropped:
+        log.debug("not converted (not part of the visual model): %d keys, e.g. %s", len(dropped), dropped[:3])
+    return out
+
+
+def official_config(sd: Dict[str, torch.Tensor]) -> Dict:
+    """The fixture-style config dict (width, layers, heads, ...) read off a reference state dict."""
+    sd = unwrap_official(sd)
+    width, _, patch, _ = sd["visual.conv1.weight"].shape
+    layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    side_dim = sd["visual.side_conv1.weight"].shape[0]
+    config = {"width": width, "layers": layers, "heads": width // 64, "patch_size": patch, "image_size": grid * patch,
+              "side_dim": side_dim, "side_heads": max(1, side_dim // 64)}
+    if "fc.weight" in sd:
+        config["num_classes"] = sd["fc.weight"].shape[0]
+    return config
+
+
+_OFFICIAL_NAMES = {(768, 12, 32): "ViT-B-32", (768, 12, 16): "ViT-B-16", (1024, 24, 14): "ViT-L-14"}
+
+
+def official_overrides(config: Dict, sd: Optional[Dict[str, torch.Tensor]] = None) -> List[str]:
+    """Config overrides building our model for a reference model of `config` (fixture keys)."""
+    width, layers, patch = int(config["width"]), int(config["layers"]), int(config["patch_size"])
+    name = _OFFICIAL_NAMES.get((width, layers, patch))
+    arch = [f"model.backbone.name={name}"] if name and int(config["heads"]) == width // 64 else [
+        "model.backbone.name=ViT-B-16", f"model.backbone.width={width}", f"model.backbone.layers={layers}",
+        f"model.backbone.heads={int(config['heads'])}", f"model.backbone.patch_size={patch}"]
+    side_layers = "all"
+    if sd is not None:  # the reference may start its side network after a few layers
+        n = len({k.split(".")[3] for k in unwrap_official(sd) if k.startswith("visual.transformer.side_linears.")})
+        if n != layers:
+            side_layers = "[" + ",".join(str(i) for i in range(layers - n, layers)) + "]"
+    out = arch + [
+        "model.method=side4video", "model.backbone.quick_gelu=true", "model.backbone.weights=''",
+        "model.backbone.precision=fp32", "model.backbone.compute_precision=fp32",
+        f"model.side.dim={int(config['side_dim'])}", f"model.side.heads={int(config.get('side_heads', 0))}",
+        f"model.side.layers={side_layers}", "model.side.variant=clip",
+        f"data.size={int(config['image_size'])}", f"data.num_classes={int(config.get('num_classes', 400))}",
+    ]
+    if "num_frames" in config:
+        out.append(f"data.frames={int(config['num_frames'])}")
+    return out
+
+
+def from_official(state_dict: Dict[str, torch.Tensor], config: Dict) -> torch.nn.Module:
+    """The reference recognition model (CLIP variant) as our VideoModel: fp32, eval mode.
+
+    `config` has the reference fixture's keys (width, layers, heads, patch_size, image_size,
+    num_frames, side_dim, side_heads, num_classes, ...). model(x) on (B, T, 3, H, W) gives logits
+    (B, num_classes); model.features(x) the pooled side features (B, side_dim).
+    """
+    from side4video.config import load_config
+    from side4video.model.build import build_model
+
+    cfg = load_config(None, official_overrides(config, state_dict))
+    model = build_model(cfg)
+    ours = convert_official_state_dict(state_dict)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in ours]
+    unexpected = [k for k in ours if k not in expected]
+    if missing or unexpected:
+        raise UserError(f"reference state dict does not match the model built from its config: "
+                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, v in ours.items():
+        if v.shape != expected[k].shape:
+            raise UserError(f"reference tensor for {k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}")
+    model.load_state_dict(ours, strict=True)
+    return model.float().eval()
+
+
+def convert_official_file(input: str, output: str, num_frames: int = 8) -> str:
+    """Read a reference checkpoint, build our model from it, save {config overrides, state_dict}.
+
+    The saved file also serves as `model.backbone.weights` (its `backbone.*` tensors).
+    """
+    if not os.path.isfile(input):
+        raise UserError(f"convert-official: file not found: {input}")
+    try:
+        obj = torch.load(input, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"convert-official: cannot read {input}: {str(e).splitlines()[0]}") from None
+    sd = unwrap_official(obj)
+    config = dict(official_config(sd), num_frames=int(num_frames))
+    model = from_official(sd, config)
+    overrides = official_overrides(config, sd)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = output + ".tmp"
+    torch.save({"format": FORMAT, "version": 1, "source": os.path.abspath(input), "overrides": overrides,
+                "config": config, "state_dict": model.state_dict()}, tmp)
+    os.replace(tmp, output)
+    log.info("converted %s: %d tensors -> %s", input, len(model.state_dict()), output)
+    return output

@@ -1,0 +1,294 @@
+"""The Side4Video spatial-temporal side network (MODEL.md).
+
+It runs beside the frozen backbone: its own Conv3d patch embedding of the raw video starts a
+stream of N patch tokens per frame; after each tapped backbone block the tapped tokens are
+projected to the side width, averaged into the stream, and one side block (temporal conv,
+class-token-shift attention, MLP) is applied.
+
+Layout: the side stream is kept channels-last, `(B, T, N, d)`, for the whole network, so the
+pointwise convs are plain matmuls, BatchNorm runs over the flattened `(B*T*N, d)` view (the same
+statistics as the reference's BatchNorm3d over `(B, d, T, h, w)`) and attention needs no
+transposes of the stream: the reference's layout shuffles are not needed.
+
+Variants: 'clip' (pre-norm, side block after every tapped layer, post BN) and 'eva' (post-norm,
+projection LayerNorm after the linear, no post BN); `retrieval=True` gives the retrieval visual
+encoder's details (N + 1 position rows added to all tokens, full self-attention, per-frame pool).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def layer_norm_fp32(x: torch.Tensor, norm: nn.LayerNorm, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """LayerNorm computed in fp32 whatever the input and parameter precision."""
+    y = F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+    return y.to(out_dtype or x.dtype)
+
+
+class ChannelLastBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the last dimension of a channels-last tensor `(..., C)`.
+
+    Same statistics, parameters and buffers as BatchNorm3d over `(B, C, T, H, W)`; state-dict
+    keys are BatchNorm's (weight, bias, running_mean, running_var, num_batches_tracked).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).view(x.shape)
+
+
+class TemporalDepthwiseConv(nn.Module):
+    """Depthwise conv along T of a channels-last `(B, T, ..., C)` tensor, zero padded ('same').
+
+    Equivalent to Conv3d(C, C, (k, 1, 1), padding=(k // 2, 0, 0), groups=C); written as k shifted
+    multiply-adds because that needs no layout change. Weight `(C, k)`, PyTorch's Conv init.
+    """
+
+    def __init__(self, channels: int, kernel: int = 3):
+        super().__init__()
+        if kernel % 2 != 1:
+            raise ValueError("temporal kernel must be odd")
+        self.kernel = kernel
+        self.weight = nn.Parameter(torch.empty(channels, kernel))
+        self.bias = nn.Parameter(torch.empty(channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Conv3d's default init: kaiming_uniform(a=sqrt(5)) with fan_in = k, bias U(+-1/sqrt(k)).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1.0 / math.sqrt(self.kernel)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, half = x.shape[1], self.kernel // 2
+        w = self.weight.to(x.dtype)
+        out = x * w[:, half] + self.bias.to(x.dtype)
+        for j in range(self.kernel):
+            s = j - half  # out[t] += w[j] * x[t + s]
+            if s == 0 or abs(s) >= T:
+                continue
+            if s < 0:
+                out = out + F.pad(x[:, :T + s] * w[:, j], _pad_time(x.dim(), -s, 0))
+            else:
+                out = out + F.pad(x[:, s:] * w[:, j], _pad_time(x.dim(), 0, s))
+        return out
+
+
+def _pad_time(ndim: int, before: int, after: int) -> List[int]:
+    """F.pad spec padding dim 1 of an ndim tensor."""
+    return [0, 0] * (ndim - 2) + [before, after]
+
+
+class TemporalConv(nn.Module):
+    """pointwise d->d, depthwise temporal (3), pointwise d->d; all with bias, no activation."""
+
+    def __init__(self, dim: int, kernel: int = 3):
+        super().__init__()
+        self.pw1 = nn.Linear(dim, dim)
+        self.dw = TemporalDepthwiseConv(dim, kernel)
+        self.pw2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw2(self.dw(self.pw1(x)))
+
+
+class SideAttention(nn.Module):
+    """Multi-head attention with fused q/k/v projection, via scaled_dot_product_attention.
+
+    `patch_queries=True`: queries are the patch tokens only (all but the first), keys/values all
+    tokens, as the recognition side blocks; otherwise full self-attention.
+    """
+
+    def __init__(self, dim: int, heads: int, patch_queries: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"side width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.patch_queries = patch_queries
+        self.in_proj = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        M, L, d = z.shape
+        qkv = self.in_proj(z).view(M, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (M, heads, L, head_dim)
+        if self.patch_queries:
+            q = q[:, :, 1:]
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(M, q.shape[2], d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, ratio: int = 4):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim * ratio)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(dim * ratio, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch per sample (first dimension) while training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+def shift_class_token(cls: torch.Tensor) -> torch.Tensor:
+    """(B, T, d): channels [:d//2] take frame t+1's values, [d//2:] frame t-1's; zeros at the ends."""
+    fold = cls.shape[-1] // 2
+    forward = F.pad(cls[:, 1:, :fold], (0, 0, 0, 1))
+    backward = F.pad(cls[:, :-1, fold:], (0, 0, 1, 0))
+    return torch.cat([forward, backward], dim=-1)
+
+
+class SideBlock(nn.Module):
+    """One side block on the stream `(B, T, N, d)` with the projected class token `(B, T, d)`.
+
+    clip (pre-norm):  x += conv(BN1(x)); x += attn(LN(z)); x += mlp(BN2(x))
+    eva  (post-norm): x += BN1(conv(x)); x += LN(attn(z)); x += BN2(mlp(x))
+    with z = [shifted class token, x + pos] per frame (retrieval: [cls, x] + pos over all tokens,
+    full attention, patch outputs added back).
+    """
+
+    def __init__(self, dim: int, heads: int, variant: str = "clip", retrieval: bool = False, drop_path: float = 0.0):
+        super().__init__()
+        self.variant = variant
+        self.retrieval = retrieval
+        self.conv_norm = ChannelLastBatchNorm(dim)
+        self.conv = TemporalConv(dim)
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = SideAttention(dim, heads, patch_queries=not retrieval)
+        self.mlp_norm = ChannelLastBatchNorm(dim)
+        self.mlp = Mlp(dim)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        B, T, N, d = x.shape
+        pre = self.variant == "clip"
+        x = x + self.drop_path(self.conv(self.conv_norm(x)) if pre else self.conv_norm(self.conv(x)))
+
+        cls = shift_class_token(cls).unsqueeze(2)
+        if self.retrieval:
+            z = torch.cat([cls, x], dim=2) + pos
+        else:
+            z = torch.cat([cls, x + pos], dim=2)
+        z = z.view(B * T, N + 1, d)
+        a = self.attn(layer_norm_fp32(z, self.attn_norm)) if pre else layer_norm_fp32(self.attn(z), self.attn_norm)
+        if self.retrieval:
+            a = a[:, 1:]
+        x = x + self.drop_path(a.reshape(B, T, N, d))
+
+        x = x + self.drop_path(self.mlp(self.mlp_norm(x)) if pre else self.mlp_norm(self.mlp(x)))
+        return x
+
+
+class TapProjection(nn.Module):
+    """Backbone tokens (frames, 1 + N, D) -> side width: Linear(LN(x)) (clip) or LN(Linear(x)) (eva).
+
+    The LayerNorm computes in fp32; the half-precision tap is cast on the fly.
+    """
+
+    def __init__(self, in_dim: int, dim: int, variant: str = "clip"):
+        super().__init__()
+        self.variant = variant
+        self.norm = nn.LayerNorm(in_dim if variant == "clip" else dim)
+        self.linear = nn.Linear(in_dim, dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        dtype = self.linear.weight.dtype
+        if self.variant == "clip":
+            return self.linear(layer_norm_fp32(tokens, self.norm, dtype))
+        return layer_norm_fp32(self.linear(tokens.to(dtype)), self.norm, dtype)
+
+
+class SideNetwork(nn.Module):
+    """side(video (B, T, 3, H, W), taps [(B*T, 1 + N, D)] * num_blocks) -> pooled (B, d).
+
+    With retrieval=True, `forward` returns per-frame features (B, T, d) (post BN, spatial mean).
+    """
+
+    def __init__(self, in_dim: int, dim: int, num_blocks: int, patch_size: int, num_patches: int, heads: int = 0,
+                 variant: str = "clip", retrieval: bool = False, checkpointing: bool = False, drop_path: float = 0.0):
+        super().__init__()
+        if variant not in ("clip", "eva"):
+            raise ValueError(f"unknown side variant {variant!r}")
+        heads = heads or max(1, dim // 64)
+        self.dim, self.variant, self.retrieval, self.checkpointing = dim, variant, retrieval, checkpointing
+        self.num_patches = num_patches
+        self.patch_embed = nn.Conv3d(3, dim, (3, patch_size, patch_size), (1, patch_size, patch_size), (1, 0, 0))
+        self.patch_norm = ChannelLastBatchNorm(dim)
+        self.pos_embed = nn.Parameter(torch.zeros(num_patches + (1 if retrieval else 0), dim))
+        rates = [drop_path * i / max(1, num_blocks - 1) for i in range(num_blocks)]  # linear, as timm
+        self.taps = nn.ModuleList(TapProjection(in_dim, dim, variant) for _ in range(num_blocks))
+        self.blocks = nn.ModuleList(SideBlock(dim, heads, variant, retrieval, r) for r in rates)
+        self.post_norm = ChannelLastBatchNorm(dim) if variant == "clip" else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The initialisation in effect in the reference (MODEL.md)."""
+        d = self.dim
+        if self.variant == "eva":  # everything PyTorch's default but the position embedding
+            nn.init.normal_(self.pos_embed, std=0.02)
+            return
+        nn.init.normal_(self.pos_embed, std=0.01)
+        proj_std = d ** -0.5 * 24 ** -0.5
+        for block in self.blocks:
+            nn.init.normal_(block.attn.in_proj.weight, std=d ** -0.5)
+            nn.init.zeros_(block.attn.in_proj.bias)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out_proj.bias)
+            nn.init.normal_(block.mlp.fc1.weight, std=(2 * d) ** -0.5)
+            nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+
+    def embed(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, H, W) -> the initial stream (B, T, N, d)."""
+        B, T = video.shape[:2]
+        x = self.patch_embed(video.transpose(1, 2).to(self.patch_embed.weight.dtype))  # (B, d, T, h, w)
+        x = x.permute(0, 2, 3, 4, 1).reshape(B, T, -1, self.dim)
+        return self.patch_norm(x)
+
+    def layer(self, k: int, x: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
+        """Fuse tap k into the stream and apply side block k."""
+        B, T, N, d = x.shape
+        project = self.taps[k]
+        if torch.is_grad_enabled() and not self.checkpointing:
+            # Recompute the projection in backward: only the half-precision tap stays saved,
+            # not an fp32 copy of it (the LayerNorm/Linear inputs).
+            y = checkpoint(project, tap, use_reentrant=False)
+        else:
+            y = project(tap)
+        y = y.view(B, T, N + 1, d)
+        x = 0.5 * x + 0.5 * y[:, :, 1:]
+        return self.blocks[k](x, y[:, :, 0], self.pos_embed.to(x.dtype))
+
+    def forward(self, video: torch.Tensor, taps: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(taps) != len(self.blocks):
+            raise ValueError(f"side network has {len(self.blocks)} blocks but got {len(taps)} taps")
+        x = self.embed(video)
+        for k, tap in enumerate(taps):
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(self.layer, k, x, tap, use_reentrant=False)
+            else:
+                x = self.layer(k, x, tap)
+        if self.post_norm is not None:
+            x = self.post_norm(x)
+        if self.retrieval:
+            return x.mean(dim=2)
+        return x.mean(dim=(1, 2))
