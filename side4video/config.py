@@ -95,12 +95,14 @@ class DataConfig:
     allow_pipe: bool = F(False, "allow pipe: shard URLs (they run shell commands)")
     retries: int = F(6, "attempts per shard read on connection errors and 5xx")
     retry_backoff: float = F(0.5, "first retry delay in seconds, doubled each attempt")
+    read_chunk: int = F(8 << 20, "bytes per ranged read of an http(s)/s3 shard; a failed read resumes at the byte reached")
+    timeout: float = F(60.0, "seconds before a stalled http(s)/s3 connection counts as failed (then retried)")
 
 
 # ---------------------------------------------------------------------------------------- model
 @dataclass
 class BackboneConfig:
-    name: str = F("ViT-B-16", "open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14, EVA02-L-14, EVA02-E-14)")
+    name: str = F("ViT-B-16", "open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14, EVA02-L-14, EVA02-E-14) or ViT-T-16 (tiny: tests, demo)")
     weights: str = F("", "local open_clip/EVA checkpoint file; empty: random init")
     precision: str = F("fp16", "storage precision of the frozen weights", PRECISIONS)
     compute_precision: str = F("auto", "compute precision; auto: storage precision on GPU, fp32 on CPU", ("auto",) + PRECISIONS)
