@@ -1,0 +1,275 @@
+"""Annotation lists in their native formats -> entries (video file, key, label, captions).
+
+Formats:
+- k400:   Kinetics CSV `label,youtube_id,time_start,time_end,split` (header optional). Files are
+          looked up as {root}/[{split}/][{label}/]{youtube_id}_{start:06d}_{end:06d}.{ext} or
+          {root}/[...]{youtube_id}.{ext}.
+- ssv2:   Something-Something v2 JSON list of {"id", "template" | "label", ...} plus its
+          labels.json ({"class name": "index"}); files {root}/{id}.webm. Test lists without labels
+          get label -1.
+- msrvtt: MSR-VTT JSON {"videos": [{"video_id", "category", "split"}], "sentences": [{"video_id",
+          "caption"}]}, or a list of {"video_id", "caption"}; files {root}/{video_id}.mp4.
+- msvd:   JSON {video_id: [captions]} or a list of {"video_id", "caption"}; files {root}/{video_id}.avi.
+- vatex:  JSON list of {"videoID", "enCap": [...]}; files {root}/{videoID}.mp4.
+- list:   lines `relative/path label` (label: an index, or a class name); `#` starts a comment.
+
+Keys are the file's path relative to root without its extension, with dots replaced (webdataset
+splits a member name at its first dot); a key that would leave the dataset folder is an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from side4video.data.sample import VIDEO_EXTS, check_key
+from side4video.errors import UserError
+
+FORMATS = ("k400", "ssv2", "msrvtt", "msvd", "vatex", "list")
+
+
+@dataclass
+class Entry:
+    key: str
+    path: Optional[str]  # absolute path of the video file; None when not found
+    rel: str  # the name the annotation used (for messages)
+    label: int = -1
+    label_name: Optional[str] = None
+    captions: List[str] = field(default_factory=list)
+
+
+def make_key(rel: str) -> str:
+    """A shard key from a path relative to the root (no extension, no dots, no escaping)."""
+    rel = rel.replace("\\", "/")
+    base = re.sub(r"\.(%s)$" % "|".join(VIDEO_EXTS), "", rel, flags=re.I)
+    check_key(base)
+    head, _, leaf = base.rpartition("/")
+    leaf = leaf.replace(".", "_")
+    return f"{head}/{leaf}" if head else leaf
+
+
+def find_video(root: str, candidates: Sequence[str]) -> Tuple[Optional[str], str]:
+    """First existing file among candidates (with or without a video extension)."""
+    for rel in candidates:
+        path = os.path.join(root, rel)
+        if os.path.isfile(path):
+            return path, rel
+        for ext in VIDEO_EXTS:
+            if os.path.isfile(f"{path}.{ext}"):
+                return f"{path}.{ext}", f"{rel}.{ext}"
+    return None, candidates[0]
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"annotation file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_class_list(path: Optional[str]) -> Optional[List[str]]:
+    """--labels: SSv2 labels.json ({name: index}), a JSON list, or a text file (one name per line)."""
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        raise UserError(f"labels file not found: {path}")
+    if path.endswith(".json"):
+        data = _read_json(path)
+        if isinstance(data, dict):
+            by_index = sorted(((int(v), k) for k, v in data.items()), key=lambda t: t[0])
+            if [i for i, _ in by_index] != list(range(len(by_index))):
+                raise UserError(f"{path}: class indices must be 0..{len(by_index) - 1}")
+            return [k for _, k in by_index]
+        if isinstance(data, list):
+            return [str(x) for x in data]
+        raise UserError(f"{path}: expected {{name: index}} or a list of names")
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _label_index(name: str, classes: List[str], fixed: bool, where: str) -> int:
+    if name in classes:
+        return classes.index(name)
+    if fixed:
+        raise UserError(f"{where}: label {name!r} is not in the labels file")
+    classes.append(name)
+    return len(classes) - 1
+
+
+def read_kinetics(list_file: str, root: str, classes: Optional[List[str]], split: Optional[str]):
+    with open(list_file, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if rows and rows[0] and rows[0][0].strip().lower() == "label":
+        rows = rows[1:]
+    rows = [r for r in rows if r and len(r) >= 4]
+    if split:
+        rows = [r for r in rows if len(r) < 5 or r[4].strip() == split]
+    fixed = classes is not None
+    names = list(classes) if fixed else sorted({r[0].strip() for r in rows})
+    entries = []
+    for line, r in enumerate(rows, 1):
+        label, yid, start, end = r[0].strip(), r[1].strip(), r[2].strip(), r[3].strip()
+        sp = r[4].strip() if len(r) > 4 else ""
+        try:
+            stem = f"{yid}_{int(float(start)):06d}_{int(float(end)):06d}"
+        except ValueError:
+            raise UserError(f"{list_file}: line {line}: time_start/time_end must be numbers") from None
+        cands = [f"{d}{stem}" for d in _prefixes(sp, label)] + [f"{d}{yid}" for d in _prefixes(sp, label)]
+        path, rel = find_video(root, cands)
+        idx = _label_index(label, names, True, f"{list_file}: line {line}")
+        entries.append(Entry(make_key(stem), path, rel, idx, label))
+    return entries, names
+
+
+def _prefixes(split: str, label: str) -> List[str]:
+    out = [""]
+    for d in (f"{label}/", f"{label.replace(' ', '_')}/"):
+        out.append(d)
+        if split:
+            out.append(f"{split}/{d}")
+    if split:
+        out.append(f"{split}/")
+    return out
+
+
+def read_ssv2(list_file: str, root: str, classes: Optional[List[str]]):
+    data = _read_json(list_file)
+    if not isinstance(data, list):
+        raise UserError(f"{list_file}: expected the Something-Something v2 list of videos")
+    if classes is None and any("template" in d or "label" in d for d in data if isinstance(d, dict)):
+        raise UserError(f"{list_file}: give the class list with --labels labels.json")
+    entries = []
+    for d in data:
+        vid = str(d.get("id", "")).strip()
+        if not vid:
+            raise UserError(f"{list_file}: an entry without 'id'")
+        template = d.get("template") or d.get("label")
+        label, name = -1, None
+        if template is not None:
+            name = template.replace("[", "").replace("]", "")
+            if name not in classes:
+                raise UserError(f"{list_file}: video {vid}: class {name!r} is not in the labels file")
+            label = classes.index(name)
+        path, rel = find_video(root, [vid])
+        entries.append(Entry(make_key(vid), path, rel, label, name))
+    return entries, classes
+
+
+def _captions_by_video(items, id_key: str, cap_key: str) -> Dict[str, List[str]]:
+    out: Dict[str, List[str]] = {}
+    for it in items:
+        out.setdefault(str(it[id_key]), []).append(str(it[cap_key]))
+    return out
+
+
+def read_msrvtt(list_file: str, root: str, split: Optional[str]):
+    data = _read_json(list_file)
+    if isinstance(data, dict) and "videos" in data:
+        videos = [v for v in data["videos"] if not split or v.get("split") == split]
+        caps = _captions_by_video(data.get("sentences", []), "video_id", "caption")
+        rows = [(str(v["video_id"]), int(v.get("category", -1)), caps.get(str(v["video_id"]), [])) for v in videos]
+    elif isinstance(data, list):
+        caps = _captions_by_video(data, "video_id", "caption")
+        rows = [(vid, -1, c) for vid, c in caps.items()]
+    else:
+        raise UserError(f"{list_file}: expected MSR-VTT JSON ({{'videos', 'sentences'}} or a caption list)")
+    return _caption_entries(rows, root), None
+
+
+def read_msvd(list_file: str, root: str):
+    data = _read_json(list_file)
+    if isinstance(data, dict):
+        rows = [(str(k), -1, [str(c) for c in (v if isinstance(v, list) else [v])]) for k, v in data.items()]
+    elif isinstance(data, list):
+        rows = [(vid, -1, c) for vid, c in _captions_by_video(data, "video_id", "caption").items()]
+    else:
+        raise UserError(f"{list_file}: expected MSVD captions ({{video_id: [captions]}} or a caption list)")
+    return _caption_entries(rows, root), None
+
+
+def read_vatex(list_file: str, root: str):
+    data = _read_json(list_file)
+    if not isinstance(data, list):
+        raise UserError(f"{list_file}: expected the VATEX list of {{'videoID', 'enCap'}}")
+    rows = [(str(d["videoID"]), -1, [str(c) for c in d.get("enCap", [])]) for d in data]
+    return _caption_entries(rows, root), None
+
+
+def _caption_entries(rows, root: str) -> List[Entry]:
+    entries = []
+    for vid, label, caps in rows:
+        path, rel = find_video(root, [vid])
+        entries.append(Entry(make_key(vid), path, rel, label, None, caps))
+    return entries
+
+
+def read_plain_list(list_file: str, root: str, classes: Optional[List[str]]):
+    fixed = classes is not None
+    names = list(classes) if fixed else []
+    raw = []
+    with open(list_file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.rsplit(None, 1)
+            rel, label = (parts[0], parts[1]) if len(parts) == 2 else (parts[0], None)
+            raw.append((n, rel, label))
+    numeric = all(lab is None or lab.lstrip("-").isdigit() for _, _, lab in raw)
+    if not fixed and not numeric:
+        names = sorted({lab for _, _, lab in raw if lab is not None})
+    entries = []
+    for n, rel, label in raw:
+        where = f"{list_file}: line {n}"
+        try:
+            key = make_key(rel)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        if label is None:
+            idx, name = -1, None
+        elif numeric:
+            idx = int(label)
+            name = names[idx] if 0 <= idx < len(names) else None
+        else:
+            idx, name = _label_index(label, names, fixed, where), label
+        path, found = find_video(root, [rel])
+        entries.append(Entry(key, path, found, idx, name))
+    if numeric and not names:
+        top = max((e.label for e in entries), default=-1)
+        names = None if top < 0 else [str(i) for i in range(top + 1)]
+    return entries, names
+
+
+def read_annotations(fmt: str, list_file: str, root: str, labels: Optional[str] = None,
+                     split: Optional[str] = None) -> Tuple[List[Entry], Optional[List[str]]]:
+    """Entries and class names (None for caption-only datasets)."""
+    if fmt not in FORMATS:
+        raise UserError(f"annotation format {fmt!r}: allowed {', '.join(FORMATS)}")
+    if not os.path.isfile(list_file):
+        raise UserError(f"annotation file not found: {list_file}")
+    if not os.path.isdir(root):
+        raise UserError(f"video root is not a folder: {root}")
+    classes = read_class_list(labels)
+    if fmt == "k400":
+        entries, names = read_kinetics(list_file, root, classes, split)
+    elif fmt == "ssv2":
+        entries, names = read_ssv2(list_file, root, classes)
+    elif fmt == "msrvtt":
+        entries, names = read_msrvtt(list_file, root, split)
+    elif fmt == "msvd":
+        entries, names = read_msvd(list_file, root)
+    elif fmt == "vatex":
+        entries, names = read_vatex(list_file, root)
+    else:
+        entries, names = read_plain_list(list_file, root, classes)
+    for e in entries:
+        if e.label_name is None and names and 0 <= e.label < len(names):
+            e.label_name = names[e.label]
+    return entries, names

@@ -1,0 +1,267 @@
+"""Decoding and augmenting clips with DALI; PyAV for codecs DALI's CPU backend lacks.
+
+One DALI pipeline per input kind:
+- "bytes":  external_source(encoded video) + external_source(frame indices)
+            -> fn.decoders.video(frames=indices), device 'mixed' on a GPU host, else 'cpu'
+- "frames": external_source(frames decoded by PyAV at the same indices)
+then, identical for both, per view: fn.resize with the view's ROI to size x size (resize and crop
+in one step) -> RandAugment steps (DALI conditionals; op, magnitude and affine matrix fed per
+sample) -> fn.crop_mirror_normalize (flip, mean/std, FCHW, fp16/fp32).
+
+Every random parameter arrives through external_source (drawn in augment.py from seeded
+Generators), never from DALI's RNG: a pipeline rebuilt after a resume or an error gives the same
+tensors. A DALI pipeline does not survive an operator error ("Current pipeline object is no
+longer valid"), so on an error the pipeline is rebuilt and the batch decoded sample by sample to
+find the undecodable ones; those are dropped and reported with their keys.
+"""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from side4video.data import augment as A
+from side4video.data.video import DALI_CPU_CODECS, DALI_GPU_CODECS, VideoError, decode_frames
+from side4video.logs import get_logger
+
+log = get_logger(__name__)
+
+SMOOTH = (np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0)  # PIL's SMOOTH filter
+
+
+@dataclass
+class ClipRequest:
+    """One sample to decode: its frames (indices into the video) and its augmented views."""
+
+    key: str
+    video: bytes
+    codec: str
+    indices: np.ndarray
+    views: List[A.ViewParams]
+
+
+def gpu_available() -> bool:
+    return torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------------- the graph
+def _randaugment_step(clip, view: int, step: int):
+    """One RandAugment step: the op chosen per sample by a fed integer (DALI conditionals)."""
+    from nvidia.dali import fn, types
+    import nvidia.dali.math as dmath
+
+    kind = fn.external_source(name=f"ra_kind_{view}_{step}", dtype=types.INT32, ndim=0)
+    arg = fn.external_source(name=f"ra_arg_{view}_{step}", dtype=types.FLOAT, ndim=0)
+    matrix = fn.external_source(name=f"ra_matrix_{view}_{step}", dtype=types.FLOAT, ndim=2)
+    if kind == A.RA_AFFINE:
+        clip = fn.warp_affine(clip, matrix=matrix, fill_value=128.0, inverse_map=False)
+    elif kind == A.RA_POSTERIZE:
+        clip = fn.cast(fn.cast(clip, dtype=types.UINT8) & fn.cast(arg, dtype=types.UINT8), dtype=types.FLOAT)
+    elif kind == A.RA_SOLARIZE:
+        clip = clip + fn.cast(clip >= arg, dtype=types.FLOAT) * (255.0 - 2.0 * clip)
+    elif kind == A.RA_SOLARIZE_ADD:
+        clip = dmath.min(clip + fn.cast(clip < 128.0, dtype=types.FLOAT) * arg, 255.0)
+    elif kind == A.RA_COLOR:
+        clip = dmath.clamp(fn.color_twist(clip, saturation=arg), 0.0, 255.0)
+    elif kind == A.RA_CONTRAST:
+        mean = fn.reductions.mean(clip)
+        clip = dmath.clamp(mean + arg * (clip - mean), 0.0, 255.0)
+    elif kind == A.RA_BRIGHTNESS:
+        clip = dmath.clamp(clip * arg, 0.0, 255.0)
+    elif kind == A.RA_SHARPNESS:
+        blur = fn.filter(clip, SMOOTH, border="clamp")
+        clip = dmath.clamp(blur + arg * (clip - blur), 0.0, 255.0)
+    elif kind == A.RA_AUTOCONTRAST:
+        lo = fn.reductions.min(clip, axes=[0, 1, 2], keep_dims=True)
+        hi = fn.reductions.max(clip, axes=[0, 1, 2], keep_dims=True)
+        clip = (clip - lo) * (255.0 / dmath.max(hi - lo, 1.0))
+    elif kind == A.RA_EQUALIZE:
+        clip = fn.cast(fn.equalize(fn.cast(clip, dtype=types.UINT8)), dtype=types.FLOAT)
+    elif kind == A.RA_INVERT:
+        clip = 255.0 - clip
+    return clip
+
+
+def _clip_graph(source: str, views: int, ra_steps: int, size: int, mean: Sequence[float], std: Sequence[float],
+                fp16: bool, gpu: bool):
+    from nvidia.dali import fn, types
+
+    if source == "bytes":
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        indices = fn.external_source(name="indices", dtype=types.INT32, ndim=1)
+        video = fn.decoders.video(encoded, device="mixed" if gpu else "cpu", frames=indices)
+    else:
+        video = fn.external_source(name="frames", dtype=types.UINT8, ndim=4, layout="FHWC")
+        if gpu:
+            video = video.gpu()
+    outputs = []
+    for v in range(views):
+        roi_start = fn.external_source(name=f"roi_start_{v}", dtype=types.FLOAT, ndim=1)
+        roi_end = fn.external_source(name=f"roi_end_{v}", dtype=types.FLOAT, ndim=1)
+        flip = fn.external_source(name=f"flip_{v}", dtype=types.INT32, ndim=0)
+        clip = fn.resize(video, size=[size, size], roi_start=roi_start, roi_end=roi_end, roi_relative=True,
+                         dtype=types.FLOAT, antialias=True)
+        for step in range(ra_steps):
+            clip = _randaugment_step(clip, v, step)
+        outputs.append(fn.crop_mirror_normalize(
+            clip, mirror=flip, mean=[255.0 * m for m in mean], std=[255.0 * s for s in std],
+            output_layout="FCHW", dtype=types.FLOAT16 if fp16 else types.FLOAT))
+    return tuple(outputs)
+
+
+def build_pipeline(source: str, *, batch_size: int, views: int, ra_steps: int, size: int, mean, std, fp16: bool,
+                   threads: int, gpu: bool, device_id: Optional[int]):
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def(enable_conditionals=ra_steps > 0)
+    def graph():
+        return _clip_graph(source, views, ra_steps, size, mean, std, fp16, gpu)
+
+    # Synchronous execution: we feed a batch, run, read the outputs; overlap with training comes
+    # from the loader's prefetch thread, and DALI's own threads decode the samples in parallel.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pipe = graph(batch_size=batch_size, num_threads=max(1, threads), device_id=device_id if gpu else None,
+                     prefetch_queue_depth=1, exec_async=False, exec_pipelined=False, seed=0)
+        pipe.build()
+    return pipe
+
+
+# ------------------------------------------------------------------------------------ decoder
+class ClipDecoder:
+    """Decode + augment batches of ClipRequests into tensors (views, frames, 3, size, size).
+
+    `decoder`: 'auto' sends each sample to DALI when the DALI backend in use can decode its
+    codec and to PyAV otherwise; 'dali' and 'pyav' force one path.
+    """
+
+    def __init__(self, *, views: int, size: int, mean: Sequence[float], std: Sequence[float], batch_size: int,
+                 ra_steps: int = 0, fp16: bool = False, threads: int = 2, decoder: str = "auto",
+                 gpu: Optional[bool] = None, device_id: Optional[int] = None):
+        self.views, self.size, self.mean, self.std = int(views), int(size), list(mean), list(std)
+        self.batch_size, self.ra_steps, self.fp16, self.threads = int(batch_size), int(ra_steps), fp16, max(1, int(threads))
+        self.decoder = decoder
+        self.gpu = gpu_available() if gpu is None else gpu
+        self.device_id = (torch.cuda.current_device() if self.gpu else None) if device_id is None else device_id
+        self._pipes: Dict[str, object] = {}
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="pyav-decode")
+
+    # -- routing --------------------------------------------------------------------------------
+    def route(self, codec: str) -> str:
+        if self.decoder in ("dali", "pyav"):
+            return self.decoder
+        return "dali" if codec in (DALI_GPU_CODECS if self.gpu else DALI_CPU_CODECS) else "pyav"
+
+    def _pipe(self, source: str):
+        if source not in self._pipes:
+            self._pipes[source] = build_pipeline(
+                source, batch_size=self.batch_size, views=self.views, ra_steps=self.ra_steps, size=self.size,
+                mean=self.mean, std=self.std, fp16=self.fp16, threads=self.threads, gpu=self.gpu, device_id=self.device_id)
+        return self._pipes[source]
+
+    def _drop_pipe(self, source: str) -> None:
+        pipe = self._pipes.pop(source, None)
+        del pipe
+
+    # -- running ----------------------------------------------------------------------------------
+    def _feed(self, pipe, source: str, requests: Sequence[ClipRequest], frames: Optional[List[np.ndarray]]) -> None:
+        if source == "bytes":
+            pipe.feed_input("encoded", [np.frombuffer(r.video, dtype=np.uint8) for r in requests])
+            pipe.feed_input("indices", [np.asarray(r.indices, dtype=np.int32) for r in requests])
+        else:
+            pipe.feed_input("frames", frames, layout="FHWC")
+        for v in range(self.views):
+            params = [r.views[v] for r in requests]
+            pipe.feed_input(f"roi_start_{v}", [p.roi_start for p in params])
+            pipe.feed_input(f"roi_end_{v}", [p.roi_end for p in params])
+            pipe.feed_input(f"flip_{v}", [np.array(int(p.flip), dtype=np.int32) for p in params])
+            for s in range(self.ra_steps):
+                steps = [p.ra[s] if s < len(p.ra) else A.RAStep() for p in params]
+                pipe.feed_input(f"ra_kind_{v}_{s}", [np.array(st.kind, dtype=np.int32) for st in steps])
+                pipe.feed_input(f"ra_arg_{v}_{s}", [np.array(st.arg, dtype=np.float32) for st in steps])
+                pipe.feed_input(f"ra_matrix_{v}_{s}", [st.matrix for st in steps])
+
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        dense = tensor_list.as_tensor()
+        if self.gpu:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            dtype = torch.float16 if self.fp16 else torch.float32
+            out = torch.empty(dense.shape(), dtype=dtype, device=torch.device("cuda", self.device_id))
+            feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device_id))
+            return out
+        return torch.from_numpy(np.array(dense))  # a copy: DALI reuses its output buffers
+
+    def _run(self, source: str, requests: Sequence[ClipRequest], frames=None) -> List[torch.Tensor]:
+        pipe = self._pipe(source)
+        self._feed(pipe, source, requests, frames)
+        outputs = pipe.run()
+        per_view = [self._to_torch(out) for out in outputs]  # each (n, F, 3, S, S)
+        stacked = torch.stack(per_view, dim=1)  # (n, V, F, 3, S, S)
+        return list(stacked.unbind(0))
+
+    def _run_guarded(self, source: str, requests: Sequence[ClipRequest], frames=None):
+        """(results aligned with requests, None where undecodable; [(key, reason)])."""
+        try:
+            return self._run(source, requests, frames), []
+        except Exception as e:  # DALI raises RuntimeError for any operator failure
+            self._drop_pipe(source)
+            if len(requests) == 1:
+                return [None], [(requests[0].key, f"DALI could not decode it: {_first_line(e)}")]
+        results, bad = [], []
+        for i, r in enumerate(requests):
+            res, b = self._run_guarded(source, [r], [frames[i]] if frames is not None else None)
+            results.extend(res)
+            bad.extend(b)
+        return results, bad
+
+    def decode(self, requests: Sequence[ClipRequest]) -> Tuple[List[Optional[torch.Tensor]], List[Tuple[str, str]]]:
+        """Decode up to batch_size requests. Returns per-request tensors (None when the sample
+        was undecodable) and the (key, reason) of those."""
+        if len(requests) > self.batch_size:
+            raise ValueError(f"{len(requests)} requests for a pipeline of batch size {self.batch_size}")
+        results: List[Optional[torch.Tensor]] = [None] * len(requests)
+        bad: List[Tuple[str, str]] = []
+        dali_idx = [i for i, r in enumerate(requests) if self.route(r.codec) == "dali"]
+        pyav_idx = [i for i, r in enumerate(requests) if self.route(r.codec) == "pyav"]
+        if dali_idx:
+            out, b = self._run_guarded("bytes", [requests[i] for i in dali_idx])
+            for i, t in zip(dali_idx, out):
+                results[i] = t
+            bad.extend(b)
+        if pyav_idx:
+            decoded = list(self._pool.map(_pyav_frames, [requests[i] for i in pyav_idx]))
+            ok = []
+            for i, frames in zip(pyav_idx, decoded):
+                if isinstance(frames, str):
+                    bad.append((requests[i].key, frames))
+                else:
+                    ok.append((i, frames))
+            if ok:
+                out, b = self._run_guarded("frames", [requests[i] for i, _ in ok], [f for _, f in ok])
+                for (i, _), t in zip(ok, out):
+                    results[i] = t
+                bad.extend(b)
+        return results, bad
+
+    def close(self) -> None:
+        self._pipes.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _pyav_frames(request: ClipRequest):
+    try:
+        return decode_frames(request.video, request.indices)
+    except (VideoError, ValueError) as e:
+        return f"PyAV could not decode it: {e}"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if "Error" in ln or "error" in ln or "not supported" in ln or "Assert" in ln]
+    return (useful[-1] if useful else (lines[0] if lines else type(e).__name__))[:200]

@@ -1,0 +1,352 @@
+"""The loader the engine iterates: shards -> samples -> frame indices + augmentation -> batches.
+
+    RankStream (stream.py: reader threads, compressed samples, deterministic order)
+      -> probe (PyAV, no decoding: codec, frame count, size; garbage is caught here)
+      -> frame indices (sampling.py) and view parameters (augment.py), seeded by integers
+      -> ClipDecoder (decode.py: DALI, or PyAV for codecs the DALI backend lacks)
+      -> batch dict, handed over through a bounded queue by a background thread
+
+The background thread builds batches while the training step runs; `last_wait_s` is how long
+the consumer waited for the last batch (0 when decoding kept up).
+
+Determinism: the sample order is a pure function of (data.seed, epoch, rank, world size,
+workers) and every random parameter of a sample a pure function of (data.seed, epoch, key,
+pass, view). The state is (epoch, batches handed to the trainer, position in the rank's stream
+after the last of them). Restoring it replays the epoch's compressed stream and skips the
+consumed samples without probing or decoding them, then yields exactly the remaining batches.
+
+Train epochs have the same number of batches on every rank (collectives never hang): the
+epoch length comes from the manifest's sample counts (or data.train.epoch_samples), and a rank
+whose shards run out wraps around to another pass over them. Evaluation reads each sample
+exactly once across ranks, with a smaller last batch, and has no fixed length.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from side4video.data import augment as A
+from side4video.data.decode import ClipDecoder, ClipRequest
+from side4video.data.sample import Sample
+from side4video.data.sampling import test_indices, train_indices
+from side4video.data.stream import BadLog, RankStream, ShardSet, resolve_shards, seeded_rng, stable_hash
+from side4video.data.video import VideoError, probe
+from side4video.errors import UserError
+from side4video.logs import get_logger
+
+log = get_logger(__name__)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+MAX_BAD_KEYS_IN_STATE = 1000
+_END = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def ignore_stop_signals() -> None:
+    """For loader worker processes (none today: readers are threads, which never receive
+    signals): SIGTERM/SIGINT/SIGUSR1/SIGUSR2 are the main process's to handle."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def resolve_dtype(data_cfg, dtype: Union[None, str, torch.dtype]) -> torch.dtype:
+    """data.dtype when set; with 'auto' the caller's dtype (the engine's compute dtype); else fp32."""
+    if data_cfg.dtype != "auto":
+        return DTYPES[data_cfg.dtype]
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"clip dtype {dtype!r}: allowed fp16, bf16, fp32")
+    return DTYPES[dtype]
+
+
+class VideoLoader:
+    """Batches of one split for one rank (see the module doc). Build with `build_loader`."""
+
+    def __init__(self, cfg, split: str, rank: int = 0, world_size: int = 1, dtype=None,
+                 shards: Optional[ShardSet] = None):
+        if split not in ("train", "val"):
+            raise UserError(f"loader split {split!r}: allowed train, val")
+        self.cfg, self.data, self.split = cfg, cfg.data, split
+        self.train = split == "train"
+        self.rank, self.world_size = int(rank), int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise UserError(f"rank {rank} is outside world size {world_size}")
+        self.dtype = resolve_dtype(self.data, dtype)
+        self.batch_size = int(cfg.train.batch_size if self.train else (cfg.eval.batch_size or cfg.train.batch_size))
+        self.frames = int(self.data.frames)
+        self.views = int(self.data.repeated_views) if self.train else int(cfg.eval.crops)
+        self.clips = 1 if self.train else int(cfg.eval.clips)
+        self.shardset = shards if shards is not None else resolve_shards(self.data[split].shards, self.data,
+                                                                       what=f"data.{split}.shards")
+        self.class_names: List[str] = list(self.shardset.classes or [])
+        self.num_classes = len(self.class_names) if self.class_names else int(self.data.num_classes)
+        if self.class_names and len(self.class_names) != int(self.data.num_classes):
+            log.warning("data.%s: the manifest lists %d classes but data.num_classes is %d", split,
+                        len(self.class_names), self.data.num_classes)
+        self.flip_map = A.flip_label_map(self.data.flip_label_pairs)
+        self._num_batches = self._epoch_batches() if self.train else None
+
+        self.epoch = 0
+        self.position = 0  # batches of this epoch handed to the consumer
+        self._stream_pos = 0  # samples of the rank's stream behind those batches
+        self._restored = False
+        self._bad = BadLog()
+        self.last_wait_s = 0.0
+        self.total_wait_s = 0.0
+        self.batch_wait_s: List[float] = []
+        self._decoder: Optional[ClipDecoder] = None
+        self._probe_pool = ThreadPoolExecutor(max_workers=max(1, int(self.data.decode_threads)),
+                                              thread_name_prefix="probe")
+        self._producer: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------------- public surface
+    def __len__(self) -> int:
+        if self._num_batches is None:
+            raise TypeError("an evaluation loader has no fixed length (each sample once, ranks may differ)")
+        return self._num_batches
+
+    @property
+    def bad_samples(self) -> List[str]:
+        return list(self._bad.samples.keys())
+
+    @property
+    def bad_shards(self) -> Dict[str, str]:
+        return dict(self._bad.shards)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning, unless a restored state sits inside this very epoch."""
+        epoch = int(epoch)
+        if self._restored and epoch == self.epoch:
+            return
+        self.epoch, self.position, self._stream_pos, self._restored = epoch, 0, 0, False
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "batches": self.position, "stream_pos": self._stream_pos,
+                "world_size": self.world_size, "rank": self.rank, "workers": int(self.data.workers),
+                "seed": int(self.data.seed), "bad_samples": self.bad_samples[-MAX_BAD_KEYS_IN_STATE:]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.position = int(state.get("batches", 0))
+        same_layout = (state.get("world_size", self.world_size) == self.world_size
+                       and state.get("workers", self.data.workers) == self.data.workers
+                       and state.get("seed", self.data.seed) == self.data.seed)
+        if "stream_pos" in state and same_layout:
+            self._stream_pos = int(state["stream_pos"])
+        else:
+            # A different rank layout reads another stream: the exact position is lost; skip
+            # about as many samples as were consumed so the epoch keeps its length.
+            log.warning("data state from another layout (world size/workers/seed); resuming epoch %d approximately",
+                        self.epoch)
+            self._stream_pos = self.position * self.batch_size
+        for key in state.get("bad_samples", []):
+            self._bad.sample(key, "seen before the resume")
+        self._restored = True
+
+    def close(self) -> None:
+        self._stop_producer()
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
+        self._probe_pool.shutdown(wait=False, cancel_futures=True)
+
+    def __del__(self):
+        try:
+            self._stop_producer()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------------------ iterating
+    def __iter__(self):
+        if self.train:
+            if self.position >= len(self):
+                if self._restored:  # restored at the very end of an epoch: nothing left of it
+                    self._restored = False
+                    return
+                self.epoch, self.position, self._stream_pos = self.epoch + 1, 0, 0
+        else:
+            self.position, self._stream_pos = 0, 0
+        self._restored = False
+        self._stop_producer()
+        out: "queue.Queue" = queue.Queue(maxsize=max(1, int(self.data.prefetch)))
+        self._stop = threading.Event()
+        self._producer = threading.Thread(
+            target=self._produce, args=(self.epoch, self.position, self._stream_pos, out, self._stop),
+            name=f"loader-{self.split}-{self.rank}", daemon=True)
+        self._producer.start()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                item = out.get()
+                wait = time.perf_counter() - t0
+                if item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                batch, batches_done, stream_pos = item
+                self.position, self._stream_pos = batches_done, stream_pos
+                self.last_wait_s = wait
+                self.total_wait_s += wait
+                self.batch_wait_s.append(wait)
+                yield batch
+        finally:
+            self._stop_producer()
+
+    def _stop_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            self._stop.set()
+            producer.join(timeout=30)
+
+    # -------------------------------------------------------------------------- the producer
+    def _epoch_batches(self) -> int:
+        split_cfg = self.data[self.split]
+        total = int(split_cfg.epoch_samples) if split_cfg.epoch_samples else self.shardset.total_samples
+        if not total:
+            raise UserError(f"data.{self.split}: epoch length unknown: use a manifest.json (make-shards writes one, "
+                            f"with sample counts) or set data.{self.split}.epoch_samples")
+        return max(1, math.ceil(total / (self.world_size * self.batch_size)))
+
+    def _make_stream(self, epoch: int) -> RankStream:
+        d = self.data
+        return RankStream(
+            self.shardset, d, epoch=epoch, rank=self.rank, world=self.world_size, workers=int(d.workers),
+            shuffle_shards=bool(d.shuffle_shards) and self.train, shuffle_buffer=int(d.shuffle_buffer) if self.train else 0,
+            seed=int(d.seed), infinite=self.train, resampled=bool(d.resampled) and self.train,
+            allow_sample_split=not self.train, bad=self._bad)
+
+    def decoder(self) -> ClipDecoder:
+        if self._decoder is None:
+            ra = self.data.randaugment
+            self._decoder = ClipDecoder(
+                views=self.views, size=int(self.data.size), mean=list(self.data.mean), std=list(self.data.std),
+                batch_size=self.batch_size, ra_steps=int(ra.num_ops) if (self.train and ra.enabled) else 0,
+                fp16=self.dtype == torch.float16, threads=int(self.data.decode_threads), decoder=self.data.decoder)
+        return self._decoder
+
+    def prepare(self, sample: Sample, epoch: int) -> Union[ClipRequest, str]:
+        """Probe a sample and draw its frame indices and views; a string says why it is unusable."""
+        if self.train and not 0 <= sample.label < int(self.data.num_classes):
+            return f"label {sample.label} outside 0..{int(self.data.num_classes) - 1}"
+        try:
+            info = probe(sample.video)
+        except VideoError as e:
+            return f"undecodable video ({e})"
+        d = self.data
+        if self.train:
+            base = (int(d.seed), epoch, stable_hash(sample.key), sample.occurrence)
+            indices = train_indices(info.frames, self.frames, d.sampling, int(d.dense_stride), seeded_rng(*base, 0))
+            views = [A.train_view(seeded_rng(*base, 1 + v), info.height, info.width, d) for v in range(self.views)]
+        else:
+            indices = np.concatenate(test_indices(info.frames, self.frames, d.sampling, int(d.dense_stride), self.clips))
+            views = A.eval_views(info.height, info.width, d, self.views)
+        return ClipRequest(sample.key, sample.video, info.codec, indices, views)
+
+    def _produce(self, epoch: int, batch_index: int, stream_pos: int, out: "queue.Queue", stop: threading.Event) -> None:
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        stream = self._make_stream(epoch)
+        try:
+            samples = iter(stream)
+            # Resume: replay the compressed stream up to where the trainer stopped; these
+            # samples are read but neither probed nor decoded.
+            for _ in range(stream_pos):
+                if next(samples, None) is None:
+                    break
+            while not stop.is_set() and (self._num_batches is None or batch_index < self._num_batches):
+                built = self._next_batch(samples, epoch, stop)
+                if built is None:
+                    break
+                batch, stream_pos = built
+                batch_index += 1
+                if not put((batch, batch_index, stream_pos)):
+                    return
+            put(_END)
+        except BaseException as e:
+            put(_Failure(e))
+        finally:
+            stream.close()
+
+    def _next_batch(self, samples, epoch: int, stop: threading.Event) -> Optional[Tuple[Dict[str, Any], int]]:
+        """Take samples until batch_size of them decode (or the stream ends); None when empty."""
+        good: List[Tuple[Sample, ClipRequest, torch.Tensor]] = []
+        end_pos = None
+        exhausted = False
+        while len(good) < self.batch_size and not exhausted and not stop.is_set():
+            taken: List[Sample] = []
+            while len(taken) < self.batch_size - len(good):
+                sample = next(samples, None)
+                if sample is None:
+                    exhausted = True
+                    break
+                taken.append(sample)
+            if not taken:
+                break
+            end_pos = taken[-1].index + 1
+            prepared = list(self._probe_pool.map(lambda s: self.prepare(s, epoch), taken))
+            requests = []
+            for sample, req in zip(taken, prepared):
+                if isinstance(req, str):
+                    self._bad.sample(sample.key, req)
+                else:
+                    requests.append((sample, req))
+            if not requests:
+                continue
+            tensors, bad = self.decoder().decode([r for _, r in requests])
+            for key, reason in bad:
+                self._bad.sample(key, reason)
+            good.extend((s, r, t) for (s, r), t in zip(requests, tensors) if t is not None)
+        if not good:
+            return None
+        return self._collate(good), end_pos
+
+    def _collate(self, good: Sequence[Tuple[Sample, ClipRequest, torch.Tensor]]) -> Dict[str, Any]:
+        video = torch.stack([t for _, _, t in good])  # (B, V, F, 3, S, S)
+        if self.train:
+            video = video.flatten(0, 1)  # (B*R, T, 3, S, S): the R views of a clip are adjacent
+            labels, keys, captions = [], [], []
+            for sample, req, _ in good:
+                for view in req.views:
+                    label = sample.label
+                    labels.append(self.flip_map.get(label, label) if view.flip else label)
+                    keys.append(sample.key)
+                    captions.append(sample.captions)
+        else:
+            b, crops, f = video.shape[:3]
+            video = video.reshape(b, crops, self.clips, self.frames, *video.shape[3:]).flatten(1, 2)
+            labels = [s.label for s, _, _ in good]
+            keys = [s.key for s, _, _ in good]
+            captions = [s.captions for s, _, _ in good]
+        if video.dtype != self.dtype:
+            video = video.to(self.dtype)
+        return {"video": video, "label": torch.tensor(labels, dtype=torch.long), "key": keys, "captions": captions}
+
+
+def build_loader(cfg, split: str, rank: int = 0, world_size: int = 1, dtype=None) -> VideoLoader:
+    """The train or val loader of this rank. `dtype` is the clip dtype when data.dtype is 'auto'
+    (the engine passes its compute dtype); fp32 when neither says."""
+    return VideoLoader(cfg, split, rank=rank, world_size=world_size, dtype=dtype)

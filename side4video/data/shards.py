@@ -1,0 +1,221 @@
+"""Writing WebDataset shards and their manifest (`side4video make-shards`, make-synthetic).
+
+Each sample is `{key}.{webm|mp4|...}` (the video bytes) + `{key}.json` (label index and name,
+captions, frame count, fps, width, height, codec). Shards roll over at a target size in bytes
+(or a sample count); each finished shard is renamed into place, or uploaded when the output is
+`s3://bucket/prefix`, and `manifest.json` is written last, with shard URLs relative to it.
+Inputs that cannot be read, probed (or, with validation, decoded) go to the manifest's
+quarantine list with the reason instead of into the shards.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import re
+import tempfile
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from webdataset import TarWriter
+
+from side4video.data import sources, video
+from side4video.data.annotations import Entry, read_annotations
+from side4video.data.manifest import MANIFEST_NAME, build_manifest, dumps
+from side4video.data.sample import VIDEO_EXTS, check_key
+from side4video.errors import UserError
+from side4video.logs import get_logger
+
+log = get_logger(__name__)
+
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
+          "T": 1000**4, "TB": 1000**4, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+
+
+def parse_size(text) -> int:
+    """'1GB', '512MB', '64KiB', '100000' -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise UserError(f"shard size {text!r}: expected a number of bytes with an optional unit (KB, MB, GB, MiB, ...)")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size < 1:
+        raise UserError(f"shard size {text!r} must be positive")
+    return size
+
+
+class ShardWriter:
+    """Tar shards of at most `max_bytes` (and/or `max_samples`) into a folder or s3:// prefix."""
+
+    def __init__(self, out: str, *, max_bytes: Optional[int] = None, max_samples: Optional[int] = None,
+                 prefix: str = "shard", data_cfg=None):
+        self.out = out.rstrip("/")
+        self.kind = sources.url_kind(self.out)
+        if self.kind not in ("local", "s3"):
+            raise UserError(f"output {out!r}: must be a local folder or s3://bucket/prefix")
+        self.max_bytes, self.max_samples, self.prefix, self.data_cfg = max_bytes, max_samples, prefix, data_cfg
+        if self.kind == "local":
+            os.makedirs(sources.local_path(self.out), exist_ok=True)
+            self.staging = sources.local_path(self.out)
+            self._tmp = None
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="side4video-shards-")
+            self.staging = self._tmp.name
+        self.shards: List[Dict[str, Any]] = []
+        self.keys = set()
+        self._tar = None
+        self._file = None
+        self._count = 0
+        self._bytes = 0
+
+    def _name(self) -> str:
+        return f"{self.prefix}-{len(self.shards):06d}.tar"
+
+    def _open(self) -> None:
+        self._partial = os.path.join(self.staging, self._name() + ".partial")
+        self._file = open(self._partial, "wb")
+        self._tar = TarWriter(self._file, encoder=False, mtime=0)
+        self._count = 0
+        self._bytes = 0
+
+    def _finish(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._file.close()
+        name = self._name()
+        final = os.path.join(self.staging, name)
+        os.replace(self._partial, final)
+        size = os.path.getsize(final)
+        if self.kind == "s3":
+            try:
+                sources.put_file(final, f"{self.out}/{name}", self.data_cfg)
+            except Exception as e:
+                raise UserError(f"cannot upload {name} to {self.out}: {e}") from None
+            os.remove(final)
+        self.shards.append({"url": name, "samples": self._count, "bytes": size})
+        self._tar = self._file = None
+
+    def write(self, key: str, video_bytes: bytes, ext: str, meta: Dict[str, Any]) -> None:
+        check_key(key)
+        if key in self.keys:
+            raise UserError(f"duplicate sample key {key!r}")
+        if ext not in VIDEO_EXTS:
+            raise UserError(f"{key}: video extension {ext!r} not one of {', '.join(VIDEO_EXTS)}")
+        meta_bytes = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        size = len(video_bytes) + len(meta_bytes) + 3 * 512
+        if self._tar is not None and self._count and (
+                (self.max_bytes and self._bytes + size > self.max_bytes) or
+                (self.max_samples and self._count >= self.max_samples)):
+            self._finish()
+        if self._tar is None:
+            self._open()
+        self._tar.write({"__key__": key, ext: video_bytes, "json": meta_bytes})
+        self.keys.add(key)
+        self._count += 1
+        self._bytes += size
+
+    def close(self, classes: Optional[Sequence[str]], quarantine: Sequence[Dict[str, str]], fmt: str,
+              **extra: Any) -> Dict[str, Any]:
+        """Finish the last shard and write manifest.json; returns the manifest."""
+        self._finish()
+        manifest = build_manifest(self.shards, classes, quarantine, fmt, **extra)
+        text = dumps(manifest)
+        if self.kind == "local":
+            path = os.path.join(self.staging, MANIFEST_NAME)
+            with open(path + ".partial", "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(path + ".partial", path)
+        else:
+            path = os.path.join(self.staging, MANIFEST_NAME)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            try:
+                sources.put_file(path, f"{self.out}/{MANIFEST_NAME}", self.data_cfg)
+            except Exception as e:
+                raise UserError(f"cannot upload {MANIFEST_NAME} to {self.out}: {e}") from None
+            self._tmp.cleanup()
+        return manifest
+
+
+def sample_metadata(info: video.VideoInfo, label: int, label_name: Optional[str], captions: Sequence[str]) -> Dict[str, Any]:
+    return {"label": int(label), "label_name": label_name, "captions": list(captions), "frames": info.frames,
+            "fps": round(info.fps, 3), "width": info.width, "height": info.height, "codec": info.codec}
+
+
+def prepare_entry(args) -> Dict[str, Any]:
+    """Read (and optionally transcode and validate) one input video; runs in worker processes."""
+    entry, validate, transcode, short_side = args
+    if entry.path is None:
+        return {"key": entry.key, "path": entry.rel, "error": "video file not found"}
+    try:
+        with open(entry.path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return {"key": entry.key, "path": entry.rel, "error": f"cannot read: {e}"}
+    try:
+        if transcode and transcode != "none":
+            data = video.transcode(data, transcode, short_side=short_side)
+        info = video.probe(data)
+        if validate:
+            decoded = video.decode_all(data)
+            if decoded < info.frames:
+                info.frames = decoded  # packets that do not decode are not frames
+    except video.VideoError as e:
+        return {"key": entry.key, "path": entry.rel, "error": str(e)}
+    ext = video.CODECS[transcode][2] if transcode and transcode != "none" else video.guess_extension(info, entry.path)
+    return {"key": entry.key, "path": entry.rel, "video": data, "ext": ext,
+            "meta": sample_metadata(info, entry.label, entry.label_name, entry.captions)}
+
+
+def _map(fn, items: Sequence, workers: int) -> Iterable:
+    """In-order results, in worker processes when workers > 1 (spawned: no inherited threads)."""
+    if workers <= 1 or len(items) <= 1:
+        return map(fn, items)
+    pool = mp.get_context("spawn").Pool(processes=workers)
+
+    def gen():
+        try:
+            yield from pool.imap(fn, items, chunksize=1)
+        finally:
+            pool.terminate()
+            pool.join()
+
+    return gen()
+
+
+def make_shards(list_file: str, fmt: str, root: str, out: str, labels: Optional[str] = None,
+                split: Optional[str] = None, shard_size="1GB", workers: int = 1, validate: bool = False,
+                transcode: str = "none", short_side: int = 0, progress: bool = True, data_cfg=None) -> Dict[str, Any]:
+    """Annotation list + video root -> shards + manifest.json in `out` (folder or s3://)."""
+    from tqdm import tqdm
+
+    if transcode not in ("none", "vp9", "h264"):
+        raise UserError(f"--transcode {transcode!r}: allowed none, vp9, h264")
+    if short_side and transcode == "none":
+        raise UserError("--short-side needs --transcode vp9 or h264 (resizing re-encodes the video)")
+    max_bytes = parse_size(shard_size)
+    entries, classes = read_annotations(fmt, list_file, root, labels, split)
+    if not entries:
+        raise UserError(f"{list_file}: no videos listed" + (f" for split {split!r}" if split else ""))
+    writer = ShardWriter(out, max_bytes=max_bytes, prefix=split or "shard", data_cfg=data_cfg)
+    quarantine: List[Dict[str, str]] = []
+    jobs = [(e, validate, transcode, short_side) for e in entries]
+    bar = tqdm(total=len(jobs), desc="make-shards", unit="video", disable=not progress)
+    for result in _map(prepare_entry, jobs, max(1, int(workers))):
+        bar.update(1)
+        if "error" in result:
+            quarantine.append({"key": result["key"], "path": result["path"], "reason": result["error"]})
+            continue
+        if result["key"] in writer.keys:
+            quarantine.append({"key": result["key"], "path": result["path"], "reason": "duplicate key"})
+            continue
+        writer.write(result["key"], result["video"], result["ext"], result["meta"])
+    bar.close()
+    for q in quarantine:
+        log.warning("quarantined %s: %s", q["path"], q["reason"])
+    if not writer.keys:
+        raise UserError(f"no usable video among {len(entries)} listed ({len(quarantine)} quarantined; "
+                        f"first: {quarantine[0]['path']}: {quarantine[0]['reason']})")
+    return writer.close(classes, quarantine, fmt, transcode=transcode, validated=bool(validate))

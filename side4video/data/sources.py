@@ -1,0 +1,327 @@
+"""Opening shard URLs: local paths, file://, http(s)://, s3:// and (only when allowed) pipe:.
+
+Remote reads go through `ResumableStream`: it counts the bytes handed out, and when a connection
+drops or the server answers 5xx it waits (exponential backoff) and reopens the object at the byte
+reached, so a server outage in the middle of a shard costs no sample and repeats none.
+Written by hand because webdataset's gopen has no s3 handler and its http handler shells out to
+curl without resuming; fsspec/s3fs give us the S3 requests, urllib the HTTP ones.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Callable, Optional, Tuple
+
+from side4video.errors import UserError
+from side4video.logs import get_logger
+
+log = get_logger(__name__)
+
+KINDS = ("local", "http", "s3", "pipe")
+
+
+def url_kind(url: str) -> str:
+    """local | http | s3 | pipe; UserError for any other scheme."""
+    if url.startswith("pipe:"):
+        return "pipe"
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+        return "local"
+    if scheme in ("http", "https"):
+        return "http"
+    if scheme in ("s3", "s3a"):
+        return "s3"
+    raise UserError(f"shard URL {url!r}: unsupported scheme '{scheme}:' (allowed: local path, file://, http(s)://, s3://, pipe:)")
+
+
+def check_url(url: str, allow_pipe: bool) -> str:
+    """Refuse pipe: URLs unless the config allows them (they run a shell command)."""
+    if url_kind(url) == "pipe" and not allow_pipe:
+        raise UserError(f"shard URL {url!r} runs a shell command; refused (set data.allow_pipe=true to allow pipe: URLs)")
+    return url
+
+
+def local_path(url: str) -> str:
+    return urllib.parse.unquote(urllib.parse.urlsplit(url).path) if url.startswith("file:") else url
+
+
+def join_url(base: str, relative: str) -> str:
+    """`relative` resolved against the folder of `base` (a manifest URL); absolute URLs pass through."""
+    if "://" in relative or relative.startswith("/") or relative.startswith("pipe:"):
+        return relative
+    kind = url_kind(base)
+    if kind == "local" and not base.startswith("file:"):
+        return os.path.normpath(os.path.join(os.path.dirname(base), relative))
+    head = base.rsplit("/", 1)[0] if "/" in base.split("://", 1)[-1] else base
+    return f"{head}/{relative}"
+
+
+def dirname_url(url: str) -> str:
+    if url_kind(url) == "local" and not url.startswith("file:"):
+        return os.path.dirname(url) or "."
+    return url.rsplit("/", 1)[0]
+
+
+# ------------------------------------------------------------------------------------------ S3
+_fs_lock = threading.Lock()
+_fs_cache: dict = {}
+
+
+def s3_settings(data_cfg) -> dict:
+    """Endpoint and credentials: the config first, else the standard AWS environment."""
+    s3 = data_cfg.s3 if data_cfg is not None else None
+    get = lambda name, env: (getattr(s3, name, "") if s3 is not None else "") or os.environ.get(env, "")  # noqa: E731
+    return {
+        "endpoint_url": get("endpoint_url", "AWS_ENDPOINT_URL") or None,
+        "key": get("access_key_id", "AWS_ACCESS_KEY_ID") or None,
+        "secret": get("secret_access_key", "AWS_SECRET_ACCESS_KEY") or None,
+        "region": get("region", "AWS_DEFAULT_REGION") or None,
+        "timeout": float(getattr(data_cfg, "timeout", 60.0) if data_cfg is not None else 60.0),
+    }
+
+
+def s3_filesystem(data_cfg):
+    """An s3fs filesystem for these settings (one per distinct setting, shared by threads)."""
+    import s3fs
+
+    st = s3_settings(data_cfg)
+    cache_key = tuple(sorted(st.items()))
+    with _fs_lock:
+        fs = _fs_cache.get(cache_key)
+        if fs is None:
+            client_kwargs = {"region_name": st["region"] or "us-east-1"}
+            # Our ResumableStream owns retrying (backoff + resume at the byte reached); botocore
+            # and s3fs retrying underneath would only multiply the waiting.
+            config_kwargs = {"connect_timeout": min(st["timeout"], 10.0), "read_timeout": st["timeout"],
+                             "retries": {"max_attempts": 1, "mode": "standard"}}
+            fs = s3fs.S3FileSystem(key=st["key"], secret=st["secret"], endpoint_url=st["endpoint_url"],
+                                   client_kwargs=client_kwargs, config_kwargs=config_kwargs,
+                                   use_listings_cache=False, skip_instance_cache=True)
+            fs.retries = 1
+            _fs_cache[cache_key] = fs
+    return fs
+
+
+def _s3_path(url: str) -> str:
+    return url.split("://", 1)[1]
+
+
+class _S3Body:
+    """Reads an S3 object from an offset with one ranged GET per read."""
+
+    def __init__(self, fs, path: str, offset: int, size: int):
+        self.fs, self.path, self.pos, self.size = fs, path, offset, size
+
+    def read(self, n: int) -> bytes:
+        if self.pos >= self.size:
+            return b""
+        end = min(self.pos + n, self.size)
+        data = self.fs.cat_file(self.path, start=self.pos, end=end)
+        self.pos += len(data)
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+def _open_s3(url: str, data_cfg) -> Callable[[int], Tuple[Any, Optional[int]]]:
+    fs = s3_filesystem(data_cfg)
+    path = _s3_path(url)
+    size_box: list = []
+
+    def open_at(offset: int):
+        if not size_box:
+            size_box.append(int(fs.info(path)["size"]))
+        return _S3Body(fs, path, offset, size_box[0]), size_box[0]
+
+    return open_at
+
+
+# ---------------------------------------------------------------------------------------- HTTP
+def _open_http(url: str, data_cfg) -> Callable[[int], Tuple[Any, Optional[int]]]:
+    timeout = float(getattr(data_cfg, "timeout", 60.0) if data_cfg is not None else 60.0)
+
+    def open_at(offset: int):
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        try:
+            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        except urllib.error.HTTPError as e:
+            if e.code >= 500 or e.code in (408, 429):
+                raise ConnectionError(f"HTTP {e.code}") from None
+            if e.code in (401, 403):
+                raise PermissionError(f"{url}: HTTP {e.code} {e.reason}") from None
+            raise FileNotFoundError(f"{url}: HTTP {e.code} {e.reason}") from None
+        length = resp.headers.get("Content-Length")
+        if offset and resp.status == 206:
+            total = resp.headers.get("Content-Range", "").rsplit("/", 1)[-1]
+            size = int(total) if total.isdigit() else (offset + int(length) if length else None)
+        else:
+            size = int(length) if length else None
+            # The server ignored the Range header (python's http.server does): skip what we have.
+            remaining = offset
+            while remaining > 0:
+                got = resp.read(min(remaining, 1 << 20))
+                if not got:
+                    raise ConnectionError("stream ended while skipping to the resume offset")
+                remaining -= len(got)
+        return resp, size
+
+    return open_at
+
+
+# ------------------------------------------------------------------------------------ retrying
+_NOT_RETRYABLE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)
+
+
+class ResumableStream(io.RawIOBase):
+    """A read-only byte stream over a remote object that survives dropped connections.
+
+    `open_at(offset)` returns (body with .read(n), total size or None). On a connection error,
+    a timeout, a 5xx or a short read, the body is reopened at the offset reached after a delay of
+    backoff * 2**attempt; `retries` failed attempts in a row give up with an OSError.
+    """
+
+    def __init__(self, url: str, open_at: Callable[[int], Tuple[Any, Optional[int]]], retries: int, backoff: float):
+        super().__init__()
+        self.url, self._open_at, self.retries, self.backoff = url, open_at, max(0, int(retries)), float(backoff)
+        self._body = None
+        self._pos = 0
+        self._size: Optional[int] = None
+        self.reconnects = 0
+
+    def readable(self) -> bool:
+        return True
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        want = len(buf)
+        if want == 0 or (self._size is not None and self._pos >= self._size):
+            return 0
+        failures = 0
+        while True:
+            try:
+                if self._body is None:
+                    self._body, size = self._open_at(self._pos)
+                    self._size = size if self._size is None else self._size
+                data = self._body.read(want)
+                if not data and self._size is not None and self._pos < self._size:
+                    raise http.client.IncompleteRead(b"", self._size - self._pos)
+                n = len(data)
+                buf[:n] = data
+                self._pos += n
+                return n
+            except _NOT_RETRYABLE:
+                raise
+            except Exception as e:  # connection refused/reset, timeouts, 5xx, botocore/aiohttp errors
+                self._drop_body()
+                failures += 1
+                if failures > self.retries:
+                    raise OSError(f"{self.url}: giving up after {self.retries} retries at byte {self._pos}: "
+                                  f"{type(e).__name__}: {e}") from e
+                delay = self.backoff * 2 ** (failures - 1)
+                self.reconnects += 1
+                log.warning("%s: %s at byte %d; retry %d/%d in %.1fs", self.url, type(e).__name__, self._pos,
+                            failures, self.retries, delay)
+                time.sleep(delay)
+
+    def _drop_body(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            try:
+                body.close()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        self._drop_body()
+        super().close()
+
+
+class _PipeReader(io.RawIOBase):
+    def __init__(self, cmd: str):
+        super().__init__()
+        self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE)  # noqa: S602 - allowed by config
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        return self.proc.stdout.readinto(buf)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.stdout.close()
+        self.proc.wait()
+        super().close()
+
+
+def open_url(url: str, data_cfg=None, buffer_size: Optional[int] = None) -> io.BufferedIOBase:
+    """A buffered binary reader for any allowed shard URL (see module doc)."""
+    allow_pipe = bool(getattr(data_cfg, "allow_pipe", False)) if data_cfg is not None else False
+    kind = url_kind(check_url(url, allow_pipe))
+    retries = int(getattr(data_cfg, "retries", 6)) if data_cfg is not None else 6
+    backoff = float(getattr(data_cfg, "retry_backoff", 0.5)) if data_cfg is not None else 0.5
+    chunk = buffer_size or (int(getattr(data_cfg, "read_chunk", 8 << 20)) if data_cfg is not None else 8 << 20)
+    if kind == "local":
+        path = local_path(url)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such shard file: {path}")
+        return open(path, "rb", buffering=1 << 20)
+    if kind == "pipe":
+        return io.BufferedReader(_PipeReader(url[len("pipe:"):]), buffer_size=1 << 20)
+    opener = _open_s3(url, data_cfg) if kind == "s3" else _open_http(url, data_cfg)
+    return io.BufferedReader(ResumableStream(url, opener, retries, backoff), buffer_size=chunk)
+
+
+def read_bytes(url: str, data_cfg=None) -> bytes:
+    """The whole object (manifests, small files)."""
+    with open_url(url, data_cfg) as f:
+        return f.read()
+
+
+def exists(url: str, data_cfg=None) -> bool:
+    kind = url_kind(url)
+    if kind == "local":
+        return os.path.isfile(local_path(url))
+    if kind == "s3":
+        try:
+            return s3_filesystem(data_cfg).exists(_s3_path(url))
+        except Exception:
+            return False
+    if kind == "http":
+        try:
+            req = urllib.request.Request(url, method="HEAD")
+            with urllib.request.urlopen(req, timeout=float(getattr(data_cfg, "timeout", 60.0) if data_cfg else 60.0)):
+                return True
+        except (urllib.error.URLError, socket.timeout, ConnectionError, http.client.HTTPException):
+            return False
+    return False
+
+
+def put_file(local: str, url: str, data_cfg=None) -> None:
+    """Copy a finished local file to `url` (a local path or s3://)."""
+    kind = url_kind(url)
+    if kind == "s3":
+        s3_filesystem(data_cfg).put_file(local, _s3_path(url))
+        return
+    if kind == "local":
+        import shutil
+
+        dest = local_path(url)
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        shutil.move(local, dest)
+        return
+    raise UserError(f"cannot write to {url!r}: output must be a local folder or s3://bucket/prefix")

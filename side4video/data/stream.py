@@ -1,0 +1,443 @@
+"""From a shard spec to a deterministic stream of compressed samples for one rank.
+
+    spec -> ShardSet (urls + sample counts + class names)
+         -> epoch order of shards: permutation from the integers (seed, epoch)
+         -> split by rank, then by worker (every worker a thread reading its own shards)
+         -> tar members grouped into samples (key, video bytes, metadata)
+         -> shuffle buffer of compressed samples, seeded by (seed, epoch, rank, worker, pass)
+         -> the workers' streams merged round-robin in worker order
+
+Everything above is a pure function of (seed, epoch, rank, world size, workers), never of
+timing or `hash()`, so an epoch can be replayed exactly: resuming mid-epoch replays the rank's
+compressed stream and skips what was already consumed. Training streams are endless: after a
+rank's shards are exhausted the next pass over them starts (each sample once per pass), so that
+every rank can deliver the same number of batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import random
+import tarfile
+import threading
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import braceexpand
+import numpy as np
+from webdataset.filters import shuffle as wds_shuffle
+from webdataset.tariterators import base_plus_ext
+
+from side4video.data import sources
+from side4video.data.manifest import MANIFEST_NAME, parse_manifest
+from side4video.data.sample import BadSample, Sample, sample_from_members
+from side4video.errors import UserError
+from side4video.logs import get_logger
+
+log = get_logger(__name__)
+
+
+# ------------------------------------------------------------------------------------- the spec
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: Optional[int] = None
+    bytes: Optional[int] = None
+
+
+@dataclass
+class ShardSet:
+    shards: List[Shard]
+    classes: Optional[List[str]] = None
+    manifest_url: Optional[str] = None
+
+    @property
+    def total_samples(self) -> Optional[int]:
+        counts = [s.samples for s in self.shards]
+        return None if any(c is None for c in counts) else int(sum(counts))
+
+
+def expand_spec(spec) -> List[str]:
+    """Brace patterns, '::' or ',' separated strings, and lists of those -> a flat URL list."""
+    items = list(spec) if isinstance(spec, (list, tuple)) or type(spec).__name__ == "ListConfig" else [spec]
+    urls: List[str] = []
+    for item in items:
+        item = str(item).strip()
+        parts = [p for chunk in item.split("::") for p in _split_commas(chunk)]
+        for part in parts:
+            if part:
+                urls.extend(braceexpand.braceexpand(part))
+    return urls
+
+
+def _split_commas(text: str) -> List[str]:
+    """Split on commas outside braces (a brace pattern like {a,b} keeps its comma)."""
+    out, depth, cur = [], 0, []
+    for ch in text:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur).strip())
+    return out
+
+
+def _load_manifest(url: str, data_cfg) -> ShardSet:
+    try:
+        text = sources.read_bytes(url, data_cfg)
+    except (FileNotFoundError, PermissionError) as e:
+        raise UserError(f"cannot read manifest {url}: {e}") from None
+    manifest = parse_manifest(text, url)
+    shards = [Shard(sources.join_url(url, s["url"]), s.get("samples"), s.get("bytes")) for s in manifest["shards"]]
+    if not shards:
+        raise UserError(f"manifest {url} lists no shards")
+    return ShardSet(shards, manifest.get("classes"), url)
+
+
+def resolve_shards(spec, data_cfg=None, what: str = "shard spec") -> ShardSet:
+    """A shard spec (manifest URL, dataset folder, brace pattern, list) -> ShardSet.
+
+    Sample counts come from the manifest; for a pattern or list they are looked up in a
+    manifest.json beside the first shard when one exists.
+    """
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        raise UserError(f"{what} is empty: give a manifest.json URL, a brace pattern or a list of shard URLs")
+    urls = expand_spec(spec)
+    if not urls:
+        raise UserError(f"{what} {spec!r} names no shards")
+    allow_pipe = bool(getattr(data_cfg, "allow_pipe", False)) if data_cfg is not None else False
+    for url in urls:
+        sources.check_url(url, allow_pipe)
+    if len(urls) == 1 and urls[0].endswith(".json"):
+        return _load_manifest(urls[0], data_cfg)
+    if len(urls) == 1 and sources.url_kind(urls[0]) == "local" and _is_dir(urls[0]):
+        folder = sources.local_path(urls[0])
+        manifest = os.path.join(folder, MANIFEST_NAME)
+        return resolve_shards(manifest if os.path.isfile(manifest) else _local_tars(folder), data_cfg, what)
+    shards = [Shard(u) for u in urls]
+    beside = _manifest_beside(urls[0], data_cfg)
+    if beside is not None:
+        by_url = {s.url: s for s in beside.shards}
+        shards = [by_url.get(u, Shard(u)) for u in urls]
+        return ShardSet(shards, beside.classes, beside.manifest_url)
+    return ShardSet(shards)
+
+
+def _is_dir(path: str) -> bool:
+    return os.path.isdir(sources.local_path(path))
+
+
+def _local_tars(folder: str) -> List[str]:
+    tars = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".tar"))
+    if not tars:
+        raise UserError(f"folder {folder} holds neither {MANIFEST_NAME} nor .tar shards")
+    return tars
+
+
+def _manifest_beside(url: str, data_cfg) -> Optional[ShardSet]:
+    if sources.url_kind(url) == "pipe":
+        return None
+    candidate = sources.join_url(url, MANIFEST_NAME)
+    try:
+        if not sources.exists(candidate, data_cfg):
+            return None
+        return _load_manifest(candidate, data_cfg)
+    except (UserError, OSError):
+        return None
+
+
+# --------------------------------------------------------------------------------- determinism
+def seeded_rng(*ints: int) -> np.random.Generator:
+    """A numpy Generator seeded from integers only (never hash())."""
+    return np.random.default_rng([int(i) % (1 << 63) for i in ints])
+
+
+def stable_hash(text: str) -> int:
+    """A process-independent 32-bit hash of a string (for per-key seeds)."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def epoch_shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> List[int]:
+    if not shuffle:
+        return list(range(n))
+    return [int(i) for i in seeded_rng(seed, epoch, 0x5A4D).permutation(n)]
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one worker thread reads: (global shard index, shard) pairs, and for the sample-level
+    split (too few shards for every rank) which rank keeps which sample."""
+
+    shards: Tuple[Tuple[int, Shard], ...]
+    keep_rank: Optional[int] = None
+    world: int = 1
+
+    def keeps(self, shard_index: int, sample_index: int) -> bool:
+        return self.keep_rank is None or (shard_index + sample_index) % self.world == self.keep_rank
+
+
+def plan_workers(shardset: ShardSet, *, epoch: int, seed: int, shuffle: bool, rank: int, world: int, workers: int,
+                 allow_sample_split: bool = False) -> List[WorkerPlan]:
+    """Split the epoch's shard order by rank, then by worker.
+
+    Training needs at least world x workers shards (UserError otherwise). Evaluation
+    (`allow_sample_split`) with fewer shards than ranks falls back to every rank reading every
+    shard and keeping every world-th sample, so each sample is still seen exactly once.
+    """
+    n = len(shardset.shards)
+    order = epoch_shard_order(n, seed, epoch, shuffle)
+    indexed = [(i, shardset.shards[i]) for i in order]
+    if n >= world * workers:
+        mine = indexed[rank::world]
+        return [WorkerPlan(tuple(mine[w::workers])) for w in range(workers)]
+    if not allow_sample_split:
+        raise UserError(f"{n} shard(s) cannot feed {world} rank(s) x {workers} worker(s) = {world * workers} readers: "
+                        f"make more, smaller shards (make-shards --shard-size / make-synthetic --shard-samples) "
+                        f"or lower data.workers")
+    if n >= world:
+        mine = indexed[rank::world]
+        used = max(1, min(workers, len(mine)))
+        return [WorkerPlan(tuple(mine[w::used])) for w in range(used)]
+    used = max(1, min(workers, n))
+    return [WorkerPlan(tuple(indexed[w::used]), keep_rank=rank, world=world) for w in range(used)]
+
+
+# ------------------------------------------------------------------------------------ bad input
+class BadLog:
+    """Keys of unusable samples and names of damaged shards, seen on this rank (thread-safe,
+    each entry once even when an epoch is replayed)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.samples: "OrderedDict[str, str]" = OrderedDict()
+        self.shards: "OrderedDict[str, str]" = OrderedDict()
+
+    def sample(self, key: str, reason: str) -> None:
+        with self._lock:
+            if key not in self.samples:
+                self.samples[key] = reason
+                log.warning("skipping sample %s: %s", key, reason)
+
+    def shard(self, url: str, reason: str) -> None:
+        with self._lock:
+            if url not in self.shards:
+                self.shards[url] = reason
+                log.warning("shard %s: %s", url, reason)
+
+
+# ----------------------------------------------------------------------------------- one shard
+def _tar_members(fileobj) -> Iterator[Tuple[str, bytes]]:
+    """(name, bytes) of the regular files of a tar stream, checked for truncation.
+
+    Written by hand rather than with webdataset's tar_file_iterator: that one lets a broken tar
+    header escape its error handler, and a member cut short by a truncated shard must be caught.
+    """
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            data = tar.extractfile(info).read()
+            if len(data) != info.size:
+                raise tarfile.ReadError(f"unexpected end of data in {info.name}")
+            yield info.name, data
+            tar.members = []  # stream mode would otherwise keep every TarInfo
+
+
+def iter_shard(shard: Shard, data_cfg=None, bad: Optional[BadLog] = None,
+               keep: Optional[Callable[[int], bool]] = None) -> Iterator[Sample]:
+    """Samples of one shard in order. Damaged samples are logged in `bad` and skipped; a
+    truncated or corrupt tar ends the shard early (logged); a missing shard is a UserError."""
+    bad = bad if bad is not None else BadLog()
+    try:
+        fileobj = sources.open_url(shard.url, data_cfg)
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        raise UserError(f"cannot read shard {shard.url}: {e}") from None
+    count = 0
+    position = -1
+    key, url_members = None, {}
+
+    def finish(k, members):
+        nonlocal count, position
+        position += 1
+        if keep is not None and not keep(position):
+            return None
+        try:
+            sample = sample_from_members(k, shard.url, members)
+        except BadSample as e:
+            bad.sample(e.key, e.reason)
+            return None
+        count += 1
+        return sample
+
+    try:
+        with fileobj:
+            for name, data in _tar_members(fileobj):
+                prefix, suffix = base_plus_ext(name)
+                if prefix is None:
+                    continue
+                suffix = suffix.lower()
+                if key is not None and prefix != key:
+                    sample = finish(key, url_members)
+                    if sample is not None:
+                        yield sample
+                    url_members = {}
+                key = prefix
+                if suffix in url_members:
+                    bad.sample(prefix, f"duplicate member {name}")
+                    continue
+                url_members[suffix] = data
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        # The partial sample (if any) is reported by finish() below as missing a member.
+        bad.shard(shard.url, f"damaged tar after {count} samples ({e}); the rest of the shard is skipped")
+        if key is not None and url_members:
+            bad.sample(key, "cut short by a damaged shard")
+        return
+    if key is not None:
+        sample = finish(key, url_members)
+        if sample is not None:
+            yield sample
+    if shard.samples is not None and position + 1 < shard.samples:
+        bad.shard(shard.url, f"truncated: {position + 1} of {shard.samples} samples")
+
+
+# ------------------------------------------------------------------------------- rank stream
+_PASS_END = object()
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class RankStream:
+    """The compressed samples of one rank for one epoch, merged from `workers` reader threads.
+
+    `infinite=True` (training) starts another pass over the rank's shards when all workers have
+    finished one; every sample carries its position `index` in this stream and its pass
+    `occurrence`. `resampled=True` draws shards with replacement instead (always endless).
+    """
+
+    def __init__(self, shardset: ShardSet, data_cfg, *, epoch: int, rank: int = 0, world: int = 1,
+                 workers: int = 1, shuffle_shards: bool = True, shuffle_buffer: int = 0, seed: int = 0,
+                 infinite: bool = False, resampled: bool = False, allow_sample_split: bool = False,
+                 bad: Optional[BadLog] = None, queue_size: int = 8):
+        self.shardset, self.data_cfg = shardset, data_cfg
+        self.epoch, self.rank, self.world, self.seed = int(epoch), int(rank), int(world), int(seed)
+        self.shuffle_buffer, self.infinite, self.resampled = int(shuffle_buffer), infinite or resampled, resampled
+        self.bad = bad if bad is not None else BadLog()
+        if resampled:
+            self.plans = [WorkerPlan(()) for _ in range(max(1, workers))]
+        else:
+            self.plans = plan_workers(shardset, epoch=epoch, seed=seed, shuffle=shuffle_shards, rank=rank,
+                                      world=world, workers=max(1, workers), allow_sample_split=allow_sample_split)
+        self._queues = [queue.Queue(maxsize=queue_size) for _ in self.plans]
+        self._stop = threading.Event()
+        self._threads: List[threading.Thread] = []
+
+    @property
+    def workers(self) -> int:
+        return len(self.plans)
+
+    # -- one worker ------------------------------------------------------------------------
+    def _pass_shards(self, worker: int, pass_: int) -> Sequence[Tuple[int, Shard]]:
+        plan = self.plans[worker]
+        if not self.resampled:
+            return plan.shards
+        n = len(self.shardset.shards)
+        per = max(1, n // max(1, self.world * self.workers))
+        picks = seeded_rng(self.seed, self.epoch, self.rank, worker, pass_, 0x2E5A).integers(0, n, size=per)
+        return [(int(i), self.shardset.shards[int(i)]) for i in picks]
+
+    def _pass_samples(self, worker: int, pass_: int) -> Iterator[Sample]:
+        plan = self.plans[worker]
+        for shard_index, shard in self._pass_shards(worker, pass_):
+            if self._stop.is_set():
+                return
+            keep = (lambda i, si=shard_index, p=plan: p.keeps(si, i)) if plan.keep_rank is not None else None
+            yield from iter_shard(shard, self.data_cfg, self.bad, keep=keep)
+
+    def _produce(self, worker: int) -> None:
+        q = self._queues[worker]
+        try:
+            passes = itertools.count() if self.infinite else range(1)
+            for pass_ in passes:
+                samples = self._pass_samples(worker, pass_)
+                if self.shuffle_buffer > 1:
+                    rng = random.Random(int(seeded_rng(self.seed, self.epoch, self.rank, worker, pass_).integers(1 << 62)))
+                    samples = wds_shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+                for sample in samples:
+                    sample.occurrence = pass_
+                    if not self._put(q, sample):
+                        return
+                if not self._put(q, _PASS_END):
+                    return
+            self._put(q, _DONE)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            self._put(q, _Failure(e))
+
+    def _put(self, q: queue.Queue, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # -- the merge ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Sample]:
+        if self._threads:
+            raise RuntimeError("a RankStream is iterated once")
+        for w in range(self.workers):
+            t = threading.Thread(target=self._produce, args=(w,), name=f"shard-reader-{self.rank}-{w}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        parked = [False] * self.workers
+        done = [False] * self.workers
+        index = 0
+        in_pass = 0
+        try:
+            while not all(done):
+                for w in range(self.workers):
+                    if done[w] or parked[w]:
+                        continue
+                    item = self._queues[w].get()
+                    if item is _PASS_END:
+                        parked[w] = True
+                    elif item is _DONE:
+                        done[w] = True
+                    elif isinstance(item, _Failure):
+                        raise item.exc
+                    else:
+                        item.index = index
+                        index += 1
+                        in_pass += 1
+                        yield item
+                if all(p or d for p, d in zip(parked, done)):
+                    if self.infinite and in_pass == 0:
+                        raise UserError(f"rank {self.rank}: its shards yielded no usable sample in a whole pass "
+                                        f"({len(self.bad.samples)} bad samples, {len(self.bad.shards)} damaged shards)")
+                    parked = [False] * self.workers
+                    in_pass = 0
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        for q in self._queues:  # unblock producers waiting on a full queue
+            try:
+                while True:
+                    q.get_nowait()
+            except queue.Empty:
+                pass
+        for t in self._threads:
+            t.join(timeout=5)
+
