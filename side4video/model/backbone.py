@@ -21,6 +21,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from side4video.errors import UserError
 from side4video.logs import get_logger
@@ -45,6 +46,7 @@ class BackboneSpec:
     quick_gelu: bool
     vision_cfg: Dict = field(default_factory=dict)
     timm_name: str = ""
+    overridden: bool = False  # architecture overrides were given (a small test variant)
 
     @property
     def grid(self) -> int:
@@ -65,14 +67,26 @@ _EVA_ARCH = {
 }
 
 
+# Tiny ViTs of our own (open_clip model-config layout) for tests and the CPU demo.
+LOCAL_MODELS = {
+    "ViT-T-16": {"embed_dim": 128, "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 16}},
+}
+
+
+def model_config(name: str) -> Optional[Dict]:
+    import open_clip
+
+    return LOCAL_MODELS.get(name) or open_clip.get_model_config(name)
+
+
 def resolve_spec(backbone_cfg, image_size: int) -> BackboneSpec:
     """Resolve `model.backbone` (+ `data.size`) to a BackboneSpec; bad names raise UserError."""
     import open_clip
 
     name = str(backbone_cfg.name)
-    model_cfg = open_clip.get_model_config(name)
+    model_cfg = model_config(name)
     if model_cfg is None:
-        known = [n for n in open_clip.list_models() if n.startswith(("ViT-B", "ViT-L", "ViT-H", "EVA02"))]
+        known = list(LOCAL_MODELS) + [n for n in open_clip.list_models() if n.startswith(("ViT-B", "ViT-L", "EVA02"))]
         raise UserError(f"config key 'model.backbone.name' is {name!r}: not an open_clip model name "
                         f"(e.g. {', '.join(known[:8])}, ...)")
     vision = dict(model_cfg["vision_cfg"])
@@ -82,11 +96,11 @@ def resolve_spec(backbone_cfg, image_size: int) -> BackboneSpec:
         if timm_name not in _EVA_ARCH:
             raise UserError(f"model.backbone.name {name!r}: timm tower {timm_name!r} is not supported "
                             f"(supported: open_clip ViTs and {', '.join(sorted(_EVA_ARCH))})")
-        if overrides:
-            raise UserError(f"model.backbone.{'/'.join(overrides)} overrides are only supported for open_clip ViTs, not {name}")
-        arch = _EVA_ARCH[timm_name]
+        arch = dict(_EVA_ARCH[timm_name], **overrides)
+        if arch["width"] % arch["heads"]:
+            raise UserError(f"model.backbone: width {arch['width']} is not divisible by heads {arch['heads']}")
         spec = BackboneSpec(name, "eva", image_size, arch["patch_size"], arch["width"], arch["layers"], arch["heads"],
-                            False, vision, timm_name)
+                            False, vision, timm_name, overridden=bool(overrides))
     else:
         if not isinstance(vision.get("layers"), int):
             raise UserError(f"model.backbone.name {name!r} is not a ViT (ResNet towers are not supported)")
@@ -102,48 +116,59 @@ def resolve_spec(backbone_cfg, image_size: int) -> BackboneSpec:
     return spec
 
 
-# ------------------------------------------------------------------------------------- stems
-class ViTStem(nn.Module):
-    """open_clip ViT embedding: patch conv, class token, position embedding, ln_pre."""
+# -------------------------------------------------------------------------------------- stem
+class Stem(nn.Module):
+    """Patch embedding, class token, absolute position embedding, optional pre-norm (+ EVA's rotary table).
 
-    def __init__(self, tower: nn.Module):
+    Holds its weights as direct parameters (not in child modules) so that one forward hook sees
+    them all: ZeRO-3 gathers a module's own parameters when it is called, and so do our upcast
+    hooks. Built from the library tower's modules; the maths is the libraries' own.
+    """
+
+    def __init__(self, patch: nn.Conv2d, class_embedding: nn.Parameter, positional_embedding: nn.Parameter,
+                 norm: Optional[nn.Module] = None, rope: Optional[nn.Module] = None, grid_size=None):
         super().__init__()
-        self.conv1 = tower.conv1
-        self.class_embedding = tower.class_embedding
-        self.positional_embedding = tower.positional_embedding
-        self.ln_pre = tower.ln_pre
+        self.stride = patch.stride
+        self.patch_weight = patch.weight
+        self.patch_bias = patch.bias
+        self.class_embedding = class_embedding
+        self.positional_embedding = positional_embedding
+        if isinstance(norm, nn.LayerNorm):
+            self.norm_weight, self.norm_bias, self.norm_eps = norm.weight, norm.bias, norm.eps
+        elif norm is None or isinstance(norm, nn.Identity):
+            self.norm_weight = self.norm_bias = None
+        else:
+            raise UserError(f"backbone stem: unsupported pre-norm {type(norm).__name__}")
+        self.rope = rope  # buffers only (rotary tables)
+        self.grid_size = grid_size
 
     def forward(self, images: torch.Tensor):
-        x = self.conv1(images.to(self.conv1.weight.dtype))
+        w = self.patch_weight
+        x = F.conv2d(images.to(w.dtype), w, self.patch_bias, stride=self.stride)
         x = x.flatten(2).transpose(1, 2)  # (frames, N, D)
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        return self.ln_pre(x), None
-
-
-class EvaStem(nn.Module):
-    """timm Eva embedding: patch embed, class token, absolute position embedding, rotary table."""
-
-    def __init__(self, tower: nn.Module):
-        super().__init__()
-        if tower.no_embed_class or tower.reg_token is not None or tower.cls_token is None:
-            raise UserError("EVA backbone: only towers with a class token and a position embedding over it are supported")
-        self.patch_embed = tower.patch_embed
-        self.cls_token = tower.cls_token
-        self.pos_embed = tower.pos_embed
-        self.rope = tower.rope
-        self.norm_pre = tower.norm_pre
-
-    def forward(self, images: torch.Tensor):
-        x = self.patch_embed(images.to(self.patch_embed.proj.weight.dtype))
-        x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed.to(x.dtype)
+        D = x.shape[-1]
+        cls = self.class_embedding.reshape(1, 1, D).to(x.dtype).expand(x.shape[0], 1, D)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.reshape(1, -1, D).to(x.dtype)
+        if self.norm_weight is not None:
+            x = F.layer_norm(x, (D,), self.norm_weight, self.norm_bias, self.norm_eps)
         rope = None
         if self.rope is not None:
-            rope = self.rope.get_embed() if hasattr(self.rope, "feat_shape") else self.rope.get_embed(
-                shape=self.patch_embed.grid_size)
-        return self.norm_pre(x), rope
+            rope = self.rope.get_embed() if hasattr(self.rope, "feat_shape") else self.rope.get_embed(shape=self.grid_size)
+        return x, rope
+
+
+def vit_stem(tower: nn.Module) -> Stem:
+    """open_clip VisionTransformer: conv1 (no bias), class_embedding, positional_embedding, ln_pre."""
+    return Stem(tower.conv1, tower.class_embedding, tower.positional_embedding, tower.ln_pre)
+
+
+def eva_stem(tower: nn.Module) -> Stem:
+    """timm Eva: patch_embed.proj, cls_token, pos_embed (covering the class token), rope, norm_pre."""
+    if (tower.no_embed_class or tower.reg_token is not None or tower.cls_token is None or tower.pos_embed is None
+            or not isinstance(tower.patch_embed.norm, nn.Identity) or tower.dynamic_img_size):
+        raise UserError("EVA backbone: only towers with a class token and a position embedding over it are supported")
+    return Stem(tower.patch_embed.proj, tower.cls_token, tower.pos_embed, tower.norm_pre, tower.rope,
+                tower.patch_embed.grid_size)
 
 
 class Projection(nn.Module):
@@ -178,11 +203,11 @@ class FrozenBackbone(nn.Module):
         if not self.taps or self.taps[0] < 0 or self.taps[-1] >= spec.layers:
             raise UserError(f"backbone tap layers {list(taps)} are outside 0..{spec.layers - 1}")
         if spec.family == "vit":
-            self.stem = ViTStem(tower)
+            self.stem = vit_stem(tower)
             self.blocks = tower.transformer.resblocks
             final_norm, proj = tower.ln_post, (Projection(tower.proj) if tower.proj is not None else None)
         else:
-            self.stem = EvaStem(tower)
+            self.stem = eva_stem(tower)
             self.blocks = tower.blocks
             final_norm, proj = tower.norm, None
         self.final_norm = final_norm if keep_final_norm else None
@@ -229,7 +254,7 @@ class FrozenBackbone(nn.Module):
     def install_compute_hooks(self) -> None:
         """(Re-)register the per-unit upcast hooks when compute and storage precision differ.
 
-        Pre-hook (appended): swap each parameter's `.data` for a compute-precision copy; post-hook
+        Pre-hook (appended): swap each parameter's (and buffer's) `.data` for a compute-precision copy; post-hook
         (prepended): restore the stored data. Call again after deepspeed.initialize so that under
         ZeRO-3 its gather hook runs before our upcast and its release hook after our restore.
         Only valid without autograd through the weights (frozen backbone under no_grad).
@@ -247,15 +272,15 @@ class FrozenBackbone(nn.Module):
 
     def _upcast(self, module: nn.Module, args) -> None:
         saved = []
-        for p in module.parameters():
-            if p.is_floating_point() and p.dtype != self.compute_dtype:
-                saved.append((p, p.data))
-                p.data = p.data.to(self.compute_dtype)
+        for t in (*module.parameters(), *module.buffers()):
+            if t.is_floating_point() and t.dtype != self.compute_dtype:
+                saved.append((t, t.data))
+                t.data = t.data.to(self.compute_dtype)
         self._saved[id(module)] = saved
 
     def _restore(self, module: nn.Module, args, output) -> None:
-        for p, data in self._saved.pop(id(module), ()):
-            p.data = data
+        for t, data in self._saved.pop(id(module), ()):
+            t.data = data
 
     # -- forward
     def forward(self, frames: torch.Tensor, num_frames: Optional[int] = None) -> List[torch.Tensor]:
@@ -338,13 +363,14 @@ def build_tower(spec: BackboneSpec) -> nn.Module:
                                    cast_dtype=None)
     import timm
 
-    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, img_size=spec.image_size)
+    arch = dict(embed_dim=spec.width, depth=spec.layers, num_heads=spec.heads, patch_size=spec.patch_size)
+    if spec.timm_name.startswith("eva02_large") and spec.overridden:
+        arch["ref_feat_shape"] = (spec.grid, spec.grid)  # rotary table of the (smaller) grid
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, img_size=spec.image_size, **arch)
 
 
 def _embed_dim(spec: BackboneSpec) -> int:
-    import open_clip
-
-    return int(open_clip.get_model_config(spec.name)["embed_dim"])
+    return int(model_config(spec.name)["embed_dim"])
 
 
 def materialise(module: nn.Module, dtype: torch.dtype, buffer_dtype: torch.dtype, device) -> None:
@@ -436,13 +462,22 @@ def _tower_keys(sd: Dict[str, torch.Tensor], spec: BackboneSpec, tower: nn.Modul
     return checkpoint_filter_fn(sd, tower)
 
 
+_STEM_KEYS = {
+    "vit": {"conv1.weight": "patch_weight", "class_embedding": "class_embedding",
+            "positional_embedding": "positional_embedding", "ln_pre.weight": "norm_weight", "ln_pre.bias": "norm_bias"},
+    "eva": {"patch_embed.proj.weight": "patch_weight", "patch_embed.proj.bias": "patch_bias",
+            "cls_token": "class_embedding", "pos_embed": "positional_embedding"},
+}
+
+
 def _ours(key: str, family: str) -> Optional[str]:
     """Tower-relative key -> key in FrozenBackbone, or None when we do not keep it."""
+    stem = _STEM_KEYS[family].get(key)
+    if stem is not None:
+        return "stem." + stem
     if family == "vit":
         if key.startswith("transformer.resblocks."):
             return "blocks." + key[len("transformer.resblocks."):]
-        if key.startswith(("conv1.", "ln_pre.")) or key in ("class_embedding", "positional_embedding"):
-            return "stem." + key
         if key.startswith("ln_post."):
             return "final_norm." + key[len("ln_post."):]
         if key == "proj":
@@ -450,8 +485,6 @@ def _ours(key: str, family: str) -> Optional[str]:
         return None
     if key.startswith("blocks."):
         return key
-    if key.startswith(("patch_embed.", "norm_pre.")) or key in ("cls_token", "pos_embed"):
-        return "stem." + key
     if key.startswith("norm."):
         return "final_norm." + key[len("norm."):]
     return None
@@ -491,7 +524,7 @@ def load_weights(backbone: FrozenBackbone, tower: nn.Module, path: str) -> None:
             continue
         value = ours[k]
         if value.shape != target.shape:
-            if k.endswith(("positional_embedding", "pos_embed")) and value.numel() // value.shape[-1] > 1:
+            if k == "stem.positional_embedding" and value.numel() // value.shape[-1] > 1:
                 value = _resize_pos(value, target.shape)
             if value.shape != target.shape:
                 raise UserError(f"weights file {path}: {k} has shape {tuple(value.shape)}, the model needs "
