@@ -187,14 +187,16 @@ class FrozenBackbone(nn.Module):
     """stem -> blocks (optionally each preceded by an adapter) -> taps; final norm on request.
 
     `forward(frames)` returns the token tensors `(frames, 1 + N, D)` after the tapped blocks. With
-    a frozen backbone it runs without autograd and the taps are cast to the storage precision.
+    a frozen backbone it runs without autograd, and taps are cast to `tap_dtype` if given (the
+    storage precision, for taps a side network keeps).
     """
 
     def __init__(self, spec: BackboneSpec, tower: nn.Module, taps: Sequence[int], storage_dtype: torch.dtype,
                  compute_dtype: torch.dtype, trainable: bool = False, grad_through: bool = False,
-                 keep_final_norm: bool = False, keep_proj: bool = False):
+                 keep_final_norm: bool = False, keep_proj: bool = False, tap_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.spec = spec
+        self.tap_dtype = tap_dtype  # taps kept for a side network's backward: the storage precision
         self.storage_dtype = storage_dtype
         self.compute_dtype = compute_dtype
         self.trainable = trainable  # backbone weights are trained ('full')
@@ -297,7 +299,7 @@ class FrozenBackbone(nn.Module):
                     x = self.adapters[i](x, num_frames)
                 x = block(x) if rope is None else block(x, rope=rope)
                 if i in self.taps:
-                    out.append(x if self.grad_through else x.to(self.storage_dtype))
+                    out.append(x if self.grad_through or self.tap_dtype is None else x.to(self.tap_dtype))
                 if i == last:  # blocks after the last tap would be wasted work
                     break
             return out
@@ -307,7 +309,7 @@ class FrozenBackbone(nn.Module):
         if self.final_norm is None:
             raise RuntimeError("backbone built without its final norm")
         with torch.set_grad_enabled(self.grad_through and torch.is_grad_enabled()):
-            return self.final_norm(tokens[:, :1]).squeeze(1)
+            return self.final_norm(tokens[:, :1].to(self.compute_dtype)).squeeze(1)
 
     # -- identity
     def fingerprint(self) -> Dict:
@@ -552,12 +554,14 @@ def resolve_taps(layers_cfg, num_layers: int, variant: str) -> List[int]:
 
 def build_backbone(spec: BackboneSpec, taps: Sequence[int], *, storage_dtype: torch.dtype, compute_dtype: torch.dtype,
                    weights: str = "", seed: int = 0, device="cpu", trainable: bool = False,
-                   grad_through: bool = False, keep_final_norm: bool = False, keep_proj: bool = False) -> FrozenBackbone:
+                   grad_through: bool = False, keep_final_norm: bool = False, keep_proj: bool = False,
+                   tap_dtype: Optional[torch.dtype] = None) -> FrozenBackbone:
     """Build on meta, materialise in `storage_dtype` on `device` (unless device is meta), load or init."""
     with parameters_on_meta():
         tower = build_tower(spec)
     backbone = FrozenBackbone(spec, tower, taps, storage_dtype, compute_dtype, trainable=trainable,
-                              grad_through=grad_through, keep_final_norm=keep_final_norm, keep_proj=keep_proj)
+                              grad_through=grad_through, keep_final_norm=keep_final_norm, keep_proj=keep_proj,
+                              tap_dtype=tap_dtype)
     if str(device) == "meta":
         for p in backbone.parameters():
             p.requires_grad_(trainable)

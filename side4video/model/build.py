@@ -130,7 +130,7 @@ def _build(cfg, device, meta: bool) -> VideoModel:
     backbone = build_backbone(
         spec, taps, storage_dtype=storage, compute_dtype=compute, weights=str(cfg.model.backbone.weights or ""),
         seed=seed, device="meta" if meta else device, trainable=method == "full", grad_through=method == "adapter",
-        keep_final_norm=method != "side4video")
+        keep_final_norm=method != "side4video", tap_dtype=storage if method == "side4video" else None)
     # Trained modules: fp32 (DeepSpeed casts them to its precision), deterministic from the seed.
     with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else device):
         torch.manual_seed(seed + 1)

@@ -1,0 +1,102 @@
+"""Pretrained backbone weights from local open_clip / timm checkpoint files (no hub access).
+
+A small library tower is built by open_clip or timm themselves, saved in the checkpoint layout
+those libraries write, loaded through `model.backbone.weights`, and must give the library's own
+outputs.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from side4video.cli import main
+from side4video.config import load_config
+from side4video.errors import UserError
+from side4video.model import build_model
+from side4video.model.backbone import build_backbone, resolve_spec, sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo.yaml"
+FRAMES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def open_clip_tower(width=128, layers=3, heads=2):
+    from open_clip.model import _build_vision_tower
+
+    torch.manual_seed(0)
+    vision = dict(image_size=32, layers=layers, width=width, patch_size=16, head_width=width // heads)
+    return _build_vision_tower(embed_dim=128, vision_cfg=vision, quick_gelu=True).eval()
+
+
+def test_open_clip_vit_checkpoint_gives_open_clip_outputs(tmp_path):
+    tower = open_clip_tower()
+    path = tmp_path / "clip.pt"
+    # open_clip's checkpoint layout: the whole CLIP model under 'state_dict', DDP 'module.' prefix
+    sd = {f"module.visual.{k}": v for k, v in tower.state_dict().items()}
+    sd["module.text_projection"] = torch.zeros(3, 3)  # other towers are ignored
+    torch.save({"epoch": 3, "state_dict": sd}, path)
+
+    cfg = load_config(DEMO, ["data.size=32", "model.backbone.quick_gelu=true", "model.backbone.precision=fp32"])
+    spec = resolve_spec(cfg.model.backbone, 32)
+    ours = build_backbone(spec, [2], storage_dtype=torch.float32, compute_dtype=torch.float32, weights=str(path),
+                          keep_final_norm=True, keep_proj=True)
+    with torch.no_grad():
+        pooled = ours.proj(ours.class_token(ours(FRAMES)[-1]))
+        expected = tower(FRAMES)
+    assert torch.allclose(pooled, expected, atol=1e-5)
+    fp = ours.fingerprint()
+    assert fp["weights"] == str(path.resolve()) and fp["sha256"] == sha256_file(str(path))
+
+    # The same file, stored in fp16 and computed in fp32 through the upcast hooks.
+    half = build_backbone(spec, [2], storage_dtype=torch.float16, compute_dtype=torch.float32, weights=str(path),
+                          keep_final_norm=True, keep_proj=True)
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+    with torch.no_grad():
+        pooled_half = half.proj(half.class_token(half(FRAMES)[-1]))
+    assert torch.allclose(pooled_half.float(), expected, atol=2e-2)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    path = tmp_path / "wide.pt"
+    torch.save({f"visual.{k}": v for k, v in open_clip_tower(width=64).state_dict().items()}, path)
+    with pytest.raises(UserError, match="shape"):
+        build_model(load_config(DEMO, ["data.size=32", f"model.backbone.weights={path}"]))
+    torch.save({"visual.conv1.weight": torch.zeros(128, 3, 16, 16)}, path)
+    with pytest.raises(UserError, match="lacks"):
+        build_model(load_config(DEMO, ["data.size=32", f"model.backbone.weights={path}"]))
+    assert main(["plan", str(DEMO), "model.backbone.name=ViT-Nope"]) == 2
+
+
+def test_missing_weights_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        build_model(load_config(DEMO, ["data.size=32", f"model.backbone.weights={tmp_path / 'none.pt'}"]))
+
+
+def test_position_embedding_is_resampled_to_another_input_size(tmp_path):
+    tower = open_clip_tower()  # 32 px: 2x2 grid
+    path = tmp_path / "clip.pt"
+    torch.save({f"visual.{k}": v for k, v in tower.state_dict().items()}, path)
+    model = build_model(load_config(DEMO, ["data.size=64", f"model.backbone.weights={path}"]))
+    assert model.backbone.stem.positional_embedding.shape == (17, 128)
+    assert torch.equal(model.backbone.blocks[1].mlp.c_fc.weight, tower.transformer.resblocks[1].mlp.c_fc.weight)
+
+
+def test_timm_eva_checkpoint_in_open_clip_layout(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    eva = timm.create_model("eva02_enormous_patch14_clip_224", pretrained=False, num_classes=0, img_size=32,
+                            embed_dim=64, depth=2, num_heads=2, patch_size=16).eval()
+    path = tmp_path / "eva.pt"
+    torch.save({f"visual.trunk.{k}": v for k, v in eva.state_dict().items()}, path)
+    cfg = load_config(DEMO, ["data.size=32", "data.frames=4", "model.method=linear_probe", "model.backbone.name=EVA02-E-14",
+                             "model.backbone.width=64", "model.backbone.layers=2", "model.backbone.heads=2",
+                             "model.backbone.patch_size=16", "model.backbone.precision=bf16", f"model.backbone.weights={path}"])
+    model = build_model(cfg)
+    assert {p.dtype for p in model.backbone.frozen_parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        ours = model.backbone.class_token(model.backbone(FRAMES)[-1])
+        expected = eva.forward_features(FRAMES)[:, 0]
+    # bf16 storage of the weights: close, not equal
+    assert torch.allclose(ours, expected, atol=5e-2), (ours - expected).abs().max()
