@@ -2,18 +2,28 @@
 
 One place reads every launcher's variables: torchrun and the deepspeed launcher (RANK,
 LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), and SLURM tasks started by srun or submitit
-(SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_JOB_NODELIST, SLURM_JOB_ID). A single process
+(SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_STEP_NODELIST, SLURM_JOB_ID). A single process
 with none of them is rank 0 of 1.
+
+Under SLURM every task computes the same master (the first host of the step's node list, at the
+address SLURM reaches that node by) and the same port (from the job id and restart count), so no
+task has to talk to another before the process group exists.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 from dataclasses import dataclass
+
+from side4video.logs import get_logger
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,7 +41,12 @@ class DistEnv:
         return self.rank == 0
 
     def export(self) -> None:
-        """Write the torch.distributed env:// variables, so DeepSpeed and torch read the same."""
+        """Write the torch.distributed env:// variables, so DeepSpeed and torch read the same.
+
+        Also names gloo's network interface when several hosts take part and the user has not:
+        gloo otherwise binds to the address its host name resolves to, which on many clusters
+        (and in network namespaces) is loopback or an interface the other nodes cannot reach.
+        """
         os.environ.update(
             RANK=str(self.rank),
             LOCAL_RANK=str(self.local_rank),
@@ -40,26 +55,68 @@ class DistEnv:
             MASTER_ADDR=self.master_addr,
             MASTER_PORT=str(self.master_port),
         )
+        if self.world_size > self.local_world_size and "GLOO_SOCKET_IFNAME" not in os.environ:
+            iface = interface_towards(self.master_addr)
+            if iface:
+                os.environ["GLOO_SOCKET_IFNAME"] = iface
 
 
 def _int(name: str, default: int | None = None) -> int | None:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip().isdigit() else default
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else default
+
+
+# ------------------------------------------------------------------------------ SLURM node lists
+def _split_top_level(text: str) -> list[str]:
+    """'a[1-2,4],b3' -> ['a[1-2,4]', 'b3']: commas inside brackets do not split."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p for p in parts if p]
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """All hosts of a SLURM node list: 'gpu[003-004,9]-ib,cpu1' -> gpu003-ib, gpu004-ib, gpu009-ib, cpu1.
+
+    Written by hand (rather than `scontrol show hostnames`) because it must also work where the
+    SLURM client tools are not on PATH, e.g. inside a container started by srun.
+    """
+    hosts: list[str] = []
+    for group in _split_top_level(nodelist.strip()):
+        names = [""]
+        for literal, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", group):
+            names = [n + literal for n in names]
+            if ranges:
+                values = []
+                for part in ranges.split(","):
+                    lo, _, hi = part.partition("-")
+                    values += [f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
+                names = [n + v for n in names for v in values]
+        hosts += names
+    return hosts
 
 
 def expand_first_host(nodelist: str) -> str:
-    """First host of a SLURM node list such as 'gpu[003-005,9],cpu1' -> 'gpu003'.
+    """First host of a SLURM node list such as 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    hosts = expand_hostlist(nodelist)
+    return hosts[0] if hosts else nodelist
 
-    Written by hand because `scontrol show hostnames` is not always on PATH inside containers.
-    """
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        return nodelist
-    prefix, ranges = match.group(1), match.group(2)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return f"{prefix}{first}"
+
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """Tasks on node `node_id` from SLURM's compressed count list, e.g. '2(x3),1' and node 3 -> 1."""
+    counts: list[int] = []
+    for item in tasks_per_node.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if match:
+            counts += [int(match.group(1))] * int(match.group(2) or 1)
+    if not counts:
+        return 1
+    return counts[min(node_id, len(counts) - 1)]
 
 
 def _node_address(host: str) -> str:
@@ -76,9 +133,49 @@ def _node_address(host: str) -> str:
     return host
 
 
-def port_for_job(job_id: int) -> int:
-    """A rendezvous port derived from the job id: the same on every task, different across jobs."""
-    return 20000 + job_id % 20000
+def port_for_job(job_id: int, restart: int = 0) -> int:
+    """A rendezvous port from the job id: the same on every task, different across jobs, and
+    different after each requeue (the previous run's port may still be in TIME_WAIT)."""
+    return 20000 + (job_id % 4000) * 10 + restart % 10
+
+
+# ---------------------------------------------------------------------------- network interfaces
+def _interface_addresses() -> dict[str, str]:
+    """IPv4 address of each interface (name -> address), via the SIOCGIFADDR ioctl."""
+    found = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+                found[name] = socket.inet_ntoa(packed[20:24])
+            except OSError:
+                continue  # no IPv4 address on this interface
+    return found
+
+
+def interface_towards(host: str) -> str | None:
+    """The local interface whose address this host uses to reach `host` (None if unknown).
+
+    A UDP connect sends nothing; it only asks the kernel which source address it would use. On
+    the master itself that is the master's own address, whose interface is still the right one
+    (the route would say 'lo').
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(host), 9))
+            local = s.getsockname()[0]
+    except OSError:
+        return None
+    for name, address in _interface_addresses().items():
+        if address == local:
+            return name
+    return None
+
+
+# ------------------------------------------------------------------------------------ detection
+def in_slurm_step() -> bool:
+    """True in a task started by srun (or submitit): the batch script itself is not a task."""
+    return _int("SLURM_PROCID") is not None and _int("SLURM_NTASKS") is not None and "SLURM_STEP_ID" in os.environ
 
 
 def detect() -> DistEnv:
@@ -94,17 +191,17 @@ def detect() -> DistEnv:
             master_port=_int("MASTER_PORT", 29500),
             launcher="torchrun",
         )
-    if _int("SLURM_PROCID") is not None and _int("SLURM_NTASKS") is not None and "SLURM_STEP_ID" in os.environ:
+    if in_slurm_step():
         nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost")
-        tasks_per_node = os.environ.get("SLURM_TASKS_PER_NODE", "1")  # e.g. "2(x3)" or "2,1"
-        local_world = int(re.match(r"\d+", tasks_per_node).group(0)) if re.match(r"\d+", tasks_per_node) else 1
+        per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "1")
+        world = _int("SLURM_STEP_NUM_TASKS") or _int("SLURM_NTASKS")
         return DistEnv(
             rank=_int("SLURM_PROCID"),
             local_rank=_int("SLURM_LOCALID", 0),
-            world_size=_int("SLURM_NTASKS"),
-            local_world_size=local_world,
+            world_size=world,
+            local_world_size=tasks_on_node(per_node, _int("SLURM_NODEID", 0)),
             master_addr=os.environ.get("MASTER_ADDR") or _node_address(expand_first_host(nodelist)),
-            master_port=_int("MASTER_PORT") or port_for_job(_int("SLURM_JOB_ID", 0)),
+            master_port=_int("MASTER_PORT") or port_for_job(_int("SLURM_JOB_ID", 0), _int("SLURM_RESTART_COUNT", 0)),
             launcher="slurm",
         )
     return DistEnv(0, 0, 1, 1, "127.0.0.1", _free_port(), "single")

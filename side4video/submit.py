@@ -1,0 +1,333 @@
+"""`side4video submit`: run training (or evaluation) as a SLURM job through submitit.
+
+The job: `nodes` x (one task per GPU, or `tasks_per_node` on CPU hosts), each task running
+`run_task`, which finds its rank from SLURM (side4video.distributed) and calls the engine.
+
+Preemption and time limits. SLURM warns a job with a signal: USR2 `signal_delay_s` before the
+time limit (`--signal`), SIGTERM on preemption or `scancel --signal=TERM`, whatever a user sends
+with `scancel --signal=...`. The signal only sets a flag (side4video.engine.signals); at the next
+step boundary all ranks agree, save a complete checkpoint together and `train` returns
+"preempted"; then rank 0 asks SLURM to requeue the job (at most `slurm.max_requeues` times), and
+the requeued job resumes from OUTPUT_DIR/checkpoints/latest.
+
+Why not submitit's own checkpointing: on USR2 submitit's handler calls `checkpoint()` and then
+requeues and exits the process from inside the signal handler, on rank 0 only, so the other ranks
+would be mid-step and no collective save could happen. Our task replaces that handler with the
+flag-only one as its first act. `checkpoint()` is still defined (it only sets the flag) for the
+moments before that, and for tools that call it.
+
+The same `run_task` serves the sbatch route (`python -m side4video.submit`, see slurm/*.sbatch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import submitit
+from omegaconf import DictConfig, OmegaConf
+from submitit.helpers import Checkpointable, DelayedSubmission
+
+from side4video import distributed
+from side4video.errors import UserError
+from side4video.logs import get_logger, setup_logging
+
+log = get_logger(__name__)
+
+COMMANDS = ("train", "eval")
+# States a job leaves for good; COMPLETING, PENDING (incl. after a requeue) and the like are not.
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
+
+
+# ------------------------------------------------------------------------------------ job plan
+def tasks_per_node(cfg: DictConfig) -> int:
+    """One task per GPU; on CPU hosts `slurm.tasks_per_node`."""
+    return cfg.slurm.gpus_per_node if cfg.slurm.gpus_per_node > 0 else cfg.slurm.tasks_per_node
+
+
+def log_folder(cfg: DictConfig) -> Path:
+    return Path(cfg.slurm.log_folder or Path(cfg.train.output_dir) / "slurm").absolute()
+
+
+def slurm_parameters(cfg: DictConfig) -> Dict[str, Any]:
+    """submitit SlurmExecutor parameters (sbatch options) from the `slurm` config section."""
+    s = cfg.slurm
+    if s.nodes < 1 or tasks_per_node(cfg) < 1 or s.cpus_per_task < 1:
+        raise UserError("slurm.nodes, slurm.tasks_per_node and slurm.cpus_per_task must be at least 1")
+    if s.time_minutes < 1:
+        raise UserError(f"config key 'slurm.time_minutes' must be at least 1, got {s.time_minutes}")
+    if s.signal_delay_s < 0 or s.signal_delay_s >= s.time_minutes * 60:
+        raise UserError(f"slurm.signal_delay_s ({s.signal_delay_s}) must be between 0 and the time limit in seconds")
+    params: Dict[str, Any] = {
+        "job_name": s.job_name,
+        "time": s.time_minutes,
+        "nodes": s.nodes,
+        "ntasks_per_node": tasks_per_node(cfg),
+        "cpus_per_task": s.cpus_per_task,
+        "signal_delay_s": s.signal_delay_s,
+        # A crashed rank ends the step instead of leaving the others blocked in a collective.
+        "srun_args": ["--kill-on-bad-exit=1"],
+        "setup": list(s.setup) + [f"export PYTHONPATH={shlex.quote(str(_package_root()))}${{PYTHONPATH:+:$PYTHONPATH}}"],
+        # --requeue: SLURM may requeue the job itself too (node failure, PreemptMode=REQUEUE).
+        "additional_parameters": {"requeue": True, **OmegaConf.to_container(s.additional, resolve=True)},
+    }
+    if s.gpus_per_node > 0:
+        params["gres"] = f"gpu:{s.gpus_per_node}"
+    if s.mem_gb > 0:
+        params["mem"] = f"{s.mem_gb}GB"
+    for key in ("partition", "account", "qos", "constraint"):
+        if s[key]:
+            params[key] = s[key]
+    return params
+
+
+def _package_root() -> Path:
+    """The folder holding the side4video package, so tasks import this very code."""
+    return Path(__file__).resolve().parent.parent
+
+
+def _absolute_paths(cfg: DictConfig) -> DictConfig:
+    """The job may start in another folder than the one submitting: fix the run directory."""
+    cfg = cfg.copy()
+    cfg.train.output_dir = str(Path(cfg.train.output_dir).absolute())
+    return cfg
+
+
+# ---------------------------------------------------------------------------------- in the job
+def _command_function(command: str) -> Callable[[DictConfig], Dict[str, Any]]:
+    if command == "eval":
+        from side4video.engine.evaluate import evaluate_command
+
+        return lambda cfg: {"status": "finished", "report": evaluate_command(cfg)}
+    from side4video.engine.train import train
+
+    return train
+
+
+def run_task(cfg: DictConfig, command: str = "train", work: Optional[Callable] = None) -> Dict[str, Any]:
+    """One task of the job: find its place, run the command, requeue after a preemption.
+
+    `work(cfg) -> dict` is the engine's function for the command (train: its summary, whose
+    "status" is "preempted" after a stop). Returns that result. When the job was requeued, rank 0
+    exits instead (SystemExit), so submitit writes no result for a run that is not over.
+    """
+    from side4video.engine import signals
+
+    signals.install_handlers()  # first: replaces submitit's handler (see the module docstring)
+    signal.signal(signal.SIGCONT, signal.SIG_DFL)  # submitit only logs it; SLURM sends it with every stop
+    setup_logging(cfg.logging.level, cfg.logging.all_ranks)
+    env = distributed.detect()
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if restarts:
+        # A requeued run always continues its own run directory, whatever `resume` said at first.
+        cfg.train.resume = "auto"
+        log.info("job %s restart %d (of at most %d): resuming from the latest checkpoint",
+                 os.environ.get("SLURM_JOB_ID", "?"), restarts, cfg.slurm.max_requeues)
+    log.info("task %d/%d (local %d/%d) on %s; master %s:%d", env.rank, env.world_size, env.local_rank,
+             env.local_world_size, os.uname().nodename, env.master_addr, env.master_port)
+    result = (work or _command_function(command))(cfg)
+    if result.get("status") == "preempted" and env.is_main and requeue(restarts, cfg.slurm.max_requeues):
+        raise SystemExit(0)
+    return result
+
+
+def job_state(job_id: str) -> Optional[str]:
+    """The job's state from slurmctld ('RUNNING', 'PENDING', ...); None once it is forgotten.
+
+    Read with scontrol, not sacct: sacct needs SLURM accounting, which many small clusters (and
+    the local test cluster) do not run.
+    """
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"\bJobState=(\S+)", out.stdout)
+    return match.group(1) if match else None
+
+
+def requeue(restarts: int, max_requeues: int) -> bool:
+    """Rank 0 after a collective save: requeue the job if that is allowed. True when the job will
+    run again (requeued here or by SLURM itself)."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return False
+    if restarts >= max_requeues:
+        log.warning("job %s stopped and saved; not requeued: it already ran %d times more (slurm.max_requeues=%d)",
+                    job_id, restarts, max_requeues)
+        return False
+    state = job_state(job_id)
+    if state in ("PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"):
+        log.info("job %s stopped and saved; SLURM has requeued it already", job_id)
+        return True
+    if state != "RUNNING":
+        # COMPLETING right after a stop signal means `scancel` without --signal: the user ended it.
+        log.warning("job %s stopped and saved; not requeued: it is %s (cancelled?)", job_id, state)
+        return False
+    try:
+        subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True, timeout=60)
+    except subprocess.CalledProcessError as e:
+        log.warning("job %s stopped and saved; scontrol requeue failed: %s", job_id, (e.stderr or "").strip())
+        return False
+    log.warning("job %s stopped and saved; requeued (restart %d of at most %d)", job_id, restarts + 1, max_requeues)
+    return True
+
+
+class SlurmTask(Checkpointable):
+    """What submitit pickles and every task runs: the config (as a plain container) and the command."""
+
+    def __init__(self, cfg: DictConfig, command: str):
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.command = command
+
+    def load_config(self) -> DictConfig:
+        from side4video.config import load_config
+
+        return OmegaConf.merge(load_config(None, []), self.config)
+
+    def work(self, cfg: DictConfig) -> Dict[str, Any]:
+        return _command_function(self.command)(cfg)
+
+    def __call__(self) -> Dict[str, Any]:
+        return run_task(self.load_config(), self.command, self.work)
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """submitit's preemption hook: only set the flag; the loop saves at its next step boundary.
+        Returns the same task for submitit to requeue (it calls this before our handler is in)."""
+        from side4video.engine import signals
+
+        signals.request_stop("submitit checkpoint")
+        return DelayedSubmission(self)
+
+
+# ------------------------------------------------------------------------------ submitting side
+def submit_job(cfg: DictConfig, command: str = "train"):
+    """Submit the job; return submitit's Job (job_id, paths) without waiting."""
+    if command not in COMMANDS:
+        raise UserError(f"submit --command must be one of {', '.join(COMMANDS)}, got {command!r}")
+    cfg = _absolute_paths(cfg)
+    params = slurm_parameters(cfg)
+    try:
+        executor = submitit.SlurmExecutor(folder=log_folder(cfg), max_num_timeout=cfg.slurm.max_requeues)
+    except RuntimeError as e:  # no srun on PATH
+        raise UserError(f"SLURM not found ({e}); run submit on a SLURM login node") from None
+    executor.update_parameters(**params)
+    try:
+        return executor.submit(SlurmTask(cfg, command))
+    except submitit.core.utils.FailedJobError as e:
+        raise UserError(f"sbatch refused the job: {str(e).strip().splitlines()[-1]}") from None
+
+
+def submit(cfg: DictConfig, command: str = "train", wait: bool = False) -> int:
+    """`side4video submit`: print job id, log folder and run directory; with wait, follow the
+    job to its end (streaming rank 0's log) and return its exit status."""
+    job = submit_job(cfg, command)
+    s = cfg.slurm
+    print(f"submitted job {job.job_id}: {command} on {s.nodes} node(s) x {tasks_per_node(cfg)} task(s)")
+    print(f"  logs:          {job.paths.folder} (rank 0: {job.paths.stdout.name}, {job.paths.stderr.name})")
+    print(f"  run directory: {Path(cfg.train.output_dir).absolute()}")
+    sys.stdout.flush()
+    if not wait:
+        return 0
+    return follow(job.job_id, job.paths.folder)
+
+
+class _Tail:
+    """New bytes of a growing file, from where the last read stopped."""
+
+    def __init__(self, path: Path, sink):
+        self.path, self.sink, self.offset = path, sink, 0
+
+    def pump(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        if data:
+            self.offset += len(data)
+            self.sink.write(data.decode("utf-8", "replace"))
+            self.sink.flush()
+
+
+def follow(job_id: str, folder: Path | str, poll_s: float = 2.0, timeout_s: float = 0) -> int:
+    """Stream rank 0's stdout/stderr until the job ends for good (through requeues); return 0
+    when it finished its work, 1 otherwise (failed, cancelled, or stopped with no requeue left)."""
+    folder = Path(folder)
+    tails = [_Tail(folder / f"{job_id}_0_log.out", sys.stdout), _Tail(folder / f"{job_id}_0_log.err", sys.stderr)]
+    started, last = time.monotonic(), None
+    while True:
+        for tail in tails:
+            tail.pump()
+        state = job_state(job_id)
+        if state != last and state is not None:
+            print(f"[submit] job {job_id}: {state}", file=sys.stderr, flush=True)
+            last = state
+        if state is None or state.split("+")[0] in FINAL_STATES:
+            break
+        if timeout_s and time.monotonic() - started > timeout_s:
+            print(f"[submit] stopped following job {job_id} after {timeout_s:.0f} s; it is {state}", file=sys.stderr)
+            return 1
+        time.sleep(poll_s)
+    for tail in tails:
+        tail.pump()
+    return _outcome(job_id, folder, last)
+
+
+def _outcome(job_id: str, folder: Path, state: Optional[str]) -> int:
+    result_file = folder / f"{job_id}_0_result.pkl"
+    for _ in range(20):  # on shared file systems the file may show up a little after the job ends
+        if result_file.exists():
+            break
+        time.sleep(0.5)
+    if not result_file.exists():
+        print(f"[submit] job {job_id} ended {state or 'without a state'} and left no result", file=sys.stderr)
+        return 1
+    with open(result_file, "rb") as f:
+        outcome, value = pickle.load(f)
+    if outcome != "success":
+        print(f"[submit] job {job_id} failed:\n{value}", file=sys.stderr)
+        return 1
+    status = value.get("status", "finished") if isinstance(value, dict) else "finished"
+    print(f"[submit] job {job_id} {state or 'ended'}: {status}", file=sys.stderr)
+    return 0 if status == "finished" else 1
+
+
+# ---------------------------------------------------------------------------------- sbatch route
+def main(argv=None) -> int:
+    """Entry point of slurm/*.sbatch: `srun python -m side4video.submit [--command C] CONFIG [k=v ...]`."""
+    from side4video.config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m side4video.submit",
+                                     description="run one task of a SLURM job (started by srun in slurm/*.sbatch)")
+    parser.add_argument("--command", choices=COMMANDS, default="train")
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not distributed.in_slurm_step():
+            raise UserError("python -m side4video.submit runs inside srun (see slurm/train.sbatch); "
+                            "outside SLURM use `side4video train` or `side4video submit`")
+        result = run_task(cfg, args.command)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    # Only rank 0 reports a stop without requeue: another rank's non-zero exit would make srun
+    # (--kill-on-bad-exit) kill rank 0 while it decides about the requeue.
+    finished = result.get("status") == "finished" or not distributed.detect().is_main
+    return 0 if finished else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
