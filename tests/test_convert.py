@@ -1,0 +1,63 @@
+"""The reference implementation's outputs, reproduced from its state dict (shared fixtures)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from side4video.cli import main
+from side4video.config import load_config
+from side4video.model import build_model, from_official
+from side4video.model.convert import FORMAT
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
+if not FIXTURES.is_dir():
+    FIXTURES = Path("/work/shared/fixtures/official")
+RECOGNITION = FIXTURES / "side4video_vit_tiny_reference.pt"
+
+pytestmark = pytest.mark.skipif(not RECOGNITION.is_file(), reason="reference fixtures not present")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return torch.load(RECOGNITION, weights_only=True)
+
+
+def test_from_official_reproduces_the_reference(reference):
+    model = from_official(reference["state_dict"], reference["config"])
+    assert not model.training and all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        features = model.features(reference["input"])
+        logits = model(reference["input"])
+    assert features.shape == reference["pooled_side_features"].shape == (2, 128)
+    assert logits.shape == reference["logits"].shape == (2, 7)
+    assert (features - reference["pooled_side_features"]).abs().max() <= 1e-5
+    assert (logits - reference["logits"]).abs().max() <= 1e-5
+
+
+def test_convert_official_cli_on_a_wrapped_ddp_checkpoint(reference, tmp_path):
+    sd = reference["state_dict"]
+    wrapped = {"epoch": 29,
+               "model_state_dict": {f"module.{k}": v for k, v in sd.items() if not k.startswith("fc.")},
+               "fusion_model_state_dict": {f"module.{k}": v for k, v in sd.items() if k.startswith("fc.")}}
+    src, out = tmp_path / "ref.pt", tmp_path / "ours.pt"
+    torch.save(wrapped, src)
+    assert main(["convert-official", str(src), str(out), "--frames", "4"]) == 0
+
+    saved = torch.load(out, weights_only=True)
+    assert saved["format"] == FORMAT and saved["config"]["num_frames"] == 4
+    # Our model, built from the recorded overrides with the converted file as backbone weights,
+    # then given the converted side network and head, gives the reference's logits.
+    cfg = load_config(None, [*saved["overrides"], f"model.backbone.weights={out}"])
+    model = build_model(cfg).eval()
+    assert model.backbone.fingerprint()["weights"] == str(out.resolve())
+    model.load_trainable_state_dict({k: v for k, v in saved["state_dict"].items() if not k.startswith("backbone.")})
+    with torch.no_grad():
+        assert (model(reference["input"]) - reference["logits"]).abs().max() <= 1e-5
+
+
+def test_convert_official_refuses_other_files(tmp_path):
+    src = tmp_path / "other.pt"
+    torch.save({"weight": torch.zeros(2)}, src)
+    assert main(["convert-official", str(src), str(tmp_path / "out.pt")]) == 2
+    assert main(["convert-official", str(tmp_path / "missing.pt"), str(tmp_path / "out.pt")]) == 2
