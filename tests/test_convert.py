@@ -61,3 +61,17 @@ def test_convert_official_refuses_other_files(tmp_path):
     torch.save({"weight": torch.zeros(2)}, src)
     assert main(["convert-official", str(src), str(tmp_path / "out.pt")]) == 2
     assert main(["convert-official", str(tmp_path / "missing.pt"), str(tmp_path / "out.pt")]) == 2
+
+
+def test_retrieval_video_encoder_reproduces_the_reference():
+    from side4video.model.retrieval import retrieval_encoder_from_official
+
+    ref = torch.load(FIXTURES / "side4video_retrieval_visual_tiny_reference.pt", weights_only=True)
+    model = retrieval_encoder_from_official(ref["state_dict"], ref["config"])
+    with torch.no_grad():
+        out = model(ref["input"])
+        assert out.shape == ref["frame_embeddings"].shape == (2, 6, 96)
+        assert (out - ref["frame_embeddings"]).abs().max() <= 1e-5
+        # the side path shows in the output: without side_proj the embeddings differ
+        model.side_proj.zero_()
+        assert (model(ref["input"]) - ref["frame_embeddings"]).abs().max() > 1e-3

@@ -47,6 +47,7 @@ class BackboneSpec:
     vision_cfg: Dict = field(default_factory=dict)
     timm_name: str = ""
     overridden: bool = False  # architecture overrides were given (a small test variant)
+    embed_dim: int = 0  # output projection width (0: the model config's)
 
     @property
     def grid(self) -> int:
@@ -171,6 +172,22 @@ def eva_stem(tower: nn.Module) -> Stem:
                 tower.patch_embed.grid_size)
 
 
+class FinalNorm(nn.Module):
+    """The tower's final LayerNorm, computing in its input's precision with the weights cast on the fly.
+
+    Casting (rather than swapping `.data` in a hook) keeps autograd correct when gradients flow
+    through it to trained modules (retrieval's side projection).
+    """
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.normalized_shape, self.eps = norm.normalized_shape, norm.eps
+        self.weight, self.bias = norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
 class Projection(nn.Module):
     """The ViT's output projection (`x @ proj`), kept only where it is used (retrieval)."""
 
@@ -212,7 +229,7 @@ class FrozenBackbone(nn.Module):
             self.stem = eva_stem(tower)
             self.blocks = tower.blocks
             final_norm, proj = tower.norm, None
-        self.final_norm = final_norm if keep_final_norm else None
+        self.final_norm = FinalNorm(final_norm) if keep_final_norm else None
         if keep_proj and proj is None:
             raise UserError(f"backbone {spec.name}: no output projection to keep")
         self.proj = proj if keep_proj else None
@@ -232,7 +249,7 @@ class FrozenBackbone(nn.Module):
         return len(self.blocks)
 
     def units(self) -> List[nn.Module]:
-        """The modules whose weights are used together (ZeRO-3 leaf modules, upcast units)."""
+        """The modules whose weights are used together (ZeRO-3 leaf modules)."""
         return [m for m in (self.stem, *self.blocks, self.final_norm, self.proj) if m is not None]
 
     def leaf_module_types(self) -> List[type]:
@@ -268,7 +285,7 @@ class FrozenBackbone(nn.Module):
             return
         if self.grad_through:
             raise RuntimeError("compute hooks swap weight data and cannot be used when gradients flow through the backbone")
-        for unit in self.units():
+        for unit in (self.stem, *self.blocks):  # final norm and projection cast on the fly
             self._hook_handles.append(unit.register_forward_pre_hook(self._upcast))
             self._hook_handles.append(unit.register_forward_hook(self._restore, prepend=True))
 
@@ -372,7 +389,7 @@ def build_tower(spec: BackboneSpec) -> nn.Module:
 
 
 def _embed_dim(spec: BackboneSpec) -> int:
-    return int(model_config(spec.name)["embed_dim"])
+    return spec.embed_dim or int(model_config(spec.name)["embed_dim"])
 
 
 def materialise(module: nn.Module, dtype: torch.dtype, buffer_dtype: torch.dtype, device) -> None:

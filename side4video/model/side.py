@@ -256,6 +256,10 @@ class SideNetwork(nn.Module):
             nn.init.zeros_(block.attn.out_proj.bias)
             nn.init.normal_(block.mlp.fc1.weight, std=(2 * d) ** -0.5)
             nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+            if self.retrieval:  # the retrieval model's conv names match its init rules; recognition's do not
+                nn.init.normal_(block.conv.pw1.weight, std=0.02)
+                nn.init.normal_(block.conv.pw2.weight, std=0.02)
+                nn.init.normal_(block.conv.dw.weight, std=d ** -0.5)
 
     def embed(self, video: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) -> the initial stream (B, T, N, d)."""
