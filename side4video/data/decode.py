@@ -104,8 +104,9 @@ def _clip_graph(source: str, views: int, ra_steps: int, size: int, mean: Sequenc
         roi_start = fn.external_source(name=f"roi_start_{v}", dtype=types.FLOAT, ndim=1)
         roi_end = fn.external_source(name=f"roi_end_{v}", dtype=types.FLOAT, ndim=1)
         flip = fn.external_source(name=f"flip_{v}", dtype=types.INT32, ndim=0)
+        # uint8 out of the resize unless RandAugment follows (its arithmetic needs float)
         clip = fn.resize(video, size=[size, size], roi_start=roi_start, roi_end=roi_end, roi_relative=True,
-                         dtype=types.FLOAT, antialias=True)
+                         dtype=types.FLOAT if ra_steps else types.UINT8, antialias=True)
         for step in range(ra_steps):
             clip = _randaugment_step(clip, v, step)
         outputs.append(fn.crop_mirror_normalize(

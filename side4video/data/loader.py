@@ -6,7 +6,10 @@
       -> ClipDecoder (decode.py: DALI, or PyAV for codecs the DALI backend lacks)
       -> batch dict, handed over through a bounded queue by a background thread
 
-The background thread builds batches while the training step runs; `last_wait_s` is how long
+Shard readers, probing, PyAV decoding and the batch builder are threads of the training
+process (DALI adds its own): Python delivers signals to the main thread only, so a preemption
+signal reaches the engine's handler and never a data worker. The background thread builds
+batches while the training step runs; `last_wait_s` is how long
 the consumer waited for the last batch (0 when decoding kept up).
 
 Determinism: the sample order is a pure function of (data.seed, epoch, rank, world size,
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import math
 import queue
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -53,13 +55,6 @@ _END = object()
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc
-
-
-def ignore_stop_signals() -> None:
-    """For loader worker processes (none today: readers are threads, which never receive
-    signals): SIGTERM/SIGINT/SIGUSR1/SIGUSR2 are the main process's to handle."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def resolve_dtype(data_cfg, dtype: Union[None, str, torch.dtype]) -> torch.dtype:

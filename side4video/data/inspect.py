@@ -1,0 +1,129 @@
+"""`side4video inspect SPEC`: stream every sample of a shard spec and report what is there.
+
+Every sample is read (any URL kind) and probed (container, codec, frame count, size); with
+`decode=True` every video is also decoded through the configured pipeline (DALI or PyAV by codec,
+test-time sampling and crops). The report counts samples per class, frame-count and size ranges,
+codecs, and lists undecodable samples and damaged shards.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from side4video.config import load_config
+from side4video.data import augment as A
+from side4video.data.decode import ClipDecoder, ClipRequest
+from side4video.data.sampling import test_indices
+from side4video.data.stream import BadLog, RankStream, resolve_shards
+from side4video.data.video import VideoError, probe
+
+
+def _range(values: List[float]) -> Optional[Dict[str, float]]:
+    return {"min": min(values), "max": max(values)} if values else None
+
+
+def inspect_shards(spec, cfg=None, decode: bool = False, progress: bool = True) -> Dict[str, Any]:
+    """Report on every sample of `spec` (see module doc). `cfg`: its data section (s3, decoder,
+    frames, size, workers, ...) applies; the defaults otherwise."""
+    from tqdm import tqdm
+
+    cfg = cfg if cfg is not None else load_config(None, [])
+    d = cfg.data
+    shardset = resolve_shards(spec, d, what="inspect SPEC")
+    bad = BadLog()
+    stream = RankStream(shardset, d, epoch=0, workers=min(int(d.workers), len(shardset.shards)),
+                        shuffle_shards=False, infinite=False, bad=bad)
+    classes: Dict[str, int] = collections.Counter()
+    codecs: Dict[str, int] = collections.Counter()
+    frames, widths, heights = [], [], []
+    samples = 0
+    total_bytes = 0
+    decoder = None
+    pending: List[ClipRequest] = []
+    batch = max(1, int(cfg.eval.batch_size or cfg.train.batch_size))
+
+    def flush():
+        nonlocal pending
+        if pending:
+            _, failed = decoder.decode(pending)
+            for key, reason in failed:
+                bad.sample(key, reason)
+            pending = []
+
+    if decode:
+        decoder = ClipDecoder(views=1, size=int(d.size), mean=list(d.mean), std=list(d.std), batch_size=batch,
+                              threads=int(d.decode_threads), decoder=d.decoder)
+    bar = tqdm(total=shardset.total_samples, desc="inspect", unit="sample", disable=not progress)
+    try:
+        for sample in stream:
+            bar.update(1)
+            samples += 1
+            total_bytes += len(sample.video)
+            name = sample.label_name or (shardset.classes[sample.label] if shardset.classes and
+                                         0 <= sample.label < len(shardset.classes) else str(sample.label))
+            classes[name] += 1
+            try:
+                info = probe(sample.video)
+            except VideoError as e:
+                bad.sample(sample.key, f"undecodable video ({e})")
+                continue
+            codecs[info.codec] += 1
+            frames.append(info.frames)
+            widths.append(info.width)
+            heights.append(info.height)
+            if decoder is not None:
+                idx = np.concatenate(test_indices(info.frames, int(d.frames), d.sampling, int(d.dense_stride), 1))
+                pending.append(ClipRequest(sample.key, sample.video, info.codec, idx,
+                                           A.eval_views(info.height, info.width, d, 1)))
+                if len(pending) >= batch:
+                    flush()
+        if decoder is not None:
+            flush()
+    finally:
+        bar.close()
+        stream.close()
+        if decoder is not None:
+            decoder.close()
+    return {
+        "spec": spec if isinstance(spec, str) else list(spec),
+        "shards": len(shardset.shards),
+        "manifest_samples": shardset.total_samples,
+        "samples": samples,
+        "decoded": bool(decode),
+        "bad_samples": list(bad.samples.keys()),
+        "bad_reasons": dict(bad.samples),
+        "damaged_shards": dict(bad.shards),
+        "classes": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "codecs": dict(codecs),
+        "frames": _range(frames),
+        "width": _range(widths),
+        "height": _range(heights),
+        "bytes": total_bytes,
+    }
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    lines = [f"spec:      {report['spec']}",
+             f"shards:    {report['shards']}",
+             f"samples:   {report['samples']}" + (f" (manifest: {report['manifest_samples']})"
+                                                  if report.get("manifest_samples") is not None else ""),
+             f"bytes:     {report['bytes']:,}",
+             f"codecs:    {', '.join(f'{k} x{v}' for k, v in report['codecs'].items()) or '-'}"]
+    for key in ("frames", "width", "height"):
+        r = report.get(key)
+        lines.append(f"{key + ':':<10} {r['min']}..{r['max']}" if r else f"{key + ':':<10} -")
+    lines.append(f"classes:   {len(report['classes'])}")
+    for name, n in report["classes"].items():
+        lines.append(f"  {n:>7}  {name}")
+    checked = "decoded" if report["decoded"] else "probed"
+    lines.append(f"bad samples ({checked}): {len(report['bad_samples'])}")
+    for key in report["bad_samples"]:
+        lines.append(f"  {key}: {report['bad_reasons'].get(key, '')}")
+    if report["damaged_shards"]:
+        lines.append(f"damaged shards: {len(report['damaged_shards'])}")
+        for url, reason in report["damaged_shards"].items():
+            lines.append(f"  {url}: {reason}")
+    return "\n".join(lines)

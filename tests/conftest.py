@@ -1,0 +1,3 @@
+"""Shared pytest fixtures. Each area keeps its fixtures in its own module, imported here."""
+
+from data_fixtures import *  # noqa: F401,F403 - generated videos/shards, HTTP and moto S3 servers
