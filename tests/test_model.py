@@ -222,7 +222,7 @@ def test_eva02_e14_side_model_on_meta():
     assert side.variant == "eva" and len(side.blocks) == 32 and side.dim == 576 and side.post_norm is None
     assert side.blocks[0].attn.heads == 9
     assert side.taps[0].linear.in_features == 1792 and side.taps[0].linear.out_features == 576
-    assert side.pos_embed.shape == (256, 576)
+    assert side.pos_embed.weight.shape == (256, 576)
     counts = model.parameter_counts()
     assert abs(counts["backbone_params"] - 4.35e9) < 5e6
     assert abs(counts["side_params"] - 183e6) < 1e6
@@ -250,7 +250,29 @@ def test_side_network_shapes_and_retrieval_pooling():
     side = SideNetwork(in_dim=32, dim=64, num_blocks=2, patch_size=16, num_patches=4, retrieval=True)
     taps = [torch.randn(6, 5, 32, dtype=torch.float16) for _ in range(2)]
     video = torch.randn(2, 3, 3, 32, 32)
-    assert side.pos_embed.shape == (5, 64)
+    assert side.pos_embed.weight.shape == (5, 64)
     assert side(video, taps).shape == (2, 3, 64)
     with pytest.raises(ValueError):
         side(video, taps[:1])
+
+
+def test_side_network_saves_no_fp32_copy_of_the_taps():
+    model = make("model.backbone.precision=fp16", "model.side.dim=64").train()  # d != D: shapes tell apart
+    x = clips()
+    with torch.no_grad():
+        taps = model.backbone(x.flatten(0, 1))
+
+    def saved_fp32_taps():
+        seen = []
+
+        def pack(t):
+            seen.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.side(x, taps).sum().backward()
+        return [s for s in seen if s == (tuple(taps[0].shape), torch.float32)]
+
+    assert saved_fp32_taps() == []  # projections are recomputed from the fp16 taps in backward
+    model.side.recompute_taps = False
+    assert len(saved_fp32_taps()) == 3  # otherwise each LayerNorm keeps an fp32 copy of its tap

@@ -30,10 +30,10 @@ def _squeeze_conv(v: torch.Tensor) -> torch.Tensor:
 _SIDE_BLOCK = r"^visual\.transformer\.side_transformer\.(\d+)\."
 # (pattern, replacement, tensor transform) in the order tried; the first match wins.
 _RULES: List[Tuple[str, str, Optional[Callable]]] = [
-    (r"^visual\.conv1\.", "backbone.stem.conv1.", None),
+    (r"^visual\.conv1\.weight$", "backbone.stem.patch_weight", None),
     (r"^visual\.class_embedding$", "backbone.stem.class_embedding", None),
     (r"^visual\.positional_embedding$", "backbone.stem.positional_embedding", None),
-    (r"^visual\.ln_pre\.", "backbone.stem.ln_pre.", None),
+    (r"^visual\.ln_pre\.(weight|bias)$", r"backbone.stem.norm_\1", None),
     (r"^visual\.transformer\.resblocks\.(\d+)\.", r"backbone.blocks.\1.", None),
     (r"^visual\.ln_post\.", "backbone.final_norm.", None),
     (r"^visual\.proj$", "backbone.proj.weight", None),
@@ -41,7 +41,7 @@ _RULES: List[Tuple[str, str, Optional[Callable]]] = [
     (r"^visual\.side_pre_bn3d\.", "side.patch_norm.", None),
     (r"^visual\.side_post_bn\.", "side.post_norm.", None),
     (r"^visual\.side_proj$", "side_proj", None),
-    (r"^visual\.transformer\.side_spatial_position_embeddings$", "side.pos_embed", None),
+    (r"^visual\.transformer\.side_spatial_position_embeddings$", "side.pos_embed.weight", None),
     (r"^visual\.transformer\.side_lns\.(\d+)\.", r"side.taps.\1.norm.", None),
     (r"^visual\.transformer\.side_linears\.(\d+)\.", r"side.taps.\1.linear.", None),
     (_SIDE_BLOCK + r"(?:bn_1|norm1)\.", r"side.blocks.\1.conv_norm.", None),

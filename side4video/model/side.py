@@ -218,6 +218,21 @@ class TapProjection(nn.Module):
         return layer_norm_fp32(self.linear(tokens.to(dtype)), self.norm, dtype)
 
 
+class PositionEmbedding(nn.Module):
+    """The learned spatial position embedding shared by all side blocks.
+
+    A module of its own (not a bare parameter of SideNetwork) so that every use is a module call:
+    under ZeRO-3 that is what gathers it, also when a checkpointed layer is recomputed in backward.
+    """
+
+    def __init__(self, rows: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(rows, dim))
+
+    def forward(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype)
+
+
 class SideNetwork(nn.Module):
     """side(video (B, T, 3, H, W), taps [(B*T, 1 + N, D)] * num_blocks) -> pooled (B, d).
 
@@ -231,10 +246,11 @@ class SideNetwork(nn.Module):
             raise ValueError(f"unknown side variant {variant!r}")
         heads = heads or max(1, dim // 64)
         self.dim, self.variant, self.retrieval, self.checkpointing = dim, variant, retrieval, checkpointing
+        self.recompute_taps = True  # recompute tap projections in backward instead of saving fp32 inputs
         self.num_patches = num_patches
         self.patch_embed = nn.Conv3d(3, dim, (3, patch_size, patch_size), (1, patch_size, patch_size), (1, 0, 0))
         self.patch_norm = ChannelLastBatchNorm(dim)
-        self.pos_embed = nn.Parameter(torch.zeros(num_patches + (1 if retrieval else 0), dim))
+        self.pos_embed = PositionEmbedding(num_patches + (1 if retrieval else 0), dim)
         rates = [drop_path * i / max(1, num_blocks - 1) for i in range(num_blocks)]  # linear, as timm
         self.taps = nn.ModuleList(TapProjection(in_dim, dim, variant) for _ in range(num_blocks))
         self.blocks = nn.ModuleList(SideBlock(dim, heads, variant, retrieval, r) for r in rates)
@@ -245,9 +261,9 @@ class SideNetwork(nn.Module):
         """The initialisation in effect in the reference (MODEL.md)."""
         d = self.dim
         if self.variant == "eva":  # everything PyTorch's default but the position embedding
-            nn.init.normal_(self.pos_embed, std=0.02)
+            nn.init.normal_(self.pos_embed.weight, std=0.02)
             return
-        nn.init.normal_(self.pos_embed, std=0.01)
+        nn.init.normal_(self.pos_embed.weight, std=0.01)
         proj_std = d ** -0.5 * 24 ** -0.5
         for block in self.blocks:
             nn.init.normal_(block.attn.in_proj.weight, std=d ** -0.5)
@@ -272,7 +288,7 @@ class SideNetwork(nn.Module):
         """Fuse tap k into the stream and apply side block k."""
         B, T, N, d = x.shape
         project = self.taps[k]
-        if torch.is_grad_enabled() and not self.checkpointing:
+        if torch.is_grad_enabled() and self.recompute_taps and not self.checkpointing:
             # Recompute the projection in backward: only the half-precision tap stays saved,
             # not an fp32 copy of it (the LayerNorm/Linear inputs).
             y = checkpoint(project, tap, use_reentrant=False)
@@ -280,7 +296,7 @@ class SideNetwork(nn.Module):
             y = project(tap)
         y = y.view(B, T, N + 1, d)
         x = 0.5 * x + 0.5 * y[:, :, 1:]
-        return self.blocks[k](x, y[:, :, 0], self.pos_embed.to(x.dtype))
+        return self.blocks[k](x, y[:, :, 0], self.pos_embed(x.dtype))
 
     def forward(self, video: torch.Tensor, taps: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(taps) != len(self.blocks):
