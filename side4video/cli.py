@@ -109,7 +109,7 @@ def cmd_train(args) -> int:
     from side4video.engine.train import train
 
     summary = train(_load(args))
-    return 0 if summary.get("status", "finished") in ("finished", "preempted") else 1
+    return 0 if summary.get("status", "finished") in ("finished", "preempted", "stopped") else 1
 
 
 def cmd_eval(args) -> int:

@@ -151,7 +151,8 @@ class TrainConfig:
     grad_accum: int = F(1, "gradient accumulation steps")
     epochs: int = F(30, "training epochs")
     steps_per_epoch: int = F(0, "steps per epoch (0: from the dataset size)")
-    max_steps: int = F(0, "stop after this many steps (0: epochs decide)")
+    max_steps: int = F(0, "length of the run in steps, sets the LR schedule (0: epochs decide)")
+    stop_at_step: int = F(0, "checkpoint and exit at this step, schedule unchanged; resume later (0: off)")
     lr: float = F(1e-3, "peak learning rate (for the global batch as configured)")
     min_lr: float = F(0.0, "learning rate at the end of the cosine")
     warmup_epochs: float = F(4.0, "linear warmup length in epochs")
@@ -354,6 +355,8 @@ def _check_values(cfg: DictConfig) -> None:
     elif not (isinstance(layers, ListConfig) and all(isinstance(i, int) and i >= 0 for i in layers)):
         raise UserError("config key 'model.side.layers' must be auto, all, every_other or a list of non-negative integers")
     for split in ("train", "val"):
+        if cfg.data[split].shards is None:  # `data.val.shards=` on the command line
+            cfg.data[split].shards = ""
         shards = cfg.data[split].shards
         ok = isinstance(shards, str) or (isinstance(shards, ListConfig) and all(isinstance(s, str) for s in shards))
         if not ok:

@@ -41,8 +41,9 @@ def _deepspeed_safe_globals() -> list:
     """Non-tensor objects DeepSpeed pickles into its checkpoints, allowed by name."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def use_safe_loading(engine) -> None:

@@ -8,6 +8,8 @@ inference-only ZeRO engine of its own (`separate`); README "Measured" compares t
 from __future__ import annotations
 
 import datetime
+import logging
+import warnings
 from typing import Any, Dict, List
 
 import torch
@@ -28,7 +30,13 @@ def has_cuda() -> bool:
 def init_distributed(dist: DistEnv, timeout_minutes: int = 30) -> None:
     """Start torch.distributed the DeepSpeed way: NCCL on GPUs, gloo (+ DeepSpeed's shm) on CPUs."""
     import deepspeed
+    from deepspeed.utils import logger as deepspeed_logger
 
+    # DeepSpeed logs every config block and checkpoint file at INFO; our own lines say what matters.
+    if not log.isEnabledFor(logging.DEBUG):
+        deepspeed_logger.setLevel(logging.WARNING)
+        # DeepSpeed calls torch's deprecated all_gather_into_tensor on every ZeRO gather.
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     dist.export()
     if has_cuda():
         torch.cuda.set_device(dist.local_rank)

@@ -108,6 +108,10 @@ def _loop(run: Runner, cfg, plan: Dict[str, int], state: TrainState, metrics: Me
                 metrics.write(f"stop requested ({signals.stop_reason() or 'another rank'}): saving at step {state.step}")
                 run.save(state.step, state.epoch, _extra(state))
                 return "preempted"
+            if cfg.train.stop_at_step and state.step == cfg.train.stop_at_step and (micro + 1) % accum == 0:
+                metrics.write(f"train.stop_at_step={cfg.train.stop_at_step}: saving and stopping")
+                run.save(state.step, state.epoch, _extra(state))
+                return "stopped"
             if state.step >= total:
                 break
         else:
@@ -156,13 +160,13 @@ def _extra(state: TrainState) -> Dict[str, Any]:
 
 def _finish(run: Runner, cfg, plan: Dict[str, int], state: TrainState, metrics: MetricsLogger, status: str):
     """Final eval, checkpoint, export, summary.json and plots (preempted runs only checkpoint)."""
-    summary: Dict[str, Any] = {"status": status, "steps": state.step, "epochs": state.epoch,
-                               "total_steps": plan["total_steps"]}
+    summary: Dict[str, Any] = {"status": status, "steps": state.step, "total_steps": plan["total_steps"],
+                               "epochs": round(state.step / plan["steps_per_epoch"], 3)}
     if status == "finished":
         report = _evaluate(run, state, metrics) if run.val_loader is not None else None
         run.save(state.step, state.epoch, _extra(state))
         if report is not None:
-            run.write_eval_report(report)
+            run.write_eval_report(report, tag="final_eval")
             summary.update(top1=report["top1"], top5=report["top5"], mean_class_accuracy=report["mean_class_accuracy"],
                            eval_samples=report["samples"])
         if cfg.train.export:
