@@ -3,8 +3,6 @@
 import json
 from pathlib import Path
 
-import pytest
-
 from side4video.bench.planner import format_plan, plan
 from side4video.cli import main
 from side4video.config import load_config
