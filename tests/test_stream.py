@@ -104,6 +104,7 @@ def test_s3_outage_mid_shard_costs_no_sample_and_repeats_none(tmp_path, moto_s3)
     assert not bad.samples and not bad.shards
 
 
+@pytest.mark.timeout(60)
 def test_http_dropped_connection_resumes_at_the_byte_reached(tmp_path):
     payload = bytes(range(256)) * 400  # 100 KB
     requests = []
@@ -137,6 +138,7 @@ def test_http_dropped_connection_resumes_at_the_byte_reached(tmp_path):
     assert len(requests) == 2 and requests[1] is not None and requests[1].startswith("bytes=")
 
 
+@pytest.mark.timeout(60)
 def test_pipe_urls_refused_unless_allowed(synthetic_data):
     shard = synthetic_data["train"] / "train-000000.tar"
     spec = f"pipe:cat {shard}"

@@ -10,8 +10,8 @@ frames per clip), one after the other in one run:
 - dali_train_aug: the DALI path with the training augmentation (random resized crop, flip,
          RandAugment m7-n4, 2 repeated views) for reference.
 
-Without --config the videos are generated: VP9 WebM, 96 frames at 320x240 (--quick: 12 clips
-of 32 frames at 128x96). With --config the first clips of data.train.shards are used.
+Without --config the videos are generated: 48 VP9 WebM clips of 96 frames at 320x240 (--quick:
+8 clips of 24 frames at 128x96, output at most 112 px). With --config the first clips of data.train.shards are used.
 Writes OUT/data.json, OUT/data.md and OUT/data.png.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 from side4video.config import load_config
 from side4video.data import augment as A
 from side4video.data.decode import ClipDecoder, ClipRequest, gpu_available
-from side4video.data.sampling import test_indices, train_indices
+from side4video.data.sampling import eval_indices, train_indices
 from side4video.data.stream import RankStream, resolve_shards, seeded_rng
 from side4video.data.synthetic import render_clip
 from side4video.data.video import encode_frames, probe
@@ -109,7 +109,7 @@ def run(out: str, config=None, overrides: Sequence[str] = (), quick: bool = Fals
     d = cfg.data
     os.makedirs(out, exist_ok=True)
     if quick:
-        clips, frames_in_video, width, height, repeats = 12, 32, 128, 96, 1
+        clips, frames_in_video, width, height, repeats = 8, 24, 128, 96, 1
     else:
         clips, frames_in_video, width, height, repeats = 48, 96, 320, 240, 2
     if config is not None and d.train.shards:
@@ -119,10 +119,10 @@ def run(out: str, config=None, overrides: Sequence[str] = (), quick: bool = Fals
         videos = _generated(clips, frames_in_video, width, height)
         source = f"generated VP9 WebM, {frames_in_video} frames at {width}x{height} ({time.perf_counter() - t0:.1f}s to make)"
     infos = [probe(v) for v in videos]
-    size, T = int(d.size), int(d.frames)
+    size, T = (min(int(d.size), 112) if quick else int(d.size)), int(d.frames)
     batch = max(1, int(cfg.train.batch_size))
     threads = int(d.decode_threads)
-    indices = [np.concatenate(test_indices(info.frames, T, d.sampling, int(d.dense_stride), 1)) for info in infos]
+    indices = [np.concatenate(eval_indices(info.frames, T, d.sampling, int(d.dense_stride), 1)) for info in infos]
     requests = [ClipRequest(f"clip{i}", v, info.codec, idx, A.eval_views(info.height, info.width, d, 1))
                 for i, (v, info, idx) in enumerate(zip(videos, infos, indices))]
     gpu = gpu_available()

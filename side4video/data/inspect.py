@@ -16,7 +16,7 @@ import numpy as np
 from side4video.config import load_config
 from side4video.data import augment as A
 from side4video.data.decode import ClipDecoder, ClipRequest
-from side4video.data.sampling import test_indices
+from side4video.data.sampling import eval_indices
 from side4video.data.stream import BadLog, RankStream, resolve_shards
 from side4video.data.video import VideoError, probe
 
@@ -75,7 +75,7 @@ def inspect_shards(spec, cfg=None, decode: bool = False, progress: bool = True) 
             widths.append(info.width)
             heights.append(info.height)
             if decoder is not None:
-                idx = np.concatenate(test_indices(info.frames, int(d.frames), d.sampling, int(d.dense_stride), 1))
+                idx = np.concatenate(eval_indices(info.frames, int(d.frames), d.sampling, int(d.dense_stride), 1))
                 pending.append(ClipRequest(sample.key, sample.video, info.codec, idx,
                                            A.eval_views(info.height, info.width, d, 1)))
                 if len(pending) >= batch:

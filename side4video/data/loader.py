@@ -39,7 +39,7 @@ import torch
 from side4video.data import augment as A
 from side4video.data.decode import ClipDecoder, ClipRequest
 from side4video.data.sample import Sample
-from side4video.data.sampling import test_indices, train_indices
+from side4video.data.sampling import eval_indices, train_indices
 from side4video.data.stream import BadLog, RankStream, ShardSet, resolve_shards, seeded_rng, stable_hash
 from side4video.data.video import VideoError, probe
 from side4video.errors import UserError
@@ -250,7 +250,7 @@ class VideoLoader:
             indices = train_indices(info.frames, self.frames, d.sampling, int(d.dense_stride), seeded_rng(*base, 0))
             views = [A.train_view(seeded_rng(*base, 1 + v), info.height, info.width, d) for v in range(self.views)]
         else:
-            indices = np.concatenate(test_indices(info.frames, self.frames, d.sampling, int(d.dense_stride), self.clips))
+            indices = np.concatenate(eval_indices(info.frames, self.frames, d.sampling, int(d.dense_stride), self.clips))
             views = A.eval_views(info.height, info.width, d, self.views)
         return ClipRequest(sample.key, sample.video, info.codec, indices, views)
 

@@ -56,7 +56,7 @@ def train_indices(num_frames: int, frames: int, sampling: str, stride: int, rng:
     raise ValueError(f"unknown sampling {sampling!r}")
 
 
-def test_indices(num_frames: int, frames: int, sampling: str, stride: int, clips: int = 1) -> List[np.ndarray]:
+def eval_indices(num_frames: int, frames: int, sampling: str, stride: int, clips: int = 1) -> List[np.ndarray]:
     """The `clips` temporal views of the test protocol, each T indices."""
     clips = max(1, int(clips))
     if sampling == "tsn":

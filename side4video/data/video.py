@@ -169,7 +169,8 @@ def encode_frames(frames: Iterable[np.ndarray], codec: str = "vp9", fps: float =
     if crf is not None:
         options["crf"] = str(crf)
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format=fmt) as container:
+    # bitexact: no random track/segment UIDs, so the same frames give the same file (reproducible shards)
+    with av.open(buf, mode="w", format=fmt, options={"fflags": "+bitexact"}) as container:
         stream = None
         for rgb in frames:
             if stream is None:

@@ -1,0 +1,216 @@
+"""Decoding: DALI vs PyAV frames, codec routing, bad videos, augmentation, views, flips, dtypes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data_fixtures import data_cfg_for, encode, load_cfg
+from side4video.data import augment as A
+from side4video.data.decode import ClipDecoder, ClipRequest, build_pipeline
+from side4video.data.loader import build_loader
+from side4video.data.shards import ShardWriter
+from side4video.data.synthetic import render_clip
+from side4video.data.video import decode_frames, encode_frames, probe
+
+
+def dali_raw_frames(data: bytes, indices) -> np.ndarray:
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        return fn.decoders.video(encoded, device="cpu", frames=list(indices))
+
+    p = pipe()
+    p.build()
+    p.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8)])
+    (out,) = p.run()
+    return np.array(out[0])
+
+
+def test_dali_frames_match_pyav_frames():
+    # sharp-edged shapes on a textured background: the hard case for chroma upsampling
+    frames, _ = render_clip(4, np.random.default_rng(3), 16, 64)
+    data = encode_frames(frames, codec="vp9", fps=8, keyframe_interval=5)
+    indices = [0, 3, 7, 8, 12, 15, 15, 1]
+    dali = dali_raw_frames(data, indices).astype(np.float64)
+    pyav = decode_frames(data, indices).astype(np.float64)
+    assert dali.shape == pyav.shape == (8, 64, 64, 3)
+    diff = np.abs(dali - pyav).mean()
+    assert diff < 2.0, diff
+    # and the frames really are the indexed ones: frame 3 is not frame 7
+    assert np.abs(pyav[1] - pyav[2]).mean() > 5 * max(diff, 0.1)
+
+
+def requests_for(videos, cfg, views=1, train=True, seed=0):
+    out = []
+    for i, (codec, data) in enumerate(videos):
+        info = probe(data)
+        idx = np.array([0, 3, 6, 9], dtype=np.int32)
+        if train:
+            v = [A.train_view(np.random.default_rng([seed, i, r]), info.height, info.width, cfg.data) for r in range(views)]
+        else:
+            v = A.eval_views(info.height, info.width, cfg.data, views)
+        out.append(ClipRequest(f"k{i}", data, codec, idx, v))
+    return out
+
+
+def test_dali_and_pyav_paths_apply_the_same_transforms():
+    cfg = load_cfg("data.size=32", "data.resize=[36]", "data.randaugment.enabled=true", "data.randaugment.num_ops=1")
+    videos = [("vp9", encode(i)) for i in range(3)]
+    reqs = requests_for(videos, cfg, views=2)
+    kw = dict(views=2, size=32, mean=cfg.data.mean, std=cfg.data.std, batch_size=4, ra_steps=1, threads=2)
+    dali = ClipDecoder(decoder="dali", **kw)
+    pyav = ClipDecoder(decoder="pyav", **kw)
+    a, bad_a = dali.decode(reqs)
+    b, bad_b = pyav.decode(reqs)
+    dali.close()
+    pyav.close()
+    assert not bad_a and not bad_b
+    for x, y in zip(a, b):
+        assert x.shape == y.shape == (2, 4, 3, 32, 32)
+        # normalised units: 2 levels of 255 over the CLIP std
+        assert (x - y).abs().mean().item() < 2 / 255 / 0.26
+
+
+def test_codec_routing_and_recovery_after_a_dali_error():
+    cfg = load_cfg("data.size=32", "data.resize=[36]")
+    videos = [("vp9", encode(0)), ("h264", encode(1, codec="h264")), ("vp9", encode(2))]
+    reqs = requests_for(videos, cfg, views=1, train=False)
+    kw = dict(views=1, size=32, mean=cfg.data.mean, std=cfg.data.std, batch_size=4, threads=2)
+    auto = ClipDecoder(decoder="auto", **kw)
+    out, bad = auto.decode(reqs)
+    assert auto.route("h264") == "pyav" and auto.route("vp9") == "dali"
+    assert not bad and all(t is not None and t.shape == (1, 4, 3, 32, 32) for t in out)
+    # forcing H.264 through DALI's CPU backend fails for that sample only; the pipeline is rebuilt
+    forced = ClipDecoder(decoder="dali", **kw)
+    out2, bad2 = forced.decode(reqs)
+    assert [k for k, _ in bad2] == ["k1"] and out2[1] is None
+    assert torch.equal(out2[0], out[0]) and torch.equal(out2[2], out[2])
+    out3, bad3 = forced.decode([reqs[0]])
+    assert not bad3 and torch.equal(out3[0], out[0])
+    auto.close()
+    forced.close()
+
+
+def test_every_randaugment_op_runs_on_dali():
+    cfg = load_cfg("data.size=32", "data.resize=[32]", "data.crop_area=[1.0,1.0]", "data.crop_aspect=[1.0,1.0]")
+    frames, _ = render_clip(0, np.random.default_rng(1), 8, 32)
+    data = encode_frames(frames, codec="vp9", fps=8)
+    full = (np.zeros(2, np.float32), np.ones(2, np.float32))
+    rng = np.random.default_rng(0)
+    steps = [A.RAStep()] + [A._step(rng, op, 7.0, 32) for op in A.RAND_OPS]
+    reqs = [ClipRequest(f"op{i}", data, "vp9", np.arange(4, dtype=np.int32), [A.ViewParams(*full, False, [st])])
+            for i, st in enumerate(steps)]
+    dec = ClipDecoder(views=1, size=32, mean=[0, 0, 0], std=[1 / 255] * 3, batch_size=len(reqs), ra_steps=1)
+    out, bad = dec.decode(reqs)
+    dec.close()
+    assert not bad
+    plain = out[0][0]  # RA_NONE: values on 0..255
+    by_op = {op: out[i + 1][0] for i, op in enumerate(A.RAND_OPS)}
+    for op, t in by_op.items():
+        assert torch.isfinite(t).all() and t.min() >= -1e-3 and t.max() <= 255 + 1e-3, op
+    assert torch.allclose(by_op["Invert"], 255 - plain, atol=1e-3)
+    changed = [op for op, t in by_op.items() if (t - plain).abs().mean() > 0.5]
+    assert len(changed) >= 13, changed  # every op does something at magnitude 7 (AutoContrast may not)
+
+
+def test_eval_views_three_crops_two_clips(synthetic_data, tmp_path):
+    writer = ShardWriter(str(tmp_path / "wide"))
+    for i in range(5):
+        writer.write(f"w{i}", encode(i, frames=16, height=32, width=64), "webm", {"label": i % 4})
+    writer.close([f"c{i}" for i in range(4)], [], "test")
+    cfg = data_cfg_for(str(tmp_path / "wide"), str(tmp_path / "wide"), "eval.crops=3", "eval.clips=2",
+                       "eval.batch_size=2")
+    loader = build_loader(cfg, "val")
+    batches = list(loader)
+    loader.close()
+    with pytest.raises(TypeError):
+        len(loader)
+    assert [b["video"].shape[0] for b in batches] == [2, 2, 1]  # the last batch is smaller
+    video = batches[0]["video"]
+    assert video.shape == (2, 6, 4, 3, 32, 32)
+    views = video[0]
+    for a in range(6):
+        for b in range(a + 1, 6):
+            assert not torch.equal(views[a], views[b])  # left/centre/right x 2 temporal clips
+    assert [k for b in batches for k in b["key"]] == [f"w{i}" for i in range(5)]
+
+
+def test_flip_mirrors_the_view_and_swaps_paired_labels(synthetic_data):
+    cfg = data_cfg_for(str(synthetic_data["train"]), None, "data.repeated_views=2", "data.flip=true",
+                       "data.flip_label_pairs=[[0,1],[2,3]]", "data.crop_area=[1.0,1.0]", "data.crop_aspect=[1.0,1.0]")
+    loader = build_loader(cfg, "train")
+    flips_seen = 0
+    for batch in loader:
+        video, labels, keys = batch["video"], batch["label"], batch["key"]
+        assert video.shape == (8, 4, 3, 32, 32) and keys[0::2] == keys[1::2]
+        for i in range(0, 8, 2):
+            same = torch.equal(video[i], video[i + 1])
+            mirrored = torch.equal(video[i], video[i + 1].flip(-1))
+            assert same or mirrored
+            if not same:  # exactly one of the two views is flipped: the labels differ by the pair swap
+                flips_seen += 1
+                assert {labels[i].item(), labels[i + 1].item()} in ({0, 1}, {2, 3})
+            else:
+                assert labels[i] == labels[i + 1]
+    loader.close()
+    assert flips_seen > 0
+
+
+def test_clip_dtype(synthetic_data):
+    spec = str(synthetic_data["val"])
+    fp16 = build_loader(data_cfg_for(spec, spec, "data.dtype=fp16"), "val")
+    assert next(iter(fp16))["video"].dtype == torch.float16
+    fp16.close()
+    bf16 = build_loader(data_cfg_for(spec, spec), "val", dtype=torch.bfloat16)  # data.dtype auto: the caller's
+    batch = next(iter(bf16))
+    bf16.close()
+    assert batch["video"].dtype == torch.bfloat16
+    # normalised with the CLIP mean/std: roughly zero-centred
+    assert -1.5 < batch["video"].float().mean().item() < 1.5
+
+
+def test_corrupt_videos_are_skipped_and_counted(tmp_path):
+    writer = ShardWriter(str(tmp_path / "mixed"))
+    good = []
+    for i in range(10):
+        key = f"s{i:02d}"
+        if i == 3:
+            data, ext = b"\x1aE\xdf\xa3" + bytes(range(256)) * 8, "webm"  # garbage behind a WebM magic
+        elif i == 6:
+            full = encode(i)
+            data, ext = full[:300], "webm"  # the headers, no complete frame
+        elif i == 8:
+            data, ext = encode(i, codec="h264"), "mp4"  # fine, through PyAV
+            good.append(key)
+        else:
+            data, ext = encode(i), "webm"
+            good.append(key)
+        writer.write(key, data, ext, {"label": i % 4})
+    writer.close([f"c{i}" for i in range(4)], [], "test")
+    spec = str(tmp_path / "mixed")
+    val = build_loader(data_cfg_for(spec, spec, "eval.batch_size=4"), "val")
+    keys = [k for b in val for k in b["key"]]
+    assert keys == good
+    assert sorted(val.bad_samples) == ["s03", "s06"]
+    val.close()
+    train = build_loader(data_cfg_for(spec, spec), "train")
+    batches = [b for b in train]
+    assert len(batches) == len(train) == 3 and all(b["video"].shape[0] == 4 for b in batches)
+    assert not {"s03", "s06"} & {k for b in batches for k in b["key"]}
+    assert sorted(train.bad_samples) == ["s03", "s06"]
+    train.close()
+
+
+def test_pipeline_builds_for_gpu_layout_without_running():
+    """The 'mixed' graph is only run on GPU hosts; here it must at least be constructible."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the CUDA path runs in the other tests")
+    from nvidia.dali import fn, types  # noqa: F401
+
+    pipe = build_pipeline("bytes", batch_size=2, views=1, ra_steps=0, size=32, mean=[0.5] * 3, std=[0.5] * 3,
+                          fp16=True, threads=1, gpu=False, device_id=None)
+    assert pipe is not None
