@@ -1,0 +1,137 @@
+"""Training on a real SLURM cluster (slurmctld + two slurmd in network namespaces, see
+slurm_fixtures.py): `side4video submit --wait`, preemption + requeue + resume, a 2-node job, and
+the sbatch route."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from slurm_fixtures import REPO, side4video, slurm_cluster, slurm_data, step_losses, train_overrides, wait_for  # noqa: F401
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+ONE_NODE_TWO_TASKS = ("slurm.nodes=1", "slurm.tasks_per_node=2")
+
+
+def summary(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def job_id_from(text: str) -> str:
+    for line in text.splitlines():
+        if line.startswith("submitted job "):
+            return line.split()[2].rstrip(":")
+    return ""
+
+
+def assert_same_run(run_dir, reference):
+    """Same number of steps and the same loss at every step as the uninterrupted reference."""
+    assert summary(run_dir)["status"] == "finished"
+    assert summary(run_dir)["steps"] == summary(reference)["steps"]
+    got, want = step_losses(run_dir), step_losses(reference)
+    assert sorted(got) == sorted(want) == list(range(1, summary(reference)["steps"] + 1))
+    assert [got[s] for s in sorted(got)] == pytest.approx([want[s] for s in sorted(want)], rel=1e-5, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, slurm_data, tmp_path_factory):  # noqa: F811
+    """1 node x 2 tasks, uninterrupted, through `side4video submit ... --wait`."""
+    run_dir = tmp_path_factory.mktemp("slurm-ref") / "run"
+    done = side4video(slurm_cluster, "submit", "configs/demo.yaml",
+                      *train_overrides(slurm_data, run_dir, *ONE_NODE_TWO_TASKS), "--wait")
+    return run_dir, done
+
+
+@pytest.mark.timeout(900)
+def test_submit_wait_one_node_two_tasks(reference_run, slurm_cluster):  # noqa: F811
+    run_dir, done = reference_run
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    job_id = job_id_from(done.stdout)
+    assert job_id, done.stdout
+    assert f"run directory: {run_dir}" in done.stdout
+    assert f"logs:          {run_dir / 'slurm'}" in done.stdout
+    # --wait streamed rank 0's log and the job's end
+    assert "task 0/2 (local 0/2)" in done.stderr and f"job {job_id}: COMPLETED" in done.stderr
+    result = summary(run_dir)
+    assert result["status"] == "finished" and result["world_size"] == 2
+    assert result["steps"] == result["total_steps"] == 24  # 32 clips / 2 ranks / batch 2 = 8 steps x 3 epochs
+    info = slurm_cluster.job_info(job_id)
+    assert info["JobState"] == "COMPLETED" and info["NumTasks"] == "2" and info["Restarts"] == "0"
+
+
+@pytest.mark.timeout(900)
+def test_preempted_job_is_requeued_and_matches_uninterrupted_run(reference_run, slurm_cluster, slurm_data, tmp_path):  # noqa: F811
+    """USR2 (what SLURM sends before the time limit) after the first checkpoint: all ranks save,
+    the job requeues itself, resumes from `latest`, and ends exactly like the reference."""
+    reference, _ = reference_run
+    run_dir = tmp_path / "run"
+    out = (tmp_path / "submit.out").open("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "side4video.cli", "submit", "configs/demo.yaml",
+                             *train_overrides(slurm_data, run_dir, *ONE_NODE_TWO_TASKS), "--wait"],
+                            cwd=REPO, env=slurm_cluster.env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        job_id = wait_for(lambda: job_id_from((tmp_path / "submit.out").read_text()), 60, "the job id")
+        wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), 600, "the first checkpoint")
+        signalled = slurm_cluster.run("scancel", "--signal=USR2", job_id)
+        assert signalled.returncode == 0, signalled.stderr
+        assert proc.wait(timeout=600) == 0, (tmp_path / "submit.out").read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "submit.out").read_text()
+    assert "requeued (restart 1 of at most 10)" in log
+    assert "restart 1 (of at most 10): resuming from the latest checkpoint" in log
+    assert slurm_cluster.job_info(job_id)["Restarts"] == "1"
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.timeout(900)
+def test_two_nodes_rendezvous_over_namespace_addresses(reference_run, slurm_cluster, slurm_data, tmp_path):  # noqa: F811
+    """2 nodes x 1 task: the ranks are on n1 and n2 and meet at n1's address (gloo, no loopback)."""
+    reference, _ = reference_run
+    run_dir = tmp_path / "run"
+    done = side4video(slurm_cluster, "submit", "configs/demo.yaml",
+                      *train_overrides(slurm_data, run_dir, "slurm.nodes=2", "slurm.tasks_per_node=1",
+                                       "logging.all_ranks=true"), "--wait")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    job_id = job_id_from(done.stdout)
+    master = f"{slurm_cluster.subnet}.11"
+    rank0 = (run_dir / "slurm" / f"{job_id}_0_log.err").read_text()
+    rank1 = (run_dir / "slurm" / f"{job_id}_1_log.err").read_text()
+    assert f"task 0/2 (local 0/1) on n1; master {master}:" in rank0
+    assert f"task 1/2 (local 0/1) on n2; master {master}:" in rank1
+    assert summary(run_dir)["world_size"] == 2
+    # Same world size, same data split and seeds as the 1-node run: the same training.
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.timeout(900)
+def test_sbatch_route_requeues_on_sigterm(reference_run, slurm_cluster, slurm_data, tmp_path):  # noqa: F811
+    """slurm/train.sbatch: SIGTERM to the batch shell is passed to the tasks, which save; rank 0
+    requeues; the rerun resumes and ends like the reference."""
+    reference, _ = reference_run
+    run_dir = tmp_path / "run"
+    log = tmp_path / "sbatch.out"
+    env = dict(slurm_cluster.env, SIDE4VIDEO_PYTHON=sys.executable)
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=15",
+         f"--output={log}", "slurm/train.sbatch", "configs/demo.yaml", *train_overrides(slurm_data, run_dir)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), 600, "the first checkpoint")
+        assert slurm_cluster.run("scancel", "--batch", "--signal=TERM", job_id).returncode == 0
+        wait_for(lambda: slurm_cluster.job_info(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
+                 600, "the job to end", poll=1)
+    finally:
+        slurm_cluster.run("scancel", job_id)  # no-op once it ended
+    info = slurm_cluster.job_info(job_id)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
+    assert info["Restarts"] == "1"
+    assert "requeued (restart 1 of at most 10)" in text
+    assert_same_run(run_dir, reference)
