@@ -82,7 +82,7 @@ def deepspeed_config(cfg, total_steps: int, warmup_steps: int, world_size: int) 
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": max(total_steps, 1),
-                "warmup_num_steps": max(min(warmup_steps, total_steps - 1), 0),
+                "warmup_num_steps": max(min(warmup_steps, total_steps - 1), 1),  # DeepSpeed needs >= 1
                 "warmup_min_ratio": 0.0,
                 "warmup_type": "linear",
                 "cos_min_ratio": tr.min_lr / tr.lr if tr.lr > 0 else 0.0,
