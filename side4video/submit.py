@@ -210,8 +210,10 @@ class SlurmTask(Checkpointable):
 
 
 # ------------------------------------------------------------------------------ submitting side
-def submit_job(cfg: DictConfig, command: str = "train"):
-    """Submit the job; return submitit's Job (job_id, paths) without waiting."""
+def submit_job(cfg: DictConfig, command: str = "train", task_class: type = None):
+    """Submit the job; return submitit's Job (job_id, paths) without waiting.
+
+    `task_class`: a SlurmTask subclass to run instead (its `work` replaces the engine call)."""
     if command not in COMMANDS:
         raise UserError(f"submit --command must be one of {', '.join(COMMANDS)}, got {command!r}")
     cfg = _absolute_paths(cfg)
@@ -222,7 +224,7 @@ def submit_job(cfg: DictConfig, command: str = "train"):
         raise UserError(f"SLURM not found ({e}); run submit on a SLURM login node") from None
     executor.update_parameters(**params)
     try:
-        return executor.submit(SlurmTask(cfg, command))
+        return executor.submit((task_class or SlurmTask)(cfg, command))
     except submitit.core.utils.FailedJobError as e:
         raise UserError(f"sbatch refused the job: {str(e).strip().splitlines()[-1]}") from None
 

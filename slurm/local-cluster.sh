@@ -247,14 +247,19 @@ cmd_start() {
     echo "export SLURM_CONF=$CONF"
 }
 
-stop_pid() {  # stop_pid PIDFILE: TERM, wait up to 10 s, then KILL
-    local file=$1 pid
-    alive "$file" || { rm -f "$file"; return 0; }
-    pid=$(cat "$file")
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$file"
+stop_pids() {  # stop_pids PIDFILE...: TERM to all at once (each takes ~2 s to exit), wait up to 10 s, KILL
+    local file pids=()
+    for file in "$@"; do
+        if alive "$file"; then pids+=("$(cat "$file")"); kill "${pids[-1]}" 2>/dev/null || true; fi
+    done
+    for _ in $(seq 100); do
+        local left=0 pid
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left=1; done
+        [[ $left -eq 0 ]] && break
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+    rm -f "$@"
 }
 
 cmd_stop() {
@@ -270,16 +275,13 @@ cmd_stop() {
             done
         fi
     fi
-    local f
-    for f in "$DIR"/run/slurmd-*.pid; do [[ -e $f ]] && stop_pid "$f"; done
-    stop_pid "$DIR/run/slurmctld.pid"
+    stop_pids "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid" "$DIR/munge/munged.pid"
     # Job steps whose slurmd is gone: found by the marker their daemons passed down.
     local pid
     for pid in $(grep -lsz "^SIDE4VIDEO_SLURM_CLUSTER=$DIR$" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3); do
         [[ $pid -ne $$ ]] && kill -9 "$pid" 2>/dev/null || true
     done
     teardown_netns
-    stop_pid "$DIR/munge/munged.pid"
     rm -f "$DIR/nodes"
     say "stopped (logs kept in $DIR/log)"
 }

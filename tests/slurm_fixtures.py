@@ -146,3 +146,32 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# ------------------------------------------------------------------------------ requeue bookkeeping
+from side4video.submit import SlurmTask  # noqa: E402
+
+
+class WaitForStop(SlurmTask):
+    """Stands in for the engine where only submit.py's requeue bookkeeping is under test: marks
+    each start (OUTPUT_DIR/started-RESTART), waits for a stop request like the training loop,
+    and reports "preempted" as train() does after one (else "finished" after 120 s).
+
+    Pickled by value (see `register_by_value`): the job cannot import this tests-only module."""
+
+    def work(self, cfg):
+        from side4video.engine import signals
+
+        run_dir = Path(cfg.train.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / f"started-{os.environ.get('SLURM_RESTART_COUNT', '0')}").touch()
+        deadline = time.monotonic() + 120
+        while not signals.stop_requested() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return {"status": "preempted" if signals.stop_requested() else "finished"}
+
+
+def register_by_value() -> None:
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])

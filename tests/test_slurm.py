@@ -9,7 +9,11 @@ import subprocess
 import sys
 
 import pytest
-from slurm_fixtures import REPO, side4video, slurm_cluster, slurm_data, step_losses, train_overrides, wait_for  # noqa: F401
+from slurm_fixtures import (REPO, WaitForStop, register_by_value, side4video, slurm_cluster, slurm_data,  # noqa: F401
+                            step_losses, train_overrides, wait_for)
+
+from side4video.config import load_config
+from side4video.submit import follow, submit_job
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -135,3 +139,54 @@ def test_sbatch_route_requeues_on_sigterm(reference_run, slurm_cluster, slurm_da
     assert info["Restarts"] == "1"
     assert "requeued (restart 1 of at most 10)" in text
     assert_same_run(run_dir, reference)
+
+
+# ------------------------------------------------------------------------ requeue bookkeeping
+@pytest.fixture
+def quick_job(slurm_cluster, monkeypatch, tmp_path):  # noqa: F811
+    """Submit WaitForStop (no training) in-process; returns (job, run_dir)."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    register_by_value()
+
+    def submit(*overrides):
+        cfg = load_config(None, [f"train.output_dir={tmp_path / 'run'}", "slurm.time_minutes=5",
+                                 "slurm.tasks_per_node=2", *overrides])
+        return submit_job(cfg, "train", task_class=WaitForStop), tmp_path / "run"
+
+    return submit
+
+
+@pytest.mark.timeout(300)
+def test_requeues_are_bounded_by_max_requeues(quick_job, slurm_cluster, capsys):  # noqa: F811
+    job, run_dir = quick_job("slurm.max_requeues=1")
+    for restart in (0, 1):
+        wait_for(lambda: (run_dir / f"started-{restart}").exists(), 120, f"start {restart}")
+        assert slurm_cluster.run("scancel", "--signal=USR2", job.job_id).returncode == 0
+    assert follow(job.job_id, job.paths.folder, poll_s=0.5, timeout_s=120) == 1
+    err = capsys.readouterr().err
+    assert "requeued (restart 1 of at most 1)" in err
+    assert "not requeued: it already ran 1 times more (slurm.max_requeues=1)" in err
+    assert f"job {job.job_id} COMPLETED: preempted" in err
+    assert slurm_cluster.job_info(job.job_id)["Restarts"] == "1"
+    assert not (run_dir / "started-2").exists()
+
+
+@pytest.mark.timeout(300)
+def test_user_cancel_is_not_requeued(quick_job, slurm_cluster, capsys):  # noqa: F811
+    """Plain `scancel` also sends SIGTERM, but the job is being cancelled: save, do not requeue."""
+    job, run_dir = quick_job()
+    wait_for(lambda: (run_dir / "started-0").exists(), 120, "the job to start")
+    assert slurm_cluster.run("scancel", job.job_id).returncode == 0
+    assert follow(job.job_id, job.paths.folder, poll_s=0.5, timeout_s=120) == 1
+    err = capsys.readouterr().err
+    assert "not requeued: it is COMPLETING (cancelled?)" in err
+    info = slurm_cluster.job_info(job.job_id)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0"
+
+
+@pytest.mark.timeout(120)
+def test_sbatch_refusal_is_one_line(slurm_cluster, tmp_path):  # noqa: F811
+    done = side4video(slurm_cluster, "submit", "configs/demo.yaml", f"train.output_dir={tmp_path}",
+                      "slurm.partition=no-such-partition", timeout=120)
+    assert done.returncode == 2
+    assert "error: sbatch refused the job:" in done.stderr and "Traceback" not in done.stderr
