@@ -164,7 +164,8 @@ def test_bench_data_quick(tmp_path):
     assert cli_main(["bench", "data", "--out", str(out), "--quick"]) == 0
     report = json.loads((out / "data.json").read_text())
     assert report["dali_clips_per_s"] > 0 and report["pyav_clips_per_s"] > 0
-    assert report["clips"] == 8 and report["frames_per_clip"] == 8
+    assert report["clips"] == 8 and report["frames_per_clip"] == 8 and report["dali_decode_only_clips_per_s"] > 0
+    assert len(report["pass_rates"]["dali"]) == report["passes"] == 2
     md = (out / "data.md").read_text()
     assert str(report["dali_clips_per_s"]) in md and str(report["pyav_clips_per_s"]) in md
     assert (out / "data.png").stat().st_size > 1000

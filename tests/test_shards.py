@@ -188,3 +188,39 @@ def test_cli_make_shards(tmp_path, capsys):
                      "--out", str(out), "--no-progress"])
     assert code == 2
     assert "annotation file not found" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_make_shards_uploads_to_s3(tmp_path, moto_s3, monkeypatch):
+    """Output s3://bucket/prefix: each finished shard is uploaded, the manifest last; credentials
+    and endpoint from the standard AWS environment variables."""
+    from data_fixtures import BUCKET, S3_KEYS
+    from side4video.data.inspect import inspect_shards
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEYS["access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_KEYS["secret_access_key"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", S3_KEYS["region"])
+    client = moto_s3.client()
+    if BUCKET not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:  # moto's state is per process
+        client.create_bucket(Bucket=BUCKET)
+    root = tmp_path / "videos"
+    rels = video_folder(root, n=4, h264=1)
+    listf = tmp_path / "list.txt"
+    listf.write_text("".join(f"{r} {i % 2}\n" for i, r in enumerate(rels)))
+    manifest = make_shards(str(listf), "list", str(root), f"s3://{BUCKET}/ds", shard_size="8KB", progress=False)
+    names = sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="ds/")["Contents"])
+    assert names == sorted([f"ds/{s['url']}" for s in manifest["shards"]] + ["ds/manifest.json"])
+    report = inspect_shards(f"s3://{BUCKET}/ds/manifest.json", decode=True, progress=False)
+    assert report["samples"] == 4 and report["bad_samples"] == []
+    assert report["codecs"] == {"vp9": 3, "h264": 1}
+
+
+def test_cli_make_synthetic(tmp_path, capsys):
+    out = tmp_path / "synth"
+    code = cli_main(["make-synthetic", str(out), "--videos", "6", "--classes", "3", "--frames", "4", "--size", "16",
+                     "--shard-samples", "4", "--val-videos", "3"])
+    assert code == 0 and "6 train and 3 val" in capsys.readouterr().out
+    train = json.loads((out / "train" / "manifest.json").read_text())
+    assert [s["samples"] for s in train["shards"]] == [4, 2] and len(train["classes"]) == 3
+    assert cli_main(["make-synthetic", str(out), "--classes", "12"]) == 2

@@ -50,14 +50,17 @@ def gpu_available() -> bool:
 
 
 # --------------------------------------------------------------------------------- the graph
-def _randaugment_step(clip, view: int, step: int):
+def _randaugment_step(clip, view: int, step: int, gpu: bool):
     """One RandAugment step: the op chosen per sample by a fed integer (DALI conditionals)."""
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
 
     kind = fn.external_source(name=f"ra_kind_{view}_{step}", dtype=types.INT32, ndim=0)
-    arg = fn.external_source(name=f"ra_arg_{view}_{step}", dtype=types.FLOAT, ndim=0)
+    param = fn.external_source(name=f"ra_arg_{view}_{step}", dtype=types.FLOAT, ndim=0)
     matrix = fn.external_source(name=f"ra_matrix_{view}_{step}", dtype=types.FLOAT, ndim=2)
+    # Named arguments (saturation=, matrix=) take the CPU node; arithmetic with GPU frames wants
+    # its operands on the GPU too.
+    arg = param.gpu() if gpu else param
     if kind == A.RA_AFFINE:
         clip = fn.warp_affine(clip, matrix=matrix, fill_value=128.0, inverse_map=False)
     elif kind == A.RA_POSTERIZE:
@@ -67,7 +70,7 @@ def _randaugment_step(clip, view: int, step: int):
     elif kind == A.RA_SOLARIZE_ADD:
         clip = dmath.min(clip + fn.cast(clip < 128.0, dtype=types.FLOAT) * arg, 255.0)
     elif kind == A.RA_COLOR:
-        clip = dmath.clamp(fn.color_twist(clip, saturation=arg), 0.0, 255.0)
+        clip = dmath.clamp(fn.color_twist(clip, saturation=param), 0.0, 255.0)
     elif kind == A.RA_CONTRAST:
         mean = fn.reductions.mean(clip)
         clip = dmath.clamp(mean + arg * (clip - mean), 0.0, 255.0)
@@ -108,7 +111,7 @@ def _clip_graph(source: str, views: int, ra_steps: int, size: int, mean: Sequenc
         clip = fn.resize(video, size=[size, size], roi_start=roi_start, roi_end=roi_end, roi_relative=True,
                          dtype=types.FLOAT if ra_steps else types.UINT8, antialias=True)
         for step in range(ra_steps):
-            clip = _randaugment_step(clip, v, step)
+            clip = _randaugment_step(clip, v, step, gpu)
         outputs.append(fn.crop_mirror_normalize(
             clip, mirror=flip, mean=[255.0 * m for m in mean], std=[255.0 * s for s in std],
             output_layout="FCHW", dtype=types.FLOAT16 if fp16 else types.FLOAT))
