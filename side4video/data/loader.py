@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from side4video.data import augment as A
-from side4video.data.decode import ClipDecoder, ClipRequest
+from side4video.data.decode import ClipDecoder, ClipRequest, gpu_available
 from side4video.data.sample import Sample
 from side4video.data.sampling import eval_indices, train_indices
 from side4video.data.stream import BadLog, RankStream, ShardSet, resolve_shards, seeded_rng, stable_hash
@@ -106,6 +106,10 @@ class VideoLoader:
         self.total_wait_s = 0.0
         self.batch_wait_s: List[float] = []
         self._decoder: Optional[ClipDecoder] = None
+        # The GPU this process trains on, read here in the caller's thread (after the engine set
+        # it): the CUDA device is per thread, and decoding runs in the producer thread.
+        self._gpu = gpu_available()
+        self._device_id = torch.cuda.current_device() if self._gpu else None
         self._probe_pool = ThreadPoolExecutor(max_workers=max(1, int(self.data.decode_threads)),
                                               thread_name_prefix="probe")
         self._producer: Optional[threading.Thread] = None
@@ -233,7 +237,8 @@ class VideoLoader:
             self._decoder = ClipDecoder(
                 views=self.views, size=int(self.data.size), mean=list(self.data.mean), std=list(self.data.std),
                 batch_size=self.batch_size, ra_steps=int(ra.num_ops) if (self.train and ra.enabled) else 0,
-                fp16=self.dtype == torch.float16, threads=int(self.data.decode_threads), decoder=self.data.decoder)
+                fp16=self.dtype == torch.float16, threads=int(self.data.decode_threads), decoder=self.data.decoder,
+                gpu=self._gpu, device_id=self._device_id)
         return self._decoder
 
     def prepare(self, sample: Sample, epoch: int) -> Union[ClipRequest, str]:
@@ -264,6 +269,8 @@ class VideoLoader:
                     continue
             return False
 
+        if self._gpu:
+            torch.cuda.set_device(self._device_id)
         stream = self._make_stream(epoch)
         try:
             samples = iter(stream)

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 from webdataset import TarWriter
 
 from side4video.data import sources, video
-from side4video.data.annotations import Entry, read_annotations
+from side4video.data.annotations import read_annotations
 from side4video.data.manifest import MANIFEST_NAME, build_manifest, dumps
 from side4video.data.sample import VIDEO_EXTS, check_key
 from side4video.errors import UserError

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import av
 import numpy as np
@@ -214,14 +214,6 @@ def transcode(data: bytes, codec: str = "vp9", short_side: int = 0, keyframe_int
         raise VideoError(f"cannot transcode: {e}") from None
 
 
-def extension(codec_or_container: str) -> str:
-    return CODECS[codec_or_container][2] if codec_or_container in CODECS else codec_or_container
-
-
 def guess_extension(info: VideoInfo, filename: str) -> str:
     ext = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
     return ext if ext in ("webm", "mp4", "mkv", "avi", "mov") else ("webm" if info.codec in ("vp8", "vp9") else "mp4")
-
-
-def codec_family(names: List[str]) -> str:
-    return ",".join(sorted(set(names)))
