@@ -26,12 +26,13 @@ exactly once across ranks, with a smaller last batch, and has no fixed length.
 
 from __future__ import annotations
 
+import collections
 import math
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -104,7 +105,7 @@ class VideoLoader:
         self._bad = BadLog()
         self.last_wait_s = 0.0
         self.total_wait_s = 0.0
-        self.batch_wait_s: List[float] = []
+        self.batch_wait_s: Deque[float] = collections.deque(maxlen=100_000)  # per batch, the latest ones
         self._decoder: Optional[ClipDecoder] = None
         # The GPU this process trains on, read here in the caller's thread (after the engine set
         # it): the CUDA device is per thread, and decoding runs in the producer thread.

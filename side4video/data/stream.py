@@ -261,7 +261,7 @@ def iter_shard(shard: Shard, data_cfg=None, bad: Optional[BadLog] = None,
         raise UserError(f"cannot read shard {shard.url}: {e}") from None
     count = 0
     position = -1
-    key, url_members = None, {}
+    key, members_of_key = None, {}
 
     def finish(k, members):
         nonlocal count, position
@@ -284,23 +284,23 @@ def iter_shard(shard: Shard, data_cfg=None, bad: Optional[BadLog] = None,
                     continue
                 suffix = suffix.lower()
                 if key is not None and prefix != key:
-                    sample = finish(key, url_members)
+                    sample = finish(key, members_of_key)
                     if sample is not None:
                         yield sample
-                    url_members = {}
+                    members_of_key = {}
                 key = prefix
-                if suffix in url_members:
+                if suffix in members_of_key:
                     bad.sample(prefix, f"duplicate member {name}")
                     continue
-                url_members[suffix] = data
+                members_of_key[suffix] = data
     except (tarfile.TarError, EOFError, zlib.error) as e:
-        # The partial sample (if any) is reported by finish() below as missing a member.
+        # The sample being read when the tar broke is lost: report its key with the shard.
         bad.shard(shard.url, f"damaged tar after {count} samples ({e}); the rest of the shard is skipped")
-        if key is not None and url_members:
+        if key is not None and members_of_key:
             bad.sample(key, "cut short by a damaged shard")
         return
     if key is not None:
-        sample = finish(key, url_members)
+        sample = finish(key, members_of_key)
         if sample is not None:
             yield sample
     if shard.samples is not None and position + 1 < shard.samples:
