@@ -154,7 +154,8 @@ from side4video.submit import SlurmTask  # noqa: E402
 
 class WaitForStop(SlurmTask):
     """Stands in for the engine where only submit.py's requeue bookkeeping is under test: marks
-    each start (OUTPUT_DIR/started-RESTART), waits for a stop request like the training loop,
+    each start of each rank (OUTPUT_DIR/started-RESTART-RANK; a signal sent before every rank has
+    its handler would find default actions), waits for a stop request like the training loop,
     and reports "preempted" as train() does after one (else "finished" after 120 s).
 
     Pickled by value (see `register_by_value`): the job cannot import this tests-only module."""
@@ -164,7 +165,7 @@ class WaitForStop(SlurmTask):
 
         run_dir = Path(cfg.train.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / f"started-{os.environ.get('SLURM_RESTART_COUNT', '0')}").touch()
+        (run_dir / f"started-{os.environ.get('SLURM_RESTART_COUNT', '0')}-{os.environ['SLURM_PROCID']}").touch()
         deadline = time.monotonic() + 120
         while not signals.stop_requested() and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -160,7 +160,8 @@ def quick_job(slurm_cluster, monkeypatch, tmp_path):  # noqa: F811
 def test_requeues_are_bounded_by_max_requeues(quick_job, slurm_cluster, capsys):  # noqa: F811
     job, run_dir = quick_job("slurm.max_requeues=1")
     for restart in (0, 1):
-        wait_for(lambda: (run_dir / f"started-{restart}").exists(), 120, f"start {restart}")
+        wait_for(lambda: all((run_dir / f"started-{restart}-{rank}").exists() for rank in (0, 1)), 120,
+                 f"both ranks of run {restart}")
         assert slurm_cluster.run("scancel", "--signal=USR2", job.job_id).returncode == 0
     assert follow(job.job_id, job.paths.folder, poll_s=0.5, timeout_s=120) == 1
     err = capsys.readouterr().err
@@ -168,14 +169,14 @@ def test_requeues_are_bounded_by_max_requeues(quick_job, slurm_cluster, capsys):
     assert "not requeued: it already ran 1 times more (slurm.max_requeues=1)" in err
     assert f"job {job.job_id} COMPLETED: preempted" in err
     assert slurm_cluster.job_info(job.job_id)["Restarts"] == "1"
-    assert not (run_dir / "started-2").exists()
+    assert not list(run_dir.glob("started-2-*"))
 
 
 @pytest.mark.timeout(300)
 def test_user_cancel_is_not_requeued(quick_job, slurm_cluster, capsys):  # noqa: F811
     """Plain `scancel` also sends SIGTERM, but the job is being cancelled: save, do not requeue."""
     job, run_dir = quick_job()
-    wait_for(lambda: (run_dir / "started-0").exists(), 120, "the job to start")
+    wait_for(lambda: all((run_dir / f"started-0-{rank}").exists() for rank in (0, 1)), 120, "the job to start")
     assert slurm_cluster.run("scancel", job.job_id).returncode == 0
     assert follow(job.job_id, job.paths.folder, poll_s=0.5, timeout_s=120) == 1
     err = capsys.readouterr().err
