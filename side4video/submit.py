@@ -268,19 +268,23 @@ def follow(job_id: str, folder: Path | str, poll_s: float = 2.0, timeout_s: floa
     folder = Path(folder)
     tails = [_Tail(folder / f"{job_id}_0_log.out", sys.stdout), _Tail(folder / f"{job_id}_0_log.err", sys.stderr)]
     started, last = time.monotonic(), None
-    while True:
-        for tail in tails:
-            tail.pump()
-        state = job_state(job_id)
-        if state != last and state is not None:
-            print(f"[submit] job {job_id}: {state}", file=sys.stderr, flush=True)
-            last = state
-        if state is None or state.split("+")[0] in FINAL_STATES:
-            break
-        if timeout_s and time.monotonic() - started > timeout_s:
-            print(f"[submit] stopped following job {job_id} after {timeout_s:.0f} s; it is {state}", file=sys.stderr)
-            return 1
-        time.sleep(poll_s)
+    try:
+        while True:
+            for tail in tails:
+                tail.pump()
+            state = job_state(job_id)
+            if state != last and state is not None:
+                print(f"[submit] job {job_id}: {state}", file=sys.stderr, flush=True)
+                last = state
+            if state is None or state.split("+")[0] in FINAL_STATES:
+                break
+            if timeout_s and time.monotonic() - started > timeout_s:
+                print(f"[submit] stopped following job {job_id} after {timeout_s:.0f} s; it is {state}", file=sys.stderr)
+                return 1
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        print(f"[submit] stopped following; job {job_id} goes on (scancel {job_id} ends it)", file=sys.stderr)
+        raise
     for tail in tails:
         tail.pump()
     return _outcome(job_id, folder, last)
@@ -293,7 +297,13 @@ def _outcome(job_id: str, folder: Path, state: Optional[str]) -> int:
             break
         time.sleep(0.5)
     if not result_file.exists():
-        print(f"[submit] job {job_id} ended {state or 'without a state'} and left no result", file=sys.stderr)
+        print(f"[submit] job {job_id} ended {state or 'without a state'} and rank 0 left no result", file=sys.stderr)
+        for other in sorted(folder.glob(f"{job_id}_*_result.pkl")):  # maybe another rank said why
+            with open(other, "rb") as f:
+                outcome, value = pickle.load(f)
+            if outcome != "success":
+                print(f"[submit] {other.name}:\n{value}", file=sys.stderr)
+                break
         return 1
     with open(result_file, "rb") as f:
         outcome, value = pickle.load(f)
