@@ -302,17 +302,22 @@ def _outcome(job_id: str, folder: Path, state: Optional[str]) -> int:
             with open(other, "rb") as f:
                 outcome, value = pickle.load(f)
             if outcome != "success":
-                print(f"[submit] {other.name}:\n{value}", file=sys.stderr)
+                print(f"[submit] {other.name}: {_last_line(value)}", file=sys.stderr)
                 break
         return 1
     with open(result_file, "rb") as f:
         outcome, value = pickle.load(f)
-    if outcome != "success":
-        print(f"[submit] job {job_id} failed:\n{value}", file=sys.stderr)
+    if outcome != "success":  # the traceback is in the log streamed above; its last line says what
+        print(f"[submit] job {job_id} failed: {_last_line(value)}", file=sys.stderr)
         return 1
     status = value.get("status", "finished") if isinstance(value, dict) else "finished"
     print(f"[submit] job {job_id} {state or 'ended'}: {status}", file=sys.stderr)
     return 0 if status == "finished" else 1
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    return lines[-1] if lines else "(no message)"
 
 
 # ---------------------------------------------------------------------------------- sbatch route

@@ -191,3 +191,15 @@ def test_sbatch_refusal_is_one_line(slurm_cluster, tmp_path):  # noqa: F811
                       "slurm.partition=no-such-partition", timeout=120)
     assert done.returncode == 2
     assert "error: sbatch refused the job:" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(300)
+def test_failed_job_exit_status_and_reason(slurm_cluster, tmp_path):  # noqa: F811
+    missing = tmp_path / "no-such-data" / "manifest.json"
+    done = side4video(slurm_cluster, "submit", "configs/demo.yaml", f"data.train.shards={missing}",
+                      f"data.val.shards={missing}", f"train.output_dir={tmp_path / 'run'}", "slurm.tasks_per_node=2",
+                      "--wait", timeout=300)
+    assert done.returncode == 1
+    job_id = job_id_from(done.stdout)
+    assert f"job {job_id} failed: side4video.errors.UserError:" in done.stderr and str(missing) in done.stderr
+    assert slurm_cluster.job_info(job_id)["JobState"] == "FAILED"
