@@ -278,7 +278,7 @@ cmd_stop() {
     stop_pids "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid" "$DIR/munge/munged.pid"
     # Job steps whose slurmd is gone: found by the marker their daemons passed down.
     local pid
-    for pid in $(grep -lsz "^SIDE4VIDEO_SLURM_CLUSTER=$DIR$" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3); do
+    for pid in $(grep -lszFx "SIDE4VIDEO_SLURM_CLUSTER=$DIR" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3); do
         [[ $pid -ne $$ ]] && kill -9 "$pid" 2>/dev/null || true
     done
     teardown_netns
