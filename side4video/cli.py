@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Callable, Dict, List, Optional
 
-from side4video.errors import UserError
+from side4video.errors import RunFailed, UserError
 
 PROG = "side4video"
 
@@ -270,7 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.print_help()
             return 2
         return int(args._fn(args) or 0)
-    except UserError as e:
+    except (UserError, RunFailed) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

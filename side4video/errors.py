@@ -9,3 +9,9 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
     exit_code = 2
+
+
+class RunFailed(Exception):
+    """A run that cannot go on (e.g. the loss diverged): one line, exit status 1."""
+
+    exit_code = 1

@@ -255,10 +255,8 @@ class VideoLoader:
             base = (int(d.seed), epoch, stable_hash(sample.key), sample.occurrence)
             indices = train_indices(info.frames, self.frames, d.sampling, int(d.dense_stride), seeded_rng(*base, 0))
             views = [A.train_view(seeded_rng(*base, 1 + v), info.height, info.width, d) for v in range(self.views)]
-        else:
-            indices = np.concatenate(eval_indices(info.frames, self.frames, d.sampling, int(d.dense_stride), self.clips))
-            views = A.eval_views(info.height, info.width, d, self.views)
-        return ClipRequest(sample.key, sample.video, info.codec, indices, views)
+            return ClipRequest(sample.key, sample.video, info.codec, indices, views)
+        return eval_request(sample.key, sample.video, info, d, crops=self.views, clips=self.clips)
 
     def _produce(self, epoch: int, batch_index: int, stream_pos: int, out: "queue.Queue", stop: threading.Event) -> None:
         def put(item) -> bool:
@@ -339,14 +337,26 @@ class VideoLoader:
                     keys.append(sample.key)
                     captions.append(sample.captions)
         else:
-            b, crops, f = video.shape[:3]
-            video = video.reshape(b, crops, self.clips, self.frames, *video.shape[3:]).flatten(1, 2)
+            video = eval_views_layout(video, self.clips, self.frames)
             labels = [s.label for s, _, _ in good]
             keys = [s.key for s, _, _ in good]
             captions = [s.captions for s, _, _ in good]
         if video.dtype != self.dtype:
             video = video.to(self.dtype)
         return {"video": video, "label": torch.tensor(labels, dtype=torch.long), "key": keys, "captions": captions}
+
+
+def eval_request(key: str, video: bytes, info, data_cfg, crops: int, clips: int) -> ClipRequest:
+    """The test views of one video: `clips` temporal clips (centre sampling) x `crops` crops."""
+    indices = np.concatenate(eval_indices(info.frames, int(data_cfg.frames), data_cfg.sampling,
+                                          int(data_cfg.dense_stride), clips))
+    return ClipRequest(key, video, info.codec, indices, A.eval_views(info.height, info.width, data_cfg, crops))
+
+
+def eval_views_layout(decoded: torch.Tensor, clips: int, frames: int) -> torch.Tensor:
+    """Decoded test views (B, crops, clips*T, 3, S, S) -> (B, crops*clips, T, 3, S, S)."""
+    b, crops = decoded.shape[:2]
+    return decoded.reshape(b, crops, clips, frames, *decoded.shape[3:]).flatten(1, 2)
 
 
 def build_loader(cfg, split: str, rank: int = 0, world_size: int = 1, dtype=None) -> VideoLoader:

@@ -1,7 +1,8 @@
 """A generated video dataset whose classes differ by motion only (`side4video make-synthetic`).
 
-A textured shape moves over a textured background. Classes come in pairs that are the same
-motion played forwards and backwards: right/left, down/up, clockwise/anticlockwise orbit,
+A scene of textured shapes over a smooth textured background moves as a whole, as under a moving
+camera. Classes come in pairs that are the same
+motion played forwards and backwards: right/left, down/up, clockwise/anticlockwise rotation,
 approaching/receding (growing/shrinking). A clip of class 2k+1 is a clip of class 2k with its
 frames reversed, so the two have the same set of frames: a model that averages frames cannot
 tell them apart, a model that sees the order can. Shapes, textures, colours, positions and
@@ -24,14 +25,14 @@ from side4video.errors import UserError
 
 # (class name, caption phrase); class 2k+1 is class 2k reversed in time.
 CLASSES: List[Tuple[str, str]] = [
-    ("moving right", "moves from left to right"),
-    ("moving left", "moves from right to left"),
-    ("moving down", "moves from top to bottom"),
-    ("moving up", "moves from bottom to top"),
-    ("orbiting clockwise", "circles clockwise"),
-    ("orbiting anticlockwise", "circles anticlockwise"),
-    ("approaching", "grows as it comes closer"),
-    ("receding", "shrinks as it moves away"),
+    ("moving right", "drift from left to right"),
+    ("moving left", "drift from right to left"),
+    ("moving down", "drift from top to bottom"),
+    ("moving up", "drift from bottom to top"),
+    ("turning clockwise", "turn clockwise"),
+    ("turning anticlockwise", "turn anticlockwise"),
+    ("approaching", "grow as the camera comes closer"),
+    ("receding", "shrink as the camera moves away"),
 ]
 SHAPES = ("circle", "square", "diamond", "triangle")
 TEXTURES = ("striped", "checkered", "spotted")
@@ -39,20 +40,21 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 220), 
            "purple": (150, 50, 190), "orange": (240, 140, 30), "white": (235, 235, 235), "cyan": (40, 200, 210)}
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A smooth random colour field (static over the clip)."""
-    cells = max(2, size // 8)
-    coarse = rng.uniform(40, 200, size=(cells, cells, 3)).astype(np.float32)
-    idx = np.minimum((np.arange(size) * cells) // size, cells - 1)
-    field = coarse[idx][:, idx]
-    # soften the blocks with a box blur
-    k = max(1, size // 16)
-    pad = np.pad(field, ((k, k), (k, k), (0, 0)), mode="edge")
-    c = pad.cumsum(0).cumsum(1)
-    c = np.pad(c, ((1, 0), (1, 0), (0, 0)))
-    w = 2 * k + 1
-    blurred = (c[w:, w:] - c[:-w, w:] - c[w:, :-w] + c[:-w, :-w]) / (w * w)
-    return blurred[:size, :size]
+def _background_field(rng: np.random.Generator):
+    """A smooth random colour field defined everywhere on the plane (a few random sinusoids per
+    channel), so the scene can be evaluated at any moved/rotated/zoomed coordinate."""
+    waves = 4
+    freq = rng.uniform(0.08, 0.25, size=(3, waves, 1, 1))
+    angle = rng.uniform(0, np.pi, size=(3, waves, 1, 1))
+    phase = rng.uniform(0, 2 * np.pi, size=(3, waves, 1, 1))
+    amp = rng.uniform(15, 35, size=(3, waves, 1, 1))
+    base = rng.uniform(70, 180, size=(3, 1, 1))
+
+    def field(wx: np.ndarray, wy: np.ndarray) -> np.ndarray:
+        proj = np.cos(angle) * wx[None, None] + np.sin(angle) * wy[None, None]
+        return np.moveaxis(base + (amp * np.sin(freq * proj + phase)).sum(axis=1), 0, -1)
+
+    return field
 
 
 def _mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -73,49 +75,60 @@ def _texture(texture: str, u: np.ndarray, v: np.ndarray, freq: float) -> np.ndar
     return ((np.sin(freq * u) * np.sin(freq * v)) > 0.3).astype(np.float32)
 
 
-def render_clip(class_index: int, rng: np.random.Generator, frames: int, size: int) -> Tuple[List[np.ndarray], str]:
-    """Frames (H, W, 3 uint8) of one clip of `class_index`, and its caption."""
-    base = class_index - class_index % 2
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
-    colour_name = list(COLOURS)[int(rng.integers(len(COLOURS)))]
-    colour = np.array(COLOURS[colour_name], dtype=np.float32)
-    background = _background(rng, size)
-    radius = size * rng.uniform(0.13, 0.2)
-    freq = rng.uniform(5.0, 9.0)
+def _camera(base: int, rng: np.random.Generator, frames: int, size: int):
+    """Per-frame (shift x, shift y, rotation, zoom) of the whole scene for a motion class."""
     t = np.linspace(0.0, 1.0, frames)
-    if base == 0:  # horizontal
-        y = np.full(frames, rng.uniform(0.3, 0.7) * size)
-        x = rng.uniform(0.12, 0.3) * size + t * rng.uniform(0.4, 0.58) * size
-        scale = np.ones(frames)
-    elif base == 2:  # vertical
-        x = np.full(frames, rng.uniform(0.3, 0.7) * size)
-        y = rng.uniform(0.12, 0.3) * size + t * rng.uniform(0.4, 0.58) * size
-        scale = np.ones(frames)
-    elif base == 4:  # orbit; angle grows = clockwise on screen (y points down)
-        r_orbit = rng.uniform(0.22, 0.3) * size
-        angle = rng.uniform(0, 2 * np.pi) + t * rng.uniform(1.2, 1.7) * np.pi
-        x = size / 2 + r_orbit * np.cos(angle)
-        y = size / 2 + r_orbit * np.sin(angle)
-        scale = np.ones(frames)
-    else:  # growing
-        x = np.full(frames, rng.uniform(0.4, 0.6) * size)
-        y = np.full(frames, rng.uniform(0.4, 0.6) * size)
-        scale = 0.55 + t * rng.uniform(0.9, 1.3)
+    zero, one = np.zeros(frames), np.ones(frames)
+    travel = rng.uniform(0.35, 0.5) * size
+    if base == 0:  # the scene moves right
+        return t * travel, zero, zero, one
+    if base == 2:  # down
+        return zero, t * travel, zero, one
+    if base == 4:  # clockwise on screen (y points down)
+        return zero, zero, t * rng.uniform(0.9, 1.3), one
+    return zero, zero, zero, np.exp(t * np.log(rng.uniform(1.8, 2.3)))  # zooming in: approaching
+
+
+def render_clip(class_index: int, rng: np.random.Generator, frames: int, size: int) -> Tuple[List[np.ndarray], str]:
+    """Frames (H, W, 3 uint8) of one clip of `class_index`, and its caption.
+
+    The whole scene (a smooth textured background and a few textured shapes) moves as under a
+    camera: every part of the frame carries the motion, the way camera motion or a large moving
+    object does in real video, so even a patch-level model sees it everywhere.
+    """
+    base = class_index - class_index % 2
+    background = _background_field(rng)
+    shift_x, shift_y, rotation, zoom = _camera(base, rng, frames, size)
     if class_index % 2 == 1:  # the paired class: the same motion backwards
-        x, y, scale = x[::-1], y[::-1], scale[::-1]
-    grid = np.arange(size, dtype=np.float32) + 0.5
+        shift_x, shift_y, rotation, zoom = shift_x[::-1], shift_y[::-1], rotation[::-1], zoom[::-1]
+    # shapes placed in scene coordinates (origin at the frame centre), spread over the start view
+    # and upstream of the motion so the frame never empties
+    count = 4
+    shapes = [SHAPES[int(rng.integers(len(SHAPES)))] for _ in range(count)]
+    textures = [TEXTURES[int(rng.integers(len(TEXTURES)))] for _ in range(count)]
+    colour_names = [list(COLOURS)[int(rng.integers(len(COLOURS)))] for _ in range(count)]
+    centres = rng.uniform(-0.45, 0.45, size=(count, 2)) * size - np.array([shift_x.mean(), shift_y.mean()])
+    radii = size * rng.uniform(0.1, 0.16, size=count)
+    freqs = rng.uniform(5.0, 9.0, size=count)
+    screen = np.arange(size, dtype=np.float32) + 0.5 - size / 2
+    sx, sy = np.meshgrid(screen, screen)
     out = []
     for i in range(frames):
-        r = radius * scale[i]
-        u = (grid[None, :] - x[i]) / r
-        v = (grid[:, None] - y[i]) / r
-        mask = _mask(shape, u, v)[..., None]
-        pattern = _texture(texture, u, v, freq)[..., None]
-        obj = colour * (0.55 + 0.45 * pattern)
-        frame = np.where(mask, obj, background)
+        # screen -> scene: undo the zoom, the rotation, then the shift
+        c, s_ = np.cos(rotation[i]), np.sin(rotation[i])
+        zx, zy = sx / zoom[i], sy / zoom[i]
+        wx = c * zx + s_ * zy - shift_x[i]
+        wy = -s_ * zx + c * zy - shift_y[i]
+        frame = background(wx, wy)
+        for k in range(count):
+            u, v = (wx - centres[k, 0]) / radii[k], (wy - centres[k, 1]) / radii[k]
+            mask = _mask(shapes[k], u, v)[..., None]
+            pattern = _texture(textures[k], u, v, freqs[k])[..., None]
+            obj = np.array(COLOURS[colour_names[k]], dtype=np.float32) * (0.55 + 0.45 * pattern)
+            frame = np.where(mask, obj, frame)
         out.append(np.clip(frame, 0, 255).astype(np.uint8))
-    caption = f"a {colour_name} {texture} {shape} {CLASSES[class_index][1]}"
+    article = "an" if colour_names[0][0] in "aeiou" else "a"
+    caption = f"{article} {colour_names[0]} {textures[0]} {shapes[0]} and other shapes {CLASSES[class_index][1]}"
     return out, caption
 
 

@@ -120,7 +120,10 @@ def apply_trained_state(model: torch.nn.Module, state: Dict[str, torch.Tensor]) 
     initialised backbones) straight into the module."""
     trainable = set(model.trainable_state_dict())
     frozen = {k: v for k, v in state.items() if k not in trainable}
-    model.load_trainable_state_dict({k: v for k, v in state.items() if k in trainable})
+    try:
+        model.load_trainable_state_dict({k: v for k, v in state.items() if k in trainable})
+    except KeyError as e:
+        raise UserError(f"trained weights do not fit the configured model: {e.args[0]}") from None
     if frozen:
         missing, unexpected = model.load_state_dict(frozen, strict=False)
         if unexpected:

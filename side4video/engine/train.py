@@ -20,6 +20,7 @@ from side4video.engine.collectives import all_gather_objects, any_rank
 from side4video.engine.metrics import MetricsLogger, Throughput, peak_memory, write_json
 from side4video.engine.plots import plot_curves
 from side4video.engine.runner import Runner
+from side4video.errors import RunFailed
 from side4video.logs import get_logger
 
 log = get_logger(__name__)
@@ -94,12 +95,14 @@ def _loop(run: Runner, cfg, plan: Dict[str, int], state: TrainState, metrics: Me
                 state.bad_total += 1
                 metrics.write(f"step {state.step}: non-finite loss, step skipped ({state.bad_in_row} in a row)")
                 if state.bad_in_row >= cfg.train.max_bad_steps:
-                    raise RuntimeError(f"stopping: {state.bad_in_row} consecutive non-finite losses at step "
+                    raise RunFailed(f"stopping: {state.bad_in_row} consecutive non-finite losses at step "
                                        f"{state.step} (lower train.lr, check the data, or use bf16/fp32)")
             else:
                 state.bad_in_row = 0
             if (micro + 1) % accum == 0:
                 state.step += 1
+                if state.step == 1:
+                    _check_backbone_received_no_gradient(run, cfg)
                 _log_step(run, cfg, state, metrics, result, speed)
                 if _periodic_save_due(cfg, state):
                     run.save(state.step, state.epoch, _extra(state))
@@ -121,6 +124,15 @@ def _loop(run: Runner, cfg, plan: Dict[str, int], state: TrainState, metrics: Me
             continue
         break
     return "finished"
+
+
+def _check_backbone_received_no_gradient(run: Runner, cfg) -> None:
+    """The point of the method: backpropagation never enters the frozen backbone."""
+    if cfg.model.method not in ("side4video", "linear_probe"):
+        return
+    leaked = [n for n, p in run.engine.module.backbone.named_parameters() if p.requires_grad or p.grad is not None]
+    if leaked:
+        raise RuntimeError(f"frozen backbone received gradients: {leaked[:3]}")
 
 
 def _log_step(run: Runner, cfg, state: TrainState, metrics: MetricsLogger, result: StepResult, speed: Throughput):

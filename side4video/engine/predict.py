@@ -1,0 +1,73 @@
+"""`side4video predict EXPORT VIDEO`: the top classes of one video file with an exported model.
+
+The video goes through the evaluation views of the config it was trained with (centre or three
+crops x temporal clips, `eval.crops=3 eval.clips=2` on the command line), decoded by DALI or PyAV
+as in training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from side4video.engine.evaluate import view_probabilities
+from side4video.engine.export import apply_trained_state, export_config, load_trained_state, read_export_meta
+from side4video.errors import UserError
+
+
+def clip_views(cfg, video_path: str | Path, dtype: torch.dtype) -> torch.Tensor:
+    """One video file -> its test views (1, crops*clips, T, 3, S, S)."""
+    from side4video.data.decode import ClipDecoder
+    from side4video.data.loader import eval_request, eval_views_layout
+    from side4video.data.video import VideoError, probe
+
+    path = Path(video_path)
+    if not path.is_file():
+        raise UserError(f"video not found: {path}")
+    data = path.read_bytes()
+    try:
+        info = probe(data)
+    except VideoError as e:
+        raise UserError(f"{path}: not a readable video ({e})") from None
+    request = eval_request(path.name, data, info, cfg.data, crops=cfg.eval.crops, clips=cfg.eval.clips)
+    decoder = ClipDecoder(views=cfg.eval.crops, size=cfg.data.size, mean=list(cfg.data.mean), std=list(cfg.data.std),
+                          batch_size=1, threads=cfg.data.decode_threads, decoder=cfg.data.decoder)
+    try:
+        tensors, bad = decoder.decode([request])
+    finally:
+        decoder.close()
+    if bad:
+        raise UserError(f"{path}: could not decode the video ({bad[0][1]})")
+    return eval_views_layout(tensors[0].unsqueeze(0), cfg.eval.clips, cfg.data.frames).to(dtype)
+
+
+@torch.no_grad()
+def predict_video(export_dir: str, video_path: str, top_k: int = 5, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    from side4video.engine.runner import compute_dtype
+    from side4video.model.build import build_model
+
+    if not Path(video_path).is_file():
+        raise UserError(f"video not found: {video_path}")
+    meta = read_export_meta(export_dir)
+    cfg = export_config(export_dir, overrides)
+    model = build_model(cfg)
+    apply_trained_state(model, load_trained_state(export_dir, model.backbone.fingerprint()))
+    model.eval()
+    dtype = compute_dtype(cfg)
+    probs = view_probabilities(model, clip_views(cfg, video_path, dtype))[0]
+    names: List[str] = meta.get("class_names") or [str(i) for i in range(probs.numel())]
+    top = probs.topk(min(top_k, probs.numel()))
+    return {
+        "video": str(video_path),
+        "views": cfg.eval.crops * cfg.eval.clips,
+        "top": [{"class": names[i], "index": int(i), "probability": float(p)} for p, i in zip(top.values, top.indices)],
+    }
+
+
+def format_predictions(preds: Dict[str, Any]) -> str:
+    lines = [f"{preds['video']} ({preds['views']} views)"]
+    for rank, row in enumerate(preds["top"], 1):
+        lines.append(f"  {rank}. {row['class']:<28} {100 * row['probability']:6.2f}%")
+    return "\n".join(lines)
