@@ -1,6 +1,7 @@
 """Training on a real SLURM cluster (slurmctld + two slurmd in network namespaces, see
-slurm_fixtures.py): `side4video submit --wait`, preemption + requeue + resume, a 2-node job, and
-the sbatch route."""
+slurm_fixtures.py): `side4video submit --wait`, preemption + requeue + resume matching an
+uninterrupted run, a 2-node job through the sbatch route (also preempted), and the requeue
+bookkeeping (bounds, user cancel, failures)."""
 
 from __future__ import annotations
 
@@ -93,36 +94,19 @@ def test_preempted_job_is_requeued_and_matches_uninterrupted_run(reference_run, 
 
 
 @pytest.mark.timeout(900)
-def test_two_nodes_rendezvous_over_namespace_addresses(reference_run, slurm_cluster, slurm_data, tmp_path):  # noqa: F811
-    """2 nodes x 1 task: the ranks are on n1 and n2 and meet at n1's address (gloo, no loopback)."""
-    reference, _ = reference_run
-    run_dir = tmp_path / "run"
-    done = side4video(slurm_cluster, "submit", "configs/demo.yaml",
-                      *train_overrides(slurm_data, run_dir, "slurm.nodes=2", "slurm.tasks_per_node=1",
-                                       "logging.all_ranks=true"), "--wait")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    job_id = job_id_from(done.stdout)
-    master = f"{slurm_cluster.subnet}.11"
-    rank0 = (run_dir / "slurm" / f"{job_id}_0_log.err").read_text()
-    rank1 = (run_dir / "slurm" / f"{job_id}_1_log.err").read_text()
-    assert f"task 0/2 (local 0/1) on n1; master {master}:" in rank0
-    assert f"task 1/2 (local 0/1) on n2; master {master}:" in rank1
-    assert summary(run_dir)["world_size"] == 2
-    # Same world size, same data split and seeds as the 1-node run: the same training.
-    assert_same_run(run_dir, reference)
-
-
-@pytest.mark.timeout(900)
-def test_sbatch_route_requeues_on_sigterm(reference_run, slurm_cluster, slurm_data, tmp_path):  # noqa: F811
-    """slurm/train.sbatch: SIGTERM to the batch shell is passed to the tasks, which save; rank 0
-    requeues; the rerun resumes and ends like the reference."""
+def test_two_nodes_sbatch_route_requeues_on_sigterm(reference_run, slurm_cluster, slurm_data, tmp_path):  # noqa: F811
+    """slurm/train.sbatch on 2 nodes x 1 task: the ranks run on n1 and n2 and meet at n1's
+    namespace address over gloo. SIGTERM to the batch shell alone is passed on to the tasks,
+    which save; rank 0 requeues; the rerun resumes and ends exactly like the 1-node reference
+    (same world size, data split and seeds)."""
     reference, _ = reference_run
     run_dir = tmp_path / "run"
     log = tmp_path / "sbatch.out"
     env = dict(slurm_cluster.env, SIDE4VIDEO_PYTHON=sys.executable)
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=15",
-         f"--output={log}", "slurm/train.sbatch", "configs/demo.yaml", *train_overrides(slurm_data, run_dir)],
+        ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=15",
+         f"--output={log}", "slurm/train.sbatch", "configs/demo.yaml",
+         *train_overrides(slurm_data, run_dir, "logging.all_ranks=true")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
@@ -136,8 +120,12 @@ def test_sbatch_route_requeues_on_sigterm(reference_run, slurm_cluster, slurm_da
     info = slurm_cluster.job_info(job_id)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
-    assert info["Restarts"] == "1"
-    assert "requeued (restart 1 of at most 10)" in text
+    assert info["Restarts"] == "1" and info["NumNodes"] == "2"
+    master = f"{slurm_cluster.subnet}.11"
+    assert f"task 0/2 (local 0/1) on n1; master {master}:" in text
+    assert f"task 1/2 (local 0/1) on n2; master {master}:" in text
+    assert "stop requested (SIGTERM)" in text and "requeued (restart 1 of at most 10)" in text
+    assert summary(run_dir)["world_size"] == 2
     assert_same_run(run_dir, reference)
 
 
