@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from side4video import distributed
-from side4video.errors import UserError
+from side4video.errors import RunFailed, UserError
 from side4video.logs import get_logger, setup_logging
 
 log = get_logger(__name__)
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
             raise UserError("python -m side4video.submit runs inside srun (see slurm/train.sbatch); "
                             "outside SLURM use `side4video train` or `side4video submit`")
         result = run_task(cfg, args.command)
-    except UserError as e:
+    except (UserError, RunFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     # Only rank 0 reports a stop without requeue: another rank's non-zero exit would make srun
