@@ -7,8 +7,10 @@ inference-only ZeRO engine of its own (`separate`); README "Measured" compares t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import sys
 import warnings
 from typing import Any, Dict, List
 
@@ -20,6 +22,17 @@ from side4video.logs import get_logger
 
 log = get_logger(__name__)
 
+
+def _import_deepspeed_on_stderr():
+    """Import DeepSpeed with its log handler bound to stderr: it logs (and prints op builds) on
+    stdout, which belongs to our --json output."""
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed  # noqa: F401 - the handler takes sys.stdout as it is during this import
+    return deepspeed
+
+
+deepspeed = _import_deepspeed_on_stderr()
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -29,7 +42,6 @@ def has_cuda() -> bool:
 
 def init_distributed(dist: DistEnv, timeout_minutes: int = 30) -> None:
     """Start torch.distributed the DeepSpeed way: NCCL on GPUs, gloo (+ DeepSpeed's shm) on CPUs."""
-    import deepspeed
     from deepspeed.utils import logger as deepspeed_logger
 
     # DeepSpeed logs every config block and checkpoint file at INFO; our own lines say what matters.
@@ -40,13 +52,15 @@ def init_distributed(dist: DistEnv, timeout_minutes: int = 30) -> None:
     dist.export()
     if has_cuda():
         torch.cuda.set_device(dist.local_rank)
-    deepspeed.init_distributed(
-        dist_backend="nccl" if has_cuda() else "gloo",
-        auto_mpi_discovery=False,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-        rank=dist.rank,
-        world_size=dist.world_size,
-    )
+    # DeepSpeed prints its op-build notices on stdout, which belongs to our --json output.
+    with contextlib.redirect_stdout(sys.stderr):
+        deepspeed.init_distributed(
+            dist_backend="nccl" if has_cuda() else "gloo",
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
 
 
 def _offload(device: str, nvme_path: str, pin: bool) -> Dict[str, Any]:
@@ -155,7 +169,6 @@ def initialize(model: nn.Module, cfg, total_steps: int, warmup_steps: int, world
     Returns (engine, scheduler). The frozen backbone keeps its storage precision and runs
     under no_grad inside the model's forward.
     """
-    import deepspeed
 
     ds_config = deepspeed_config(cfg, total_steps, warmup_steps, world_size)
     if cfg.deepspeed.zero_stage == 3:
