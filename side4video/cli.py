@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
             "side4video demo")
     p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
     p.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
-    p.add_argument("--videos", type=int, default=256, help="training videos to generate")
+    p.add_argument("--videos", type=int, default=1024, help="training videos to generate")
     p.add_argument("--fresh", action="store_true", help="delete earlier demo runs first")
     return parser
 

@@ -57,7 +57,7 @@ def _summary(run_dir: Path) -> Dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def run_demo(out: str = "runs/demo", nproc: int = 2, videos: int = 256, fresh: bool = False) -> int:
+def run_demo(out: str = "runs/demo", nproc: int = 2, videos: int = 1024, fresh: bool = False) -> int:
     out_dir = Path(out)
     if fresh and out_dir.exists():
         shutil.rmtree(out_dir)
@@ -65,7 +65,8 @@ def run_demo(out: str = "runs/demo", nproc: int = 2, videos: int = 256, fresh: b
     config = str(find_config())
     if not (data / "val" / "manifest.json").is_file():
         _run([sys.executable, "-m", "side4video.cli", "make-synthetic", str(data), "--videos", str(videos),
-              "--classes", "8", "--frames", "16", "--size", "64", "--workers", "2"])
+              "--val-videos", str(max(videos // 8, 16)), "--classes", "8", "--frames", "16", "--size", "32",
+              "--workers", "2"])
     shards = [f"data.train.shards={data / 'train' / 'manifest.json'}", f"data.val.shards={data / 'val' / 'manifest.json'}"]
     for method in METHODS:
         run_dir = out_dir / method

@@ -163,7 +163,7 @@ def save(engine, output_dir: str | Path, step: int, client_state: Dict[str, Any]
         _commit(root, tmp_tag, tag)
         _prune(root, keep)
     barrier()
-    log.info("saved checkpoint %s", root / tag)
+    log.debug("saved checkpoint %s", root / tag)
     return root / tag
 
 
