@@ -265,7 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # key=value overrides may come after --flags too (argparse stops a nargs='*' positional at
+        # the first flag and leaves the rest unknown)
+        overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+        if extra != overrides or (overrides and not hasattr(args, "overrides")):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if overrides:
+            args.overrides = list(args.overrides or []) + overrides
         if not getattr(args, "_fn", None):
             parser.print_help()
             return 2

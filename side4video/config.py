@@ -182,7 +182,6 @@ class DeepSpeedConfig:
     offload_param: str = F("none", "ZeRO-3 parameter offload", ("none", "cpu", "nvme"))
     offload_optimizer: str = F("none", "optimizer state offload (ZeRO >= 1)", ("none", "cpu", "nvme"))
     nvme_path: str = F("/local_nvme", "folder for nvme offload")
-    backbone_engine: str = F("shared", "frozen backbone inside the training engine or its own inference engine", ("shared", "separate"))
     timeout_minutes: int = F(30, "collective timeout")
 
 

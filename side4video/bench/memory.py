@@ -228,6 +228,10 @@ def _gib(n: Optional[int]) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
 
 
+def _less(saving: float) -> str:
+    return f"{100 * abs(saving):.0f}% {'less' if saving >= 0 else 'more'}"
+
+
 def _write_markdown(r: Dict, path: Path) -> None:
     s = r["setup"]
     lines = [
@@ -245,9 +249,9 @@ def _write_markdown(r: Dict, path: Path) -> None:
         lines.append(f"| {row['method']} | {row['trainable_params'] / 1e6:.2f} | {_gib(row['peak_above_model_bytes'])} | "
                      f"{_gib(row['peak_rss_bytes'])} | {row['step_s']:.2f} |")
     sv = r["savings"]
-    lines += ["", f"Side4Video needs {100 * sv['side4video_vs_full']:.0f}% less than full fine-tuning and "
-                  f"{100 * sv['side4video_vs_adapter']:.0f}% less than ST-Adapter; the light variant "
-                  f"{100 * sv['light_vs_adapter']:.0f}% less than ST-Adapter.", "",
+    lines += ["", f"Side4Video needs {_less(sv['side4video_vs_full'])} than full fine-tuning and "
+                  f"{_less(sv['side4video_vs_adapter'])} than ST-Adapter; the light variant "
+                  f"{_less(sv['light_vs_adapter'])} than ST-Adapter (peak above the model).", "",
               "## Engine layout (Side4Video, DeepSpeed, one process)", "",
               "| layout | peak above model (GiB) | peak RSS (GiB) | step (s) |", "|---|---|---|---|"]
     for row in r["engine_layout"]:

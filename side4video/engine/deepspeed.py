@@ -1,8 +1,9 @@
 """Our config -> a DeepSpeed config, and the engine that optimises only the side network + head.
 
-The frozen backbone sits inside the same engine (`deepspeed.backbone_engine=shared`, the default:
-one forward, one set of hooks, ZeRO-3 partitions and offloads the frozen weights too) or in an
-inference-only ZeRO engine of its own (`separate`); README "Measured" compares the two.
+One engine holds the whole model: the frozen backbone is inside it (one forward, one set of
+hooks; ZeRO-3 partitions and offloads the frozen weights too) but never in the optimizer. An
+inference engine of its own for the backbone measured no better (`side4video bench memory`,
+README "Measured"), so there is no second layout here.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def _mark_backbone_blocks_as_leaves(model: nn.Module) -> None:
     still see full tensors)."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    blocks = getattr(model.backbone, "blocks", None)
+    blocks = getattr(getattr(model, "backbone", None), "blocks", None)
     if blocks is not None and len(blocks):
         set_z3_leaf_modules(model, list({type(b) for b in blocks}))
 
