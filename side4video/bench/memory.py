@@ -239,7 +239,7 @@ def _write_markdown(r: Dict, path: Path) -> None:
         f"{s.get('data.frames')} frames, batch {s.get('train.batch_size')})",
         "",
         f"Host: {r['host']['cpu']}, {r['host']['cores']} cores, GPU: {r['host']['gpu'] or 'none'}, torch {r['host']['torch']}. "
-        f"Median of {r['steps']} steps after the first. Frozen weights stored in {s.get('model.backbone.precision')}, "
+        f"{r['steps']} steps per case, the median of all but the first. Frozen weights stored in {s.get('model.backbone.precision')}, "
         f"computed in {r['methods'][0]['compute_dtype']}.",
         "",
         "| method | trainable (M) | peak above model (GiB) | peak RSS (GiB) | step (s) |",
