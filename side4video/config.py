@@ -102,7 +102,7 @@ class DataConfig:
 # ---------------------------------------------------------------------------------------- model
 @dataclass
 class BackboneConfig:
-    name: str = F("ViT-B-16", "open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14, EVA02-L-14, EVA02-E-14) or ViT-T-16 (tiny: tests, demo)")
+    name: str = F("ViT-B-16", "open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14, EVA02-L-14, EVA02-E-14) or ViT-T-16 / ViT-T-8 (tiny: tests, demo)")
     weights: str = F("", "local open_clip/EVA checkpoint file; empty: random init")
     precision: str = F("fp16", "storage precision of the frozen weights", PRECISIONS)
     compute_precision: str = F("auto", "compute precision; auto: storage precision on GPU, fp32 on CPU", ("auto",) + PRECISIONS)

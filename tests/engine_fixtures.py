@@ -30,7 +30,7 @@ def motion_data(tmp_path_factory) -> Dict[str, str]:
 def tiny_overrides(data: Dict[str, str], out_dir: Path, *extra: str) -> List[str]:
     """Demo model at 32 px / 4 frames: a step costs a few tens of milliseconds."""
     return [f"data.train.shards={data['train']}", f"data.val.shards={data['val']}", f"train.output_dir={out_dir}",
-            "data.num_classes=4", "data.size=32", "data.resize=[36]", "data.frames=4", "model.side.dim=64",
+            "model.backbone.name=ViT-T-16", "data.num_classes=4", "data.size=32", "data.resize=[36]", "data.frames=4", "model.side.dim=64",
             "train.batch_size=4", "train.epochs=2", "train.log_every=1", "train.warmup_epochs=0.5",
             "logging.progress=false", "logging.tensorboard=true", *extra]
 

@@ -18,7 +18,7 @@ from side4video.model.side import SideNetwork, TemporalDepthwiseConv, shift_clas
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
-TINY = ["data.size=32", "data.frames=4", "data.num_classes=5"]
+TINY = ["model.backbone.name=ViT-T-16", "data.size=32", "data.frames=4", "data.num_classes=5"]
 
 
 def make(*overrides, **kw):

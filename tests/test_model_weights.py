@@ -37,7 +37,7 @@ def test_open_clip_vit_checkpoint_gives_open_clip_outputs(tmp_path):
     sd["module.text_projection"] = torch.zeros(3, 3)  # other towers are ignored
     torch.save({"epoch": 3, "state_dict": sd}, path)
 
-    cfg = load_config(DEMO, ["data.size=32", "model.backbone.quick_gelu=true", "model.backbone.precision=fp32"])
+    cfg = load_config(DEMO, ["model.backbone.name=ViT-T-16", "data.size=32", "model.backbone.quick_gelu=true", "model.backbone.precision=fp32"])
     spec = resolve_spec(cfg.model.backbone, 32)
     ours = build_backbone(spec, [2], storage_dtype=torch.float32, compute_dtype=torch.float32, weights=str(path),
                           keep_final_norm=True, keep_proj=True)
@@ -61,23 +61,23 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     path = tmp_path / "wide.pt"
     torch.save({f"visual.{k}": v for k, v in open_clip_tower(width=64).state_dict().items()}, path)
     with pytest.raises(UserError, match="shape"):
-        build_model(load_config(DEMO, ["data.size=32", f"model.backbone.weights={path}"]))
+        build_model(load_config(DEMO, ["model.backbone.name=ViT-T-16", "data.size=32", f"model.backbone.weights={path}"]))
     torch.save({"visual.conv1.weight": torch.zeros(128, 3, 16, 16)}, path)
     with pytest.raises(UserError, match="lacks"):
-        build_model(load_config(DEMO, ["data.size=32", f"model.backbone.weights={path}"]))
+        build_model(load_config(DEMO, ["model.backbone.name=ViT-T-16", "data.size=32", f"model.backbone.weights={path}"]))
     assert main(["plan", str(DEMO), "model.backbone.name=ViT-Nope"]) == 2
 
 
 def test_missing_weights_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        build_model(load_config(DEMO, ["data.size=32", f"model.backbone.weights={tmp_path / 'none.pt'}"]))
+        build_model(load_config(DEMO, ["model.backbone.name=ViT-T-16", "data.size=32", f"model.backbone.weights={tmp_path / 'none.pt'}"]))
 
 
 def test_position_embedding_is_resampled_to_another_input_size(tmp_path):
     tower = open_clip_tower()  # 32 px: 2x2 grid
     path = tmp_path / "clip.pt"
     torch.save({f"visual.{k}": v for k, v in tower.state_dict().items()}, path)
-    model = build_model(load_config(DEMO, ["data.size=64", f"model.backbone.weights={path}"]))
+    model = build_model(load_config(DEMO, ["model.backbone.name=ViT-T-16", "data.size=64", f"model.backbone.weights={path}"]))
     assert model.backbone.stem.positional_embedding.shape == (17, 128)
     assert torch.equal(model.backbone.blocks[1].mlp.c_fc.weight, tower.transformer.resblocks[1].mlp.c_fc.weight)
 
@@ -90,7 +90,7 @@ def test_timm_eva_checkpoint_in_open_clip_layout(tmp_path):
                             embed_dim=64, depth=2, num_heads=2, patch_size=16).eval()
     path = tmp_path / "eva.pt"
     torch.save({f"visual.trunk.{k}": v for k, v in eva.state_dict().items()}, path)
-    cfg = load_config(DEMO, ["data.size=32", "data.frames=4", "model.method=linear_probe", "model.backbone.name=EVA02-E-14",
+    cfg = load_config(DEMO, ["model.backbone.name=ViT-T-16", "data.size=32", "data.frames=4", "model.method=linear_probe", "model.backbone.name=EVA02-E-14",
                              "model.backbone.width=64", "model.backbone.layers=2", "model.backbone.heads=2",
                              "model.backbone.patch_size=16", "model.backbone.precision=bf16", f"model.backbone.weights={path}"])
     model = build_model(cfg)

@@ -60,7 +60,7 @@ def test_baselines_count_what_they_train():
 def test_text_plan_and_bad_input(capsys):
     assert main(["plan", DEMO]) == 0
     text = capsys.readouterr().out
-    assert "side params" in text and "ViT-T-16" in text
+    assert "side params" in text and "ViT-T-8" in text
     assert main(["plan", DEMO, "model.side.layers=[7]"]) == 2
     assert "model.side.layers" in capsys.readouterr().err
     assert main(["plan", DEMO, "data.size=50"]) == 2  # not a multiple of the patch size

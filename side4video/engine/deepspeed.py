@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from side4video.distributed import DistEnv
+from side4video.errors import UserError
 from side4video.logs import get_logger
 
 log = get_logger(__name__)
@@ -171,6 +172,9 @@ def initialize(model: nn.Module, cfg, total_steps: int, warmup_steps: int, world
     under no_grad inside the model's forward.
     """
 
+    if cfg.deepspeed.precision == "fp16" and not has_cuda():
+        raise UserError("deepspeed.precision=fp16 needs a GPU: DeepSpeed's CPU accelerator refuses fp16 "
+                        "(use bf16 or fp32 on CPU hosts)")
     ds_config = deepspeed_config(cfg, total_steps, warmup_steps, world_size)
     if cfg.deepspeed.zero_stage == 3:
         _mark_backbone_blocks_as_leaves(model)

@@ -71,6 +71,7 @@ _EVA_ARCH = {
 # Tiny ViTs of our own (open_clip model-config layout) for tests and the CPU demo.
 LOCAL_MODELS = {
     "ViT-T-16": {"embed_dim": 128, "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 16}},
+    "ViT-T-8": {"embed_dim": 128, "vision_cfg": {"image_size": 32, "layers": 3, "width": 128, "patch_size": 8}},
 }
 
 

@@ -40,7 +40,23 @@ class ChannelLastBatchNorm(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.reshape(-1, x.shape[-1])).view(x.shape)
+        # Statistics in fp32 whatever the training precision: DeepSpeed casts the parameters to
+        # bf16/fp16 but leaves the running statistics in fp32, and half-precision variances are
+        # imprecise anyway.
+        if self.running_mean is not None and self.running_mean.dtype != torch.float32:
+            self.running_mean.data = self.running_mean.data.float()
+            self.running_var.data = self.running_var.data.float()
+        momentum = self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as BatchNorm
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or self.running_mean is None
+        y = F.batch_norm(x.reshape(-1, x.shape[-1]).float(), self.running_mean, self.running_var,
+                         self.weight.float() if self.weight is not None else None,
+                         self.bias.float() if self.bias is not None else None,
+                         use_batch_stats, momentum or 0.0, self.eps)
+        return y.view(x.shape).to(x.dtype)
 
 
 class TemporalDepthwiseConv(nn.Module):
