@@ -154,7 +154,7 @@ def build_optimizer(groups: List[Dict[str, Any]], cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas), eps=tr.eps)
 
 
-def _mark_backbone_blocks_as_leaves(model: nn.Module) -> None:
+def mark_backbone_blocks_as_leaves(model: nn.Module) -> None:
     """ZeRO-3 gathers a whole frozen block at once (one all-gather per block, and attention
     modules that read child weights without calling them, like nn.MultiheadAttention's out_proj,
     still see full tensors)."""
@@ -177,15 +177,15 @@ def initialize(model: nn.Module, cfg, total_steps: int, warmup_steps: int, world
                         "(use bf16 or fp32 on CPU hosts)")
     ds_config = deepspeed_config(cfg, total_steps, warmup_steps, world_size)
     if cfg.deepspeed.zero_stage == 3:
-        _mark_backbone_blocks_as_leaves(model)
+        mark_backbone_blocks_as_leaves(model)
     groups = param_groups(model, cfg)
     optimizer = build_optimizer(groups, cfg)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    _restore_backbone_precision(engine.module, cfg)
+    restore_backbone_precision(engine.module, cfg)
     return engine, scheduler
 
 
-def _restore_backbone_precision(model: nn.Module, cfg) -> None:
+def restore_backbone_precision(model: nn.Module, cfg) -> None:
     """DeepSpeed casts the whole module to its training precision; put the frozen backbone back
     in its storage precision (its compute precision is the backbone's own business), and
     re-register the backbone's upcast hooks so they run after ZeRO-3's gather hooks."""

@@ -96,9 +96,9 @@ class Runner:
 
             config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": ds.deepspeed_config(
                 self.cfg, 1, 0, self.dist.world_size)["zero_optimization"]}
-            ds._mark_backbone_blocks_as_leaves(self.model)
+            ds.mark_backbone_blocks_as_leaves(self.model)
             self.engine = deepspeed.initialize(model=self.model, config=config)[0]
-            ds._restore_backbone_precision(self.engine.module, self.cfg)
+            ds.restore_backbone_precision(self.engine.module, self.cfg)
         else:
             self.model.to(self.device)
         self.module.eval()
