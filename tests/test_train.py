@@ -106,6 +106,22 @@ def test_two_rank_zero_stages_train_the_side_network_only(motion_data, tmp_path,
     assert _backbone_unchanged(run, overrides)
     files = os.listdir(run / "checkpoints" / "step_0000018")
     assert any("optim_states" in f for f in files)
+    if stage == 3:
+        _zero3_eval_matches_plain_eval(run, overrides)
+
+
+def _zero3_eval_matches_plain_eval(run, overrides):
+    """`side4video eval` of the latest checkpoint on 2 ranks under ZeRO-3 (frozen weights
+    partitioned and offloaded) scores every video once, exactly as a plain 1-process eval."""
+    def eval_json(nproc, *extra):
+        out = run_cli(["eval", DEMO, *overrides, *extra, f"checkpoint={run}", "--json"], nproc=nproc)
+        return json.loads(out.stdout)
+
+    sharded = eval_json(2)
+    plain = eval_json(1, "deepspeed.zero_stage=0", "deepspeed.offload_param=none")
+    assert sharded["samples"] == plain["samples"] == VAL_VIDEOS
+    for key in ("top1", "top5", "per_class"):
+        assert sharded[key] == plain[key], key
 
 
 @pytest.mark.timeout(600)

@@ -98,6 +98,8 @@ def evaluate_command(cfg) -> Optional[Dict[str, Any]]:
         run.load_weights_for_eval(cfg.checkpoint)
         report = run.evaluate()
         run.write_eval_report(report)
+        if not run.is_main:  # every rank holds the gathered report; one prints it
+            return None
     return {k: v for k, v in report.items() if k != "confusion"}
 
 
