@@ -160,6 +160,21 @@ def test_requeues_are_bounded_by_max_requeues(quick_job, slurm_cluster, capsys):
     assert not list(run_dir.glob("started-2-*"))
 
 
+@pytest.mark.timeout(400)
+def test_time_limit_warning_saves_and_requeues(quick_job, slurm_cluster, capsys):  # noqa: F811
+    """No signal from the test: the job's own `--signal=USR2@delay` before its 1-minute limit
+    stops it; rank 0 requeues it; the rerun meets the same limit and, with no requeue left,
+    ends as preempted. Neither run reaches the limit itself (no TIMEOUT)."""
+    job, run_dir = quick_job("slurm.time_minutes=1", "slurm.signal_delay_s=30", "slurm.max_requeues=1")
+    assert follow(job.job_id, job.paths.folder, poll_s=0.5, timeout_s=360) == 1
+    err = capsys.readouterr().err
+    assert "requeued (restart 1 of at most 1)" in err
+    assert "not requeued: it already ran 1 times more (slurm.max_requeues=1)" in err
+    assert all((run_dir / f"started-{restart}-{rank}").exists() for restart in (0, 1) for rank in (0, 1))
+    info = slurm_cluster.job_info(job.job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1"
+
+
 @pytest.mark.timeout(300)
 def test_user_cancel_is_not_requeued(quick_job, slurm_cluster, capsys):  # noqa: F811
     """Plain `scancel` also sends SIGTERM, but the job is being cancelled: save, do not requeue."""
