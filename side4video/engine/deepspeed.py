@@ -42,6 +42,13 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def fp16_supported() -> bool:
+    """DeepSpeed's own answer: GPUs yes; CPU hosts only with oneDNN fp16 (AVX512-FP16/AMX-FP16)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
 def init_distributed(dist: DistEnv, timeout_minutes: int = 30) -> None:
     """Start torch.distributed the DeepSpeed way: NCCL on GPUs, gloo (+ DeepSpeed's shm) on CPUs."""
     from deepspeed.utils import logger as deepspeed_logger
@@ -172,9 +179,9 @@ def initialize(model: nn.Module, cfg, total_steps: int, warmup_steps: int, world
     under no_grad inside the model's forward.
     """
 
-    if cfg.deepspeed.precision == "fp16" and not has_cuda():
-        raise UserError("deepspeed.precision=fp16 needs a GPU: DeepSpeed's CPU accelerator refuses fp16 "
-                        "(use bf16 or fp32 on CPU hosts)")
+    if cfg.deepspeed.precision == "fp16" and not fp16_supported():
+        raise UserError("deepspeed.precision=fp16 is not supported by DeepSpeed's accelerator on this host "
+                        "(no GPU, no CPU fp16 units): use bf16 or fp32")
     ds_config = deepspeed_config(cfg, total_steps, warmup_steps, world_size)
     if cfg.deepspeed.zero_stage == 3:
         mark_backbone_blocks_as_leaves(model)
