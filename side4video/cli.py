@@ -20,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (exit 2) instead of the usage block."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def _load(args) -> "object":

@@ -136,12 +136,14 @@ def test_cli_config_prints_yaml_with_override():
     (("trian",), "invalid choice"),
     (("plan",), "config"),
     (("make-shards", "--format", "k400"), "--list"),
+    (("predict", "/no-such-export", "/no-such-video.webm"), "not found"),  # imports DeepSpeed: no notice lines
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, needle):
     out = run_cli(*args)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], out.stderr
+    assert lines[0].startswith("side4video: error: ") and not lines[0].startswith("side4video: error: side4video")
     assert "Traceback" not in out.stderr
 
 

@@ -25,9 +25,15 @@ from side4video.logs import get_logger
 log = get_logger(__name__)
 
 
+def _is_not_cpu_fallback_notice(record: logging.LogRecord) -> bool:
+    # On CPU hosts the CPU accelerator is the expected choice, not a warning every process prints.
+    return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
 def _import_deepspeed_on_stderr():
     """Import DeepSpeed with its log handler bound to stderr: it logs (and prints op builds) on
     stdout, which belongs to our --json output."""
+    logging.getLogger("DeepSpeed").addFilter(_is_not_cpu_fallback_notice)
     with contextlib.redirect_stdout(sys.stderr):
         import deepspeed  # noqa: F401 - the handler takes sys.stdout as it is during this import
     return deepspeed
