@@ -315,12 +315,16 @@ def test_restoring_state_mid_epoch_yields_exactly_the_remaining_batches(syntheti
 
 
 # ------------------------------------------------------------------------------ bad shards
-def test_truncated_shard_is_skipped_and_counted(synthetic_data, tmp_path):
-    folder = tmp_path / "damaged"
+def _copy_of_val(synthetic_data, folder):
+    """A copy of the val split to damage: (folder, its first shard, that shard's tar members)."""
     shutil.copytree(synthetic_data["val"], folder)
     shard = folder / "val-000000.tar"
     with tarfile.open(shard) as tar:
-        members = tar.getmembers()
+        return folder, shard, tar.getmembers()
+
+
+def test_truncated_shard_is_skipped_and_counted(synthetic_data, tmp_path):
+    folder, shard, members = _copy_of_val(synthetic_data, tmp_path / "damaged")
     victim = members[5]  # the 3rd sample's video: json, video per sample, in name order
     assert victim.name.endswith(".webm")
     shard.write_bytes(shard.read_bytes()[: victim.offset_data + victim.size // 2])
@@ -349,11 +353,7 @@ def test_truncated_shard_is_skipped_and_counted(synthetic_data, tmp_path):
 
 def test_shard_shorter_than_its_manifest_is_flagged(synthetic_data, tmp_path):
     """A shard cut exactly between samples loses no partial sample, but the count gives it away."""
-    folder = tmp_path / "short"
-    shutil.copytree(synthetic_data["val"], folder)
-    shard = folder / "val-000000.tar"
-    with tarfile.open(shard) as tar:
-        members = tar.getmembers()
+    folder, shard, members = _copy_of_val(synthetic_data, tmp_path / "short")
     shard.write_bytes(shard.read_bytes()[: members[4].offset])  # 2 whole samples, then nothing
     bad = BadLog()
     keys = keys_of(iter_shard(resolve_shards(str(folder)).shards[0], bad=bad))

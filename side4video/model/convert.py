@@ -23,8 +23,8 @@ FORMAT = "side4video-model"
 
 
 def _squeeze_conv(v: torch.Tensor) -> torch.Tensor:
-    """Conv3d weight with unit spatial kernel -> (out, in) or (C, k)."""
-    return v.reshape(v.shape[0], -1)
+    """Conv3d weight with unit spatial kernel -> (out, in) or (C, k); a bias stays as it is."""
+    return v.reshape(v.shape[0], -1) if v.dim() > 1 else v
 
 
 _SIDE_BLOCK = r"^visual\.transformer\.side_transformer\.(\d+)\."
@@ -45,12 +45,9 @@ _RULES: List[Tuple[str, str, Optional[Callable]]] = [
     (r"^visual\.transformer\.side_lns\.(\d+)\.", r"side.taps.\1.norm.", None),
     (r"^visual\.transformer\.side_linears\.(\d+)\.", r"side.taps.\1.linear.", None),
     (_SIDE_BLOCK + r"(?:bn_1|norm1)\.", r"side.blocks.\1.conv_norm.", None),
-    (_SIDE_BLOCK + r"(?:conv\.0|pw_conv1)\.weight$", r"side.blocks.\1.conv.pw1.weight", _squeeze_conv),
-    (_SIDE_BLOCK + r"(?:conv\.0|pw_conv1)\.bias$", r"side.blocks.\1.conv.pw1.bias", None),
-    (_SIDE_BLOCK + r"(?:conv\.1|dw_conv1)\.weight$", r"side.blocks.\1.conv.dw.weight", _squeeze_conv),
-    (_SIDE_BLOCK + r"(?:conv\.1|dw_conv1)\.bias$", r"side.blocks.\1.conv.dw.bias", None),
-    (_SIDE_BLOCK + r"(?:conv\.2|pw_conv2)\.weight$", r"side.blocks.\1.conv.pw2.weight", _squeeze_conv),
-    (_SIDE_BLOCK + r"(?:conv\.2|pw_conv2)\.bias$", r"side.blocks.\1.conv.pw2.bias", None),
+    (_SIDE_BLOCK + r"(?:conv\.0|pw_conv1)\.(weight|bias)$", r"side.blocks.\1.conv.pw1.\2", _squeeze_conv),
+    (_SIDE_BLOCK + r"(?:conv\.1|dw_conv1)\.(weight|bias)$", r"side.blocks.\1.conv.dw.\2", _squeeze_conv),
+    (_SIDE_BLOCK + r"(?:conv\.2|pw_conv2)\.(weight|bias)$", r"side.blocks.\1.conv.pw2.\2", _squeeze_conv),
     (_SIDE_BLOCK + r"(?:bn_2|norm2)\.", r"side.blocks.\1.mlp_norm.", None),
     (_SIDE_BLOCK + r"ln_1\.", r"side.blocks.\1.attn_norm.", None),
     (_SIDE_BLOCK + r"attn\.in_proj_weight$", r"side.blocks.\1.attn.in_proj.weight", None),
