@@ -1,4 +1,3 @@
-"""Shared pytest fixtures. Each area keeps its fixtures in its own module, imported here."""
+"""Fixtures are defined in tests/support/ and registered here, once for the whole suite."""
 
-from data_fixtures import *  # noqa: F401,F403 - generated videos/shards, HTTP and moto S3 servers
-from engine_fixtures import *  # noqa: F401,F403 - tiny motion dataset, CLI runners for training
+pytest_plugins = ["tests.support.data", "tests.support.engine", "tests.support.slurm"]

@@ -1,7 +1,7 @@
 """`side4video bench memory`: what one training step costs per method, measured.
 
 Methods side by side on one backbone and input (default: ViT-B/16, 224 px, 8 frames, 2 clips, as
-MODEL.md's memory table at a CPU-sized batch): Side4Video, its light variant (d=128), the
+docs/model.md's memory table at a CPU-sized batch): Side4Video, its light variant (d=128), the
 ST-Adapter baseline, full fine-tuning and the linear probe. Then the engine layout question of
 the training engine: the frozen backbone inside the DeepSpeed engine ("shared") or outside it,
 in an inference-only engine of its own ("separate"), under ZeRO-2 and ZeRO-3.

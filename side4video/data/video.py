@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Sequence
 import av
 import numpy as np
 
-# Codecs each DALI backend decodes (see ENVIRONMENT.md and fn.decoders.video's documentation).
+# Codecs each DALI backend decodes (see docs/environment.md and fn.decoders.video's documentation).
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 DALI_GPU_CODECS = frozenset({"vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4"})
 

@@ -20,7 +20,7 @@ log = get_logger(__name__)
 
 
 def view_probabilities(forward, video: torch.Tensor) -> torch.Tensor:
-    """(B, V, T, 3, H, W) -> (B, C): softmax per view, then the mean over views (MODEL.md)."""
+    """(B, V, T, 3, H, W) -> (B, C): softmax per view, then the mean over views (docs/model.md)."""
     b, v = video.shape[:2]
     logits = forward(video.flatten(0, 1)).float()
     return logits.softmax(dim=-1).view(b, v, -1).mean(dim=1)

@@ -34,7 +34,7 @@ def seed_everything(seed: int) -> None:
 
 def compute_dtype(cfg) -> torch.dtype:
     """The dtype clips are fed in: the backbone's compute precision (fp32 on CPU hosts, see
-    ENVIRONMENT.md: half-precision matmuls are 10-400x slower there)."""
+    docs/environment.md: half-precision matmuls are 10-400x slower there)."""
     if cfg.data.dtype != "auto":
         return ds.DTYPES[cfg.data.dtype]
     name = cfg.model.backbone.compute_precision

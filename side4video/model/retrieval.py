@@ -1,4 +1,4 @@
-"""The retrieval variant's video encoder (MODEL.md "Retrieval variant"): per-frame embeddings.
+"""The retrieval variant's video encoder (docs/model.md "Retrieval variant"): per-frame embeddings.
 
 Side features (post BN, spatial mean per frame) go through `side_proj` (d -> D, zero at init) and
 are added to the frozen last-layer class token of each frame; the backbone's final norm and

@@ -1,4 +1,4 @@
-"""The Side4Video spatial-temporal side network (MODEL.md).
+"""The Side4Video spatial-temporal side network (docs/model.md).
 
 It runs beside the frozen backbone: its own Conv3d patch embedding of the raw video starts a
 stream of N patch tokens per frame; after each tapped backbone block the tapped tokens are
@@ -274,7 +274,7 @@ class SideNetwork(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The initialisation in effect in the reference (MODEL.md)."""
+        """The initialisation in effect in the reference (docs/model.md)."""
         d = self.dim
         if self.variant == "eva":  # everything PyTorch's default but the position embedding
             nn.init.normal_(self.pos_embed.weight, std=0.02)

@@ -1,6 +1,4 @@
-"""The reference implementation's outputs, reproduced from its state dict (shared fixtures)."""
-
-from pathlib import Path
+"""The reference implementation's outputs, reproduced from its state dict (tests/fixtures/official)."""
 
 import pytest
 import torch
@@ -10,17 +8,12 @@ from side4video.config import load_config
 from side4video.model import build_model, from_official
 from side4video.model.convert import FORMAT
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures/official")
-RECOGNITION = FIXTURES / "side4video_vit_tiny_reference.pt"
-
-pytestmark = pytest.mark.skipif(not RECOGNITION.is_file(), reason="reference fixtures not present")
+from tests.support.official import RECOGNITION, RETRIEVAL_VISUAL, load_official
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return torch.load(RECOGNITION, weights_only=True)
+    return load_official(RECOGNITION)
 
 
 def test_from_official_reproduces_the_reference(reference):
@@ -66,7 +59,7 @@ def test_convert_official_refuses_other_files(tmp_path):
 def test_retrieval_video_encoder_reproduces_the_reference():
     from side4video.model.retrieval import retrieval_encoder_from_official
 
-    ref = torch.load(FIXTURES / "side4video_retrieval_visual_tiny_reference.pt", weights_only=True)
+    ref = load_official(RETRIEVAL_VISUAL)
     model = retrieval_encoder_from_official(ref["state_dict"], ref["config"])
     with torch.no_grad():
         out = model(ref["input"])

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from data_fixtures import encode, video_folder
+from tests.support.data import encode, video_folder
 from side4video.cli import main as cli_main
 from side4video.data.annotations import make_key
 from side4video.data.shards import ShardWriter, make_shards, parse_size
@@ -194,7 +194,7 @@ def test_cli_make_shards(tmp_path, capsys):
 def test_make_shards_uploads_to_s3(tmp_path, moto_s3, monkeypatch):
     """Output s3://bucket/prefix: each finished shard is uploaded, the manifest last; credentials
     and endpoint from the standard AWS environment variables."""
-    from data_fixtures import BUCKET, S3_KEYS
+    from tests.support.data import BUCKET, S3_KEYS
     from side4video.data.inspect import inspect_shards
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3.endpoint)

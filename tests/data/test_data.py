@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from data_fixtures import load_cfg
+from tests.support.data import load_cfg
 from side4video.cli import main as cli_main
 from side4video.data import augment as A
 from side4video.data.sampling import dense_indices, eval_indices, train_indices, tsn_indices

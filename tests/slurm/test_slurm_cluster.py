@@ -7,7 +7,7 @@ import os
 import socket
 
 import pytest
-from slurm_fixtures import LocalCluster, missing_slurm, skip_or_fail
+from tests.support.slurm import LocalCluster, missing_slurm, skip_or_fail
 
 pytestmark = [pytest.mark.slurm]
 

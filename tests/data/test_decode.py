@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import data_cfg_for, encode, load_cfg
+from tests.support.data import data_cfg_for, encode, load_cfg
 from side4video.data import augment as A
 from side4video.data.decode import ClipDecoder, ClipRequest, build_pipeline
 from side4video.data.loader import build_loader

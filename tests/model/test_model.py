@@ -16,7 +16,7 @@ from side4video.errors import UserError
 from side4video.model import build_model, build_model_on_meta
 from side4video.model.side import SideNetwork, TemporalDepthwiseConv, shift_class_token
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 DEMO = REPO / "configs" / "demo.yaml"
 TINY = ["model.backbone.name=ViT-T-16", "data.size=32", "data.frames=4", "data.num_classes=5"]
 

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 SCRIPT = REPO / "slurm" / "local-cluster.sh"
 TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo", "ip", "nsenter", "unshare")
 

@@ -10,7 +10,7 @@ from side4video.engine import checkpoint
 from side4video.engine.deepspeed import deepspeed_config, param_groups
 from side4video.engine.evaluate import accuracy_report, view_probabilities
 from side4video.errors import UserError
-from engine_fixtures import DEMO
+from tests.support.engine import DEMO
 
 
 def cfg_with(*overrides):

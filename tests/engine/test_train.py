@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine_fixtures import DEMO, REPO, VAL_VIDEOS, run_cli, summary, tiny_overrides, train_losses
+from tests.support.engine import DEMO, REPO, VAL_VIDEOS, run_cli, summary, tiny_overrides, train_losses
 
 
 @pytest.mark.timeout(600)

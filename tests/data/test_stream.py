@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from data_fixtures import data_cfg_for, encode, load_cfg
+from tests.support.data import data_cfg_for, encode, load_cfg
 from side4video.data import sources
 from side4video.data.loader import build_loader
 from side4video.data.shards import ShardWriter

@@ -1,5 +1,5 @@
 """Training on a real SLURM cluster (slurmctld + two slurmd in network namespaces, see
-slurm_fixtures.py): `side4video submit --wait`, preemption + requeue + resume matching an
+tests/support/slurm.py): `side4video submit --wait`, preemption + requeue + resume matching an
 uninterrupted run, a 2-node job through the sbatch route (also preempted), and the requeue
 bookkeeping (bounds, user cancel, failures)."""
 
@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from slurm_fixtures import (REPO, WaitForStop, register_by_value, side4video, slurm_cluster, slurm_data,  # noqa: F401
+from tests.support.slurm import (REPO, WaitForStop, register_by_value, side4video, slurm_cluster, slurm_data,  # noqa: F401
                             step_losses, train_overrides, wait_for)
 
 from side4video.config import load_config

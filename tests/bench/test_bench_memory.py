@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from engine_fixtures import run_cli
+from tests.support.engine import run_cli
 
 
 @pytest.mark.timeout(600)

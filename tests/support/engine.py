@@ -12,7 +12,7 @@ from typing import Dict, List
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 DEMO = str(REPO / "configs" / "demo.yaml")
 TRAIN_VIDEOS, VAL_VIDEOS = 24, 13  # 13: an odd split, so two ranks get unequal shares
 

@@ -16,7 +16,7 @@ from side4video.errors import UserError
 from side4video.model import build_model
 from side4video.model.backbone import build_backbone, resolve_spec, sha256_file
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 DEMO = REPO / "configs" / "demo.yaml"
 FRAMES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

@@ -1,4 +1,4 @@
-"""`side4video plan`: parameter counts of real modules built on `meta` (MODEL.md figures)."""
+"""`side4video plan`: parameter counts of real modules built on `meta` (docs/model.md figures)."""
 
 import json
 from pathlib import Path
@@ -7,7 +7,7 @@ from side4video.bench.planner import format_plan, plan
 from side4video.cli import main
 from side4video.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 DEMO = str(REPO / "configs" / "demo.yaml")
 
 

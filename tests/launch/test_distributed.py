@@ -114,7 +114,7 @@ def test_interface_towards():
 
 
 # ------------------------------------------------------------------------ launch scripts, for real
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 
 def tiny_run(data, run_dir):

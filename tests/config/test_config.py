@@ -10,7 +10,7 @@ import yaml
 from side4video.config import load_config, redacted, schema_fields, to_yaml
 from side4video.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 CONFIGS = REPO / "configs"
 
 
