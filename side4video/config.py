@@ -25,7 +25,7 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def F(default: Any, help: str, choices: Optional[Sequence[Any]] = None):
+def setting(default: Any, help: str, choices: Optional[Sequence[Any]] = None):
     """A schema field: default, one-line meaning, and optionally the allowed values."""
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None}
     if isinstance(default, (list, dict)):
@@ -33,208 +33,213 @@ def F(default: Any, help: str, choices: Optional[Sequence[Any]] = None):
     return field(default=default, metadata=meta)
 
 
-def S(cls, help: str):
+def section(cls, help: str):
     """A nested section field."""
     return field(default_factory=cls, metadata={"help": help, "choices": None})
 
 
-PRECISIONS = ("fp16", "bf16", "fp32")
+PRECISIONS = ("fp16", "bf16", "fp32")  # names of side4video.precision.DTYPES
 
 
 # ----------------------------------------------------------------------------------------- data
 @dataclass
 class S3Config:
-    endpoint_url: str = F("", "S3-compatible endpoint URL; empty: AWS_ENDPOINT_URL or AWS itself")
-    access_key_id: str = F("", "S3 access key id; empty: AWS_ACCESS_KEY_ID / the AWS credential chain")
-    secret_access_key: str = F("", "S3 secret key; empty: AWS_SECRET_ACCESS_KEY / the AWS credential chain")
-    region: str = F("", "S3 region; empty: AWS_DEFAULT_REGION")
+    endpoint_url: str = setting("", "S3-compatible endpoint URL; empty: AWS_ENDPOINT_URL or AWS itself")
+    access_key_id: str = setting("", "S3 access key id; empty: AWS_ACCESS_KEY_ID / the AWS credential chain")
+    secret_access_key: str = setting("", "S3 secret key; empty: AWS_SECRET_ACCESS_KEY / the AWS credential chain")
+    region: str = setting("", "S3 region; empty: AWS_DEFAULT_REGION")
 
 
 @dataclass
-class SplitConfig:
-    shards: Any = F("", "shard spec: brace pattern, list of URLs, or a manifest.json URL")
-    epoch_samples: int = F(0, "samples per epoch in resampled mode (0: the dataset's size)")
+class TrainSplitConfig:
+    shards: Any = setting("", "shard spec: brace pattern, list of URLs, or a manifest.json URL")
+    epoch_samples: int = setting(0, "samples per epoch (0: the manifest's count); needed without a manifest or when resampled")
+
+
+@dataclass
+class EvalSplitConfig:
+    shards: Any = setting("", "shard spec: brace pattern, list of URLs, or a manifest.json URL (every sample once)")
 
 
 @dataclass
 class RandAugmentConfig:
-    enabled: bool = F(False, "RandAugment, the same ops on every frame of a clip")
-    num_ops: int = F(4, "ops applied per clip (the reference's n)")
-    magnitude: float = F(7.0, "op strength on a 0-10 scale (the reference's m)")
-    magnitude_std: float = F(0.5, "per-clip gaussian noise on the magnitude (the reference's mstd)")
+    enabled: bool = setting(False, "RandAugment, the same ops on every frame of a clip")
+    num_ops: int = setting(4, "ops applied per clip (the reference's n)")
+    magnitude: float = setting(7.0, "op strength on a 0-10 scale (the reference's m)")
+    magnitude_std: float = setting(0.5, "per-clip gaussian noise on the magnitude (the reference's mstd)")
 
 
 @dataclass
 class DataConfig:
-    train: SplitConfig = S(SplitConfig, "training shards")
-    val: SplitConfig = S(SplitConfig, "evaluation shards")
-    num_classes: int = F(400, "number of classes of the recognition head")
-    frames: int = F(8, "frames per clip (T)")
-    size: int = F(224, "input frame size (square crop side, px)")
-    sampling: str = F("tsn", "frame sampling: TSN segments or dense clips", ("tsn", "dense"))
-    dense_stride: int = F(2, "frame stride of dense clips")
-    resize: List[int] = F([256], "resize before cropping: [short side] or [height, width]")
-    crop_area: List[float] = F([0.08, 1.0], "random resized crop: area fraction range")
-    crop_aspect: List[float] = F([0.75, 1.3333333], "random resized crop: aspect ratio range")
-    flip: bool = F(True, "random horizontal flip in training")
-    flip_label_pairs: List[List[int]] = F([], "label pairs swapped by a flip, e.g. SSv2 [[86,87],...]")
-    randaugment: RandAugmentConfig = S(RandAugmentConfig, "RandAugment")
-    repeated_views: int = F(1, "repeated augmentation: differently augmented views of each clip per batch")
-    mean: List[float] = F(CLIP_MEAN, "normalisation mean (RGB, 0-1 scale)")
-    std: List[float] = F(CLIP_STD, "normalisation std (RGB, 0-1 scale)")
-    dtype: str = F("auto", "clip tensor dtype; auto: the backbone's compute precision", ("auto",) + PRECISIONS)
-    decoder: str = F("auto", "video decoder: DALI (GPU 'mixed' or CPU), PyAV, or pick by codec", ("auto", "dali", "pyav"))
-    decode_threads: int = F(2, "decoder threads per loader")
-    workers: int = F(1, "stream reader workers per rank")
-    prefetch: int = F(2, "decoded batches prepared ahead of the training step")
-    shuffle_buffer: int = F(64, "samples (compressed bytes) in the shuffle buffer")
-    shuffle_shards: bool = F(True, "shuffle the shard list every epoch")
-    resampled: bool = F(False, "infinite stream: shards drawn with replacement")
-    seed: int = F(0, "seed of the data order (with epoch, rank and worker)")
-    s3: S3Config = S(S3Config, "object storage access")
-    allow_pipe: bool = F(False, "allow pipe: shard URLs (they run shell commands)")
-    retries: int = F(6, "attempts per shard read on connection errors and 5xx")
-    retry_backoff: float = F(0.5, "first retry delay in seconds, doubled each attempt")
-    read_chunk: int = F(8 << 20, "bytes per ranged read of an http(s)/s3 shard; a failed read resumes at the byte reached")
-    timeout: float = F(60.0, "seconds before a stalled http(s)/s3 connection counts as failed (then retried)")
+    train: TrainSplitConfig = section(TrainSplitConfig, "training shards")
+    val: EvalSplitConfig = section(EvalSplitConfig, "evaluation shards")
+    num_classes: int = setting(400, "number of classes of the recognition head")
+    frames: int = setting(8, "frames per clip (T)")
+    size: int = setting(224, "input frame size (square crop side, px)")
+    sampling: str = setting("tsn", "frame sampling: TSN segments or dense clips", ("tsn", "dense"))
+    dense_stride: int = setting(2, "frame stride of dense clips")
+    resize: List[int] = setting([256], "resize before cropping: [short side] or [height, width]")
+    crop_area: List[float] = setting([0.08, 1.0], "random resized crop: area fraction range")
+    crop_aspect: List[float] = setting([0.75, 1.3333333], "random resized crop: aspect ratio range")
+    flip: bool = setting(True, "random horizontal flip in training")
+    flip_label_pairs: List[List[int]] = setting([], "label pairs swapped by a flip, e.g. SSv2 [[86,87],...]")
+    randaugment: RandAugmentConfig = section(RandAugmentConfig, "RandAugment")
+    repeated_views: int = setting(1, "repeated augmentation: differently augmented views of each clip per batch")
+    mean: List[float] = setting(CLIP_MEAN, "normalisation mean (RGB, 0-1 scale)")
+    std: List[float] = setting(CLIP_STD, "normalisation std (RGB, 0-1 scale)")
+    dtype: str = setting("auto", "clip tensor dtype; auto: the backbone's compute precision (side4video/precision.py)", ("auto",) + PRECISIONS)
+    decoder: str = setting("auto", "video decoder: DALI (GPU 'mixed' or CPU), PyAV, or pick by codec", ("auto", "dali", "pyav"))
+    decode_threads: int = setting(2, "decoder threads per loader")
+    workers: int = setting(1, "stream reader workers per rank")
+    prefetch: int = setting(2, "decoded batches prepared ahead of the training step")
+    shuffle_buffer: int = setting(64, "samples (compressed bytes) in the shuffle buffer")
+    shuffle_shards: bool = setting(True, "shuffle the shard list every epoch")
+    resampled: bool = setting(False, "infinite stream: shards drawn with replacement")
+    seed: int = setting(0, "seed of the data order (with epoch, rank and worker)")
+    s3: S3Config = section(S3Config, "object storage access")
+    allow_pipe: bool = setting(False, "allow pipe: shard URLs (they run shell commands)")
+    retries: int = setting(6, "attempts per shard read on connection errors and 5xx")
+    retry_backoff: float = setting(0.5, "first retry delay in seconds, doubled each attempt")
+    read_chunk: int = setting(8 << 20, "bytes per ranged read of an http(s)/s3 shard; a failed read resumes at the byte reached")
+    timeout: float = setting(60.0, "seconds before a stalled http(s)/s3 connection counts as failed (then retried)")
 
 
 # ---------------------------------------------------------------------------------------- model
 @dataclass
 class BackboneConfig:
-    name: str = F("ViT-B-16", "open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14, EVA02-L-14, EVA02-E-14) or ViT-T-16 / ViT-T-8 (tiny: tests, demo)")
-    weights: str = F("", "local open_clip/EVA checkpoint file; empty: random init")
-    precision: str = F("fp16", "storage precision of the frozen weights", PRECISIONS)
-    compute_precision: str = F("auto", "compute precision; auto: storage precision on GPU, fp32 on CPU", ("auto",) + PRECISIONS)
-    quick_gelu: bool = F(False, "QuickGELU MLP activation (OpenAI CLIP weights)")
-    width: int = F(0, "override: transformer width (0: from the model name)")
-    layers: int = F(0, "override: number of blocks (0: from the model name)")
-    heads: int = F(0, "override: attention heads (0: from the model name)")
-    patch_size: int = F(0, "override: patch size (0: from the model name)")
+    name: str = setting("ViT-B-16", "open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14, EVA02-L-14, EVA02-E-14) or ViT-T-16 / ViT-T-8 (tiny: tests, demo)")
+    weights: str = setting("", "local open_clip/EVA checkpoint file; empty: random init")
+    precision: str = setting("fp16", "storage precision of the frozen weights", PRECISIONS)
+    compute_precision: str = setting("auto", "compute precision; auto: storage precision on GPU, fp32 on CPU", ("auto",) + PRECISIONS)
+    quick_gelu: bool = setting(False, "QuickGELU MLP activation (OpenAI CLIP weights)")
+    width: int = setting(0, "override: transformer width (0: from the model name)")
+    layers: int = setting(0, "override: number of blocks (0: from the model name)")
+    heads: int = setting(0, "override: attention heads (0: from the model name)")
+    patch_size: int = setting(0, "override: patch size (0: from the model name)")
 
 
 @dataclass
 class SideConfig:
-    dim: int = F(320, "side network width d")
-    layers: Any = F("auto", "backbone layers feeding side blocks: auto, all, every_other or a list of indices")
-    variant: str = F("auto", "side block: clip (pre-norm) or eva (post-norm); auto follows the backbone", ("auto", "clip", "eva"))
-    heads: int = F(0, "side attention heads (0: d // 64, at least 1)")
-    checkpointing: bool = F(False, "activation checkpointing of side blocks")
-    drop_path: float = F(0.0, "stochastic depth rate of side blocks")
+    dim: int = setting(320, "side network width d")
+    layers: Any = setting("auto", "backbone layers feeding side blocks: auto, all, every_other or a list of indices")
+    variant: str = setting("auto", "side block: clip (pre-norm) or eva (post-norm); auto follows the backbone", ("auto", "clip", "eva"))
+    heads: int = setting(0, "side attention heads (0: d // 64, at least 1)")
+    checkpointing: bool = setting(False, "activation checkpointing of side blocks")
+    drop_path: float = setting(0.0, "stochastic depth rate of side blocks")
 
 
 @dataclass
 class AdapterConfig:
-    dim: int = F(64, "bottleneck width of the ST-Adapter baseline")
-    kernel: int = F(3, "temporal kernel of the adapter's depthwise conv")
+    dim: int = setting(64, "bottleneck width of the ST-Adapter baseline")
+    kernel: int = setting(3, "temporal kernel of the adapter's depthwise conv")
 
 
 @dataclass
 class HeadConfig:
-    dropout: float = F(0.0, "dropout before the classifier")
+    dropout: float = setting(0.0, "dropout before the classifier")
 
 
 @dataclass
 class ModelConfig:
-    method: str = F("side4video", "what is trained", ("side4video", "adapter", "full", "linear_probe"))
-    backbone: BackboneConfig = S(BackboneConfig, "frozen image backbone")
-    side: SideConfig = S(SideConfig, "side network")
-    adapter: AdapterConfig = S(AdapterConfig, "ST-Adapter baseline")
-    head: HeadConfig = S(HeadConfig, "classification head")
+    method: str = setting("side4video", "what is trained", ("side4video", "adapter", "full", "linear_probe"))
+    backbone: BackboneConfig = section(BackboneConfig, "frozen image backbone")
+    side: SideConfig = section(SideConfig, "side network")
+    adapter: AdapterConfig = section(AdapterConfig, "ST-Adapter baseline")
+    head: HeadConfig = section(HeadConfig, "classification head")
 
 
 # ---------------------------------------------------------------------------------------- train
 @dataclass
 class TrainConfig:
-    output_dir: str = F("runs/default", "run directory: config, metrics, checkpoints, plots")
-    batch_size: int = F(8, "clips per process per step (before repeated views)")
-    grad_accum: int = F(1, "gradient accumulation steps")
-    epochs: int = F(30, "training epochs")
-    steps_per_epoch: int = F(0, "steps per epoch (0: from the dataset size)")
-    max_steps: int = F(0, "length of the run in steps, sets the LR schedule (0: epochs decide)")
-    stop_at_step: int = F(0, "checkpoint and exit at this step, schedule unchanged; resume later (0: off)")
-    lr: float = F(1e-3, "peak learning rate (for the global batch as configured)")
-    min_lr: float = F(0.0, "learning rate at the end of the cosine")
-    warmup_epochs: float = F(4.0, "linear warmup length in epochs")
-    optimizer: str = F("adamw", "optimizer", ("adamw", "sgd"))
-    betas: List[float] = F([0.9, 0.999], "AdamW betas")
-    eps: float = F(1e-8, "AdamW epsilon")
-    weight_decay: float = F(0.15, "weight decay")
-    decay_norm_and_bias: bool = F(True, "also decay norm weights, biases and position embeddings (as the reference)")
-    label_smoothing: float = F(0.1, "label smoothing of the cross-entropy")
-    grad_clip: float = F(0.0, "gradient norm clipping (0: off)")
-    seed: int = F(0, "seed of model init and augmentation")
-    log_every: int = F(10, "steps between logged metrics")
-    eval_every: int = F(1, "epochs between evaluations (0: only at the end)")
-    save_every: int = F(0, "steps between checkpoints (0: at the end of each epoch)")
-    keep_checkpoints: int = F(3, "checkpoints kept (older ones deleted)")
-    resume: str = F("auto", "auto: from output_dir's latest checkpoint; none; or a checkpoint path")
-    max_bad_steps: int = F(5, "consecutive non-finite losses before stopping")
-    export: bool = F(True, "export model.safetensors + model.json at the end")
+    output_dir: str = setting("runs/default", "run directory: config, metrics, checkpoints, plots")
+    batch_size: int = setting(8, "clips per process per step (before repeated views)")
+    grad_accum: int = setting(1, "gradient accumulation steps")
+    epochs: int = setting(30, "training epochs")
+    steps_per_epoch: int = setting(0, "steps per epoch (0: from the dataset size)")
+    max_steps: int = setting(0, "length of the run in steps, sets the LR schedule (0: epochs decide)")
+    stop_at_step: int = setting(0, "checkpoint and exit at this step, schedule unchanged; resume later (0: off)")
+    lr: float = setting(1e-3, "peak learning rate (for the global batch as configured)")
+    min_lr: float = setting(0.0, "learning rate at the end of the cosine")
+    warmup_epochs: float = setting(4.0, "linear warmup length in epochs")
+    optimizer: str = setting("adamw", "optimizer", ("adamw", "sgd"))
+    betas: List[float] = setting([0.9, 0.999], "AdamW betas")
+    eps: float = setting(1e-8, "AdamW epsilon")
+    weight_decay: float = setting(0.15, "weight decay")
+    decay_norm_and_bias: bool = setting(True, "also decay norm weights, biases and position embeddings (as the reference)")
+    label_smoothing: float = setting(0.1, "label smoothing of the cross-entropy")
+    grad_clip: float = setting(0.0, "gradient norm clipping (0: off)")
+    seed: int = setting(0, "seed of model init and augmentation")
+    log_every: int = setting(10, "steps between logged metrics")
+    eval_every: int = setting(1, "epochs between evaluations (0: only at the end)")
+    save_every: int = setting(0, "steps between checkpoints (0: at the end of each epoch)")
+    keep_checkpoints: int = setting(3, "checkpoints kept (older ones deleted)")
+    resume: str = setting("auto", "auto: from output_dir's latest checkpoint; none; or a checkpoint path")
+    max_bad_steps: int = setting(5, "consecutive non-finite losses before stopping")
+    export: bool = setting(True, "export model.safetensors + model.json at the end")
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = F(2, "ZeRO stage", (0, 1, 2, 3))
-    precision: str = F("fp32", "precision of the trained parameters and activations", PRECISIONS)
-    loss_scale: float = F(0.0, "fp16 static loss scale (0: dynamic)")
-    initial_scale_power: int = F(16, "fp16 dynamic loss scale starts at 2**this")
-    offload_param: str = F("none", "ZeRO-3 parameter offload", ("none", "cpu", "nvme"))
-    offload_optimizer: str = F("none", "optimizer state offload (ZeRO >= 1)", ("none", "cpu", "nvme"))
-    nvme_path: str = F("/local_nvme", "folder for nvme offload")
-    timeout_minutes: int = F(30, "collective timeout")
+    zero_stage: int = setting(2, "ZeRO stage", (0, 1, 2, 3))
+    precision: str = setting("fp32", "precision of the trained parameters and activations", PRECISIONS)
+    loss_scale: float = setting(0.0, "fp16 static loss scale (0: dynamic)")
+    initial_scale_power: int = setting(16, "fp16 dynamic loss scale starts at 2**this")
+    offload_param: str = setting("none", "ZeRO-3 parameter offload", ("none", "cpu", "nvme"))
+    offload_optimizer: str = setting("none", "optimizer state offload (ZeRO >= 1)", ("none", "cpu", "nvme"))
+    nvme_path: str = setting("/local_nvme", "folder for nvme offload")
+    timeout_minutes: int = setting(30, "collective timeout")
 
 
 # ----------------------------------------------------------------------------------------- eval
 @dataclass
 class EvalConfig:
-    crops: int = F(1, "spatial crops per clip (1: centre, 3: left/centre/right)", (1, 3))
-    clips: int = F(1, "temporal clips per video")
-    batch_size: int = F(0, "videos per process per step (0: train.batch_size)")
-    max_batches: int = F(0, "stop after this many batches (0: whole split)")
+    crops: int = setting(1, "spatial crops per clip (1: centre, 3: left/centre/right)", (1, 3))
+    clips: int = setting(1, "temporal clips per video")
+    batch_size: int = setting(0, "videos per process per step (0: train.batch_size)")
+    max_batches: int = setting(0, "stop after this many batches (0: whole split)")
 
 
 # ---------------------------------------------------------------------------------------- slurm
 @dataclass
 class SlurmConfig:
-    nodes: int = F(1, "nodes")
-    gpus_per_node: int = F(0, "GPUs per node, one task each (0: CPU job, tasks_per_node decides)")
-    tasks_per_node: int = F(1, "tasks per node when gpus_per_node is 0")
-    cpus_per_task: int = F(1, "CPUs per task")
-    mem_gb: int = F(0, "memory per node in GB (0: cluster default)")
-    time_minutes: int = F(60, "time limit")
-    partition: str = F("", "partition")
-    account: str = F("", "account")
-    qos: str = F("", "quality of service")
-    constraint: str = F("", "node constraint")
-    job_name: str = F("side4video", "job name")
-    log_folder: str = F("", "submitit log folder (empty: OUTPUT_DIR/slurm)")
-    signal_delay_s: int = F(120, "seconds before the time limit at which the job is signalled")
-    max_requeues: int = F(10, "requeues after preemption or timeout")
-    additional: Dict[str, Any] = F({}, "extra sbatch options, e.g. {exclusive: true}")
-    setup: List[str] = F([], "shell lines run before the job (module load ...)")
+    nodes: int = setting(1, "nodes")
+    gpus_per_node: int = setting(0, "GPUs per node, one task each (0: CPU job, tasks_per_node decides)")
+    tasks_per_node: int = setting(1, "tasks per node when gpus_per_node is 0")
+    cpus_per_task: int = setting(1, "CPUs per task")
+    mem_gb: int = setting(0, "memory per node in GB (0: cluster default)")
+    time_minutes: int = setting(60, "time limit")
+    partition: str = setting("", "partition")
+    account: str = setting("", "account")
+    qos: str = setting("", "quality of service")
+    constraint: str = setting("", "node constraint")
+    job_name: str = setting("side4video", "job name")
+    log_folder: str = setting("", "submitit log folder (empty: OUTPUT_DIR/slurm)")
+    signal_delay_s: int = setting(120, "seconds before the time limit at which the job is signalled")
+    max_requeues: int = setting(10, "requeues after preemption or timeout")
+    additional: Dict[str, Any] = setting({}, "extra sbatch options, e.g. {exclusive: true}")
+    setup: List[str] = setting([], "shell lines run before the job (module load ...)")
 
 
 # -------------------------------------------------------------------------------------- logging
 @dataclass
 class LoggingConfig:
-    level: str = F("info", "log level", ("debug", "info", "warning", "error"))
-    all_ranks: bool = F(False, "every rank prints (else rank 0 only)")
-    progress: bool = F(True, "progress bar on rank 0")
-    tensorboard: bool = F(True, "TensorBoard scalars under OUTPUT_DIR/tensorboard")
-    plots: bool = F(True, "PNG plots of curves and the confusion matrix at the end")
+    level: str = setting("info", "log level", ("debug", "info", "warning", "error"))
+    all_ranks: bool = setting(False, "every rank prints (else rank 0 only)")
+    progress: bool = setting(True, "progress bar on rank 0")
+    tensorboard: bool = setting(True, "TensorBoard scalars under OUTPUT_DIR/tensorboard")
+    plots: bool = setting(True, "PNG plots of curves and the confusion matrix at the end")
 
 
 @dataclass
 class Config:
-    data: DataConfig = S(DataConfig, "data")
-    model: ModelConfig = S(ModelConfig, "model")
-    train: TrainConfig = S(TrainConfig, "training")
-    deepspeed: DeepSpeedConfig = S(DeepSpeedConfig, "DeepSpeed engine")
-    eval: EvalConfig = S(EvalConfig, "evaluation")
-    slurm: SlurmConfig = S(SlurmConfig, "SLURM submission")
-    logging: LoggingConfig = S(LoggingConfig, "logging")
-    checkpoint: str = F("", "checkpoint or exported model to evaluate/predict with")
+    data: DataConfig = section(DataConfig, "data")
+    model: ModelConfig = section(ModelConfig, "model")
+    train: TrainConfig = section(TrainConfig, "training")
+    deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "DeepSpeed engine")
+    eval: EvalConfig = section(EvalConfig, "evaluation")
+    slurm: SlurmConfig = section(SlurmConfig, "SLURM submission")
+    logging: LoggingConfig = section(LoggingConfig, "logging")
+    checkpoint: str = setting("", "checkpoint or exported model to evaluate/predict with")
 
 
 # ------------------------------------------------------------------------------------- loading

@@ -19,9 +19,12 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 from dataclasses import dataclass
+from typing import List
 
 from side4video.logs import get_logger
+from side4video.patterns import split_outside_brackets
 
 log = get_logger(__name__)
 
@@ -67,19 +70,6 @@ def _int(name: str, default: int | None = None) -> int | None:
 
 
 # ------------------------------------------------------------------------------ SLURM node lists
-def _split_top_level(text: str) -> list[str]:
-    """'a[1-2,4],b3' -> ['a[1-2,4]', 'b3']: commas inside brackets do not split."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return [p for p in parts if p]
-
-
 def expand_hostlist(nodelist: str) -> list[str]:
     """All hosts of a SLURM node list: 'gpu[003-004,9]-ib,cpu1' -> gpu003-ib, gpu004-ib, gpu009-ib, cpu1.
 
@@ -87,7 +77,7 @@ def expand_hostlist(nodelist: str) -> list[str]:
     SLURM client tools are not on PATH, e.g. inside a container started by srun.
     """
     hosts: list[str] = []
-    for group in _split_top_level(nodelist.strip()):
+    for group in split_outside_brackets(nodelist.strip()):
         names = [""]
         for literal, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", group):
             names = [n + literal for n in names]
@@ -204,10 +194,19 @@ def detect() -> DistEnv:
             master_port=_int("MASTER_PORT") or port_for_job(_int("SLURM_JOB_ID", 0), _int("SLURM_RESTART_COUNT", 0)),
             launcher="slurm",
         )
-    return DistEnv(0, 0, 1, 1, "127.0.0.1", _free_port(), "single")
+    return DistEnv(0, 0, 1, 1, "127.0.0.1", free_port(), "single")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a rendezvous on this host)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_command(nproc: int, args: List[str]) -> List[str]:
+    """`side4video ARGS` on NPROC local processes (torchrun), or in this interpreter for one."""
+    if nproc <= 1:
+        return [sys.executable, "-m", "side4video.cli", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", "-m", "side4video.cli", *args]

@@ -249,10 +249,9 @@ def _write_markdown(r: Dict, path: str) -> None:
 
 
 def _write_plot(r: Dict, path: str) -> None:
-    import matplotlib
+    from side4video.engine.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = ["DALI\n(loader path)", "PyAV\n(plain)", "DALI decoder\nalone", "DALI + train\naug (2 views)"]
     values = [r["dali_clips_per_s"], r["pyav_clips_per_s"], r["dali_decode_only_clips_per_s"],

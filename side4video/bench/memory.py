@@ -90,25 +90,24 @@ def _engine_step(engine, backbone, video, labels) -> None:
     engine.step()
 
 
-def _engines(cfg, model, layout: str):
+def _engines(cfg, model, precision, layout: str):
     """DeepSpeed over the whole model, or over side + head with the backbone beside it."""
     from side4video import distributed
-    from side4video.engine import deepspeed as ds
+    from side4video.engine import deepspeed_engine
 
-    ds.init_distributed(distributed.detect())
+    deepspeed_engine.init_distributed(distributed.detect())
     if layout == "shared":
-        engine, _ = ds.initialize(model, cfg, total_steps=10, warmup_steps=1, world_size=1)
+        engine, _ = deepspeed_engine.initialize(model, cfg, precision, total_steps=10, warmup_steps=1, world_size=1)
         return engine, None
     import deepspeed
+    from deepspeed.utils import set_z3_leaf_modules
 
     trained = SideAndHead(model)
-    engine, _ = ds.initialize(trained, cfg, total_steps=10, warmup_steps=1, world_size=1)
+    engine, _ = deepspeed_engine.initialize(trained, cfg, precision, total_steps=10, warmup_steps=1, world_size=1)
     backbone = model.backbone
     if cfg.deepspeed.zero_stage == 3:  # an inference-only ZeRO-3 engine partitions/offloads it too
-        from deepspeed.utils import set_z3_leaf_modules
-
-        set_z3_leaf_modules(backbone, list({type(b) for b in backbone.blocks}))
-        zero = ds.deepspeed_config(cfg, 1, 0, 1)["zero_optimization"]
+        set_z3_leaf_modules(backbone, backbone.leaf_module_types())
+        zero = deepspeed_engine.deepspeed_config(cfg, 1, 0, 1)["zero_optimization"]
         backbone = deepspeed.initialize(model=backbone, config={"train_micro_batch_size_per_gpu": 1,
                                                                  "zero_optimization": zero})[0]
         backbone.module.install_compute_hooks()
@@ -118,20 +117,22 @@ def _engines(cfg, model, layout: str):
 def measure(config: Optional[str], overrides: Sequence[str], layout: str = "", steps: int = 2) -> Dict:
     """Runs in the case's own process; returns its figures."""
     from side4video.config import load_config
-    from side4video.model.build import build_model
+    from side4video.engine.factory import model_from_config, run_precision
+    from side4video.precision import dtype_name
 
     cfg = load_config(config, list(overrides))
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     base_rss = rss_bytes()
-    model = build_model(cfg, device=device)
+    precision = run_precision(cfg, cuda)
+    model = model_from_config(cfg, device=device, precision=precision)
     counts = model.parameter_counts()
     B, T, S = cfg.train.batch_size, cfg.data.frames, cfg.data.size
     video = torch.randn(B, T, 3, S, S, device=device)
     labels = torch.randint(0, cfg.data.num_classes, (B,), device=device)
     if layout:
-        engine, backbone = _engines(cfg, model, layout)
+        engine, backbone = _engines(cfg, model, precision, layout)
         step = lambda: _engine_step(engine, backbone, video, labels)  # noqa: E731
     else:
         model.train()
@@ -155,8 +156,8 @@ def measure(config: Optional[str], overrides: Sequence[str], layout: str = "", s
         "peak_above_model_bytes": peak_rss_bytes() - built_rss,
         "step_s": statistics.median(times[1:] if len(times) > 1 else times),
         "first_step_s": times[0],
-        "storage_dtype": cfg.model.backbone.precision,
-        "compute_dtype": str(model.backbone.compute_dtype).replace("torch.", ""),
+        "storage_dtype": dtype_name(precision.storage),
+        "compute_dtype": dtype_name(precision.compute),
     }
     if cuda:
         result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
@@ -261,10 +262,9 @@ def _write_markdown(r: Dict, path: Path) -> None:
 
 
 def _write_plot(r: Dict, path: Path) -> None:
-    import matplotlib
+    from side4video.engine.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     names = [row["method"] for row in r["methods"]]

@@ -1,4 +1,4 @@
-"""`side4video inspect SPEC`: stream every sample of a shard spec and report what is there.
+"""Stream every sample of a shard spec and report what is there (`side4video inspect SPEC`).
 
 Every sample is read (any URL kind) and probed (container, codec, frame count, size); with
 `decode=True` every video is also decoded through the configured pipeline (DALI or PyAV by codec,
@@ -13,7 +13,6 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from side4video.config import load_config
 from side4video.data import augment as A
 from side4video.data.decode import ClipDecoder, ClipRequest
 from side4video.data.sampling import eval_indices
@@ -25,13 +24,12 @@ def _range(values: List[float]) -> Optional[Dict[str, float]]:
     return {"min": min(values), "max": max(values)} if values else None
 
 
-def inspect_shards(spec, cfg=None, decode: bool = False, progress: bool = True) -> Dict[str, Any]:
-    """Report on every sample of `spec` (see module doc). `cfg`: its data section (s3, decoder,
-    frames, size, workers, ...) applies; the defaults otherwise."""
+def inspect_shards(spec, data, batch_size: int, decode: bool = False, progress: bool = True) -> Dict[str, Any]:
+    """Report on every sample of `spec` (see module doc). `data`: the config's data section (s3,
+    decoder, frames, size, workers, ...); `batch_size`: clips decoded together."""
     from tqdm import tqdm
 
-    cfg = cfg if cfg is not None else load_config(None, [])
-    d = cfg.data
+    d = data
     shardset = resolve_shards(spec, d, what="inspect SPEC")
     bad = BadLog()
     stream = RankStream(shardset, d, epoch=0, workers=min(int(d.workers), len(shardset.shards)),
@@ -43,7 +41,7 @@ def inspect_shards(spec, cfg=None, decode: bool = False, progress: bool = True) 
     total_bytes = 0
     decoder = None
     pending: List[ClipRequest] = []
-    batch = max(1, int(cfg.eval.batch_size or cfg.train.batch_size))
+    batch = max(1, int(batch_size))
 
     def flush():
         nonlocal pending
@@ -103,27 +101,3 @@ def inspect_shards(spec, cfg=None, decode: bool = False, progress: bool = True) 
         "height": _range(heights),
         "bytes": total_bytes,
     }
-
-
-def format_report(report: Dict[str, Any]) -> str:
-    lines = [f"spec:      {report['spec']}",
-             f"shards:    {report['shards']}",
-             f"samples:   {report['samples']}" + (f" (manifest: {report['manifest_samples']})"
-                                                  if report.get("manifest_samples") is not None else ""),
-             f"bytes:     {report['bytes']:,}",
-             f"codecs:    {', '.join(f'{k} x{v}' for k, v in report['codecs'].items()) or '-'}"]
-    for key in ("frames", "width", "height"):
-        r = report.get(key)
-        lines.append(f"{key + ':':<10} {r['min']}..{r['max']}" if r else f"{key + ':':<10} -")
-    lines.append(f"classes:   {len(report['classes'])}")
-    for name, n in report["classes"].items():
-        lines.append(f"  {n:>7}  {name}")
-    checked = "decoded" if report["decoded"] else "probed"
-    lines.append(f"bad samples ({checked}): {len(report['bad_samples'])}")
-    for key in report["bad_samples"]:
-        lines.append(f"  {key}: {report['bad_reasons'].get(key, '')}")
-    if report["damaged_shards"]:
-        lines.append(f"damaged shards: {len(report['damaged_shards'])}")
-        for url, reason in report["damaged_shards"].items():
-            lines.append(f"  {url}: {reason}")
-    return "\n".join(lines)

@@ -26,13 +26,12 @@ exactly once across ranks, with a smaller last batch, and has no fixed length.
 
 from __future__ import annotations
 
-import collections
 import math
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -48,7 +47,6 @@ from side4video.logs import get_logger
 
 log = get_logger(__name__)
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_BAD_KEYS_IN_STATE = 1000
 _END = object()
 
@@ -58,44 +56,36 @@ class _Failure:
         self.exc = exc
 
 
-def resolve_dtype(data_cfg, dtype: Union[None, str, torch.dtype]) -> torch.dtype:
-    """data.dtype when set; with 'auto' the caller's dtype (the engine's compute dtype); else fp32."""
-    if data_cfg.dtype != "auto":
-        return DTYPES[data_cfg.dtype]
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.float32
-    if dtype not in DTYPES:
-        raise UserError(f"clip dtype {dtype!r}: allowed fp16, bf16, fp32")
-    return DTYPES[dtype]
-
-
 class VideoLoader:
-    """Batches of one split for one rank (see the module doc). Build with `build_loader`."""
+    """Batches of one split for one rank (see the module doc).
 
-    def __init__(self, cfg, split: str, rank: int = 0, world_size: int = 1, dtype=None,
-                 shards: Optional[ShardSet] = None):
+    `data` is the config's data section (shards, sampling, augmentation, decoding, streaming);
+    the rest are plain arguments: clips per batch, views per clip (training: repeated augmented
+    views; evaluation: spatial crops), temporal clips per video (evaluation), rank layout and the
+    dtype clips are handed over in.
+    """
+
+    def __init__(self, data, split: str, *, batch_size: int, views: int = 1, clips: int = 1, rank: int = 0,
+                 world_size: int = 1, dtype: torch.dtype = torch.float32, shards: Optional[ShardSet] = None):
         if split not in ("train", "val"):
             raise UserError(f"loader split {split!r}: allowed train, val")
-        self.cfg, self.data, self.split = cfg, cfg.data, split
+        self.data, self.split = data, split
         self.train = split == "train"
         self.rank, self.world_size = int(rank), int(world_size)
         if not 0 <= self.rank < self.world_size:
             raise UserError(f"rank {rank} is outside world size {world_size}")
-        self.dtype = resolve_dtype(self.data, dtype)
-        self.batch_size = int(cfg.train.batch_size if self.train else (cfg.eval.batch_size or cfg.train.batch_size))
-        self.frames = int(self.data.frames)
-        self.views = int(self.data.repeated_views) if self.train else int(cfg.eval.crops)
-        self.clips = 1 if self.train else int(cfg.eval.clips)
-        self.shardset = shards if shards is not None else resolve_shards(self.data[split].shards, self.data,
+        self.dtype = dtype
+        self.batch_size = int(batch_size)
+        self.frames = int(data.frames)
+        self.views = int(views)
+        self.clips = 1 if self.train else int(clips)
+        self.shardset = shards if shards is not None else resolve_shards(data[split].shards, data,
                                                                        what=f"data.{split}.shards")
         self.class_names: List[str] = list(self.shardset.classes or [])
-        self.num_classes = len(self.class_names) if self.class_names else int(self.data.num_classes)
-        if self.class_names and len(self.class_names) != int(self.data.num_classes):
+        if self.class_names and len(self.class_names) != int(data.num_classes):
             log.warning("data.%s: the manifest lists %d classes but data.num_classes is %d", split,
-                        len(self.class_names), self.data.num_classes)
-        self.flip_map = A.flip_label_map(self.data.flip_label_pairs)
+                        len(self.class_names), data.num_classes)
+        self.flip_map = A.flip_label_map(data.flip_label_pairs)
         self._num_batches = self._epoch_batches() if self.train else None
 
         self.epoch = 0
@@ -104,14 +94,12 @@ class VideoLoader:
         self._restored = False
         self._bad = BadLog()
         self.last_wait_s = 0.0
-        self.total_wait_s = 0.0
-        self.batch_wait_s: Deque[float] = collections.deque(maxlen=100_000)  # per batch, the latest ones
         self._decoder: Optional[ClipDecoder] = None
         # The GPU this process trains on, read here in the caller's thread (after the engine set
         # it): the CUDA device is per thread, and decoding runs in the producer thread.
         self._gpu = gpu_available()
         self._device_id = torch.cuda.current_device() if self._gpu else None
-        self._probe_pool = ThreadPoolExecutor(max_workers=max(1, int(self.data.decode_threads)),
+        self._probe_pool = ThreadPoolExecutor(max_workers=max(1, int(data.decode_threads)),
                                               thread_name_prefix="probe")
         self._producer: Optional[threading.Thread] = None
         self._stop = threading.Event()
@@ -203,8 +191,6 @@ class VideoLoader:
                 batch, batches_done, stream_pos = item
                 self.position, self._stream_pos = batches_done, stream_pos
                 self.last_wait_s = wait
-                self.total_wait_s += wait
-                self.batch_wait_s.append(wait)
                 yield batch
         finally:
             self._stop_producer()
@@ -217,11 +203,11 @@ class VideoLoader:
 
     # -------------------------------------------------------------------------- the producer
     def _epoch_batches(self) -> int:
-        split_cfg = self.data[self.split]
-        total = int(split_cfg.epoch_samples) if split_cfg.epoch_samples else self.shardset.total_samples
+        epoch_samples = int(self.data.train.epoch_samples)
+        total = epoch_samples or self.shardset.total_samples
         if not total:
-            raise UserError(f"data.{self.split}: epoch length unknown: use a manifest.json (make-shards writes one, "
-                            f"with sample counts) or set data.{self.split}.epoch_samples")
+            raise UserError("data.train: epoch length unknown: use a manifest.json (make-shards writes one, "
+                            "with sample counts) or set data.train.epoch_samples")
         return max(1, math.ceil(total / (self.world_size * self.batch_size)))
 
     def _make_stream(self, epoch: int) -> RankStream:
@@ -357,9 +343,3 @@ def eval_views_layout(decoded: torch.Tensor, clips: int, frames: int) -> torch.T
     """Decoded test views (B, crops, clips*T, 3, S, S) -> (B, crops*clips, T, 3, S, S)."""
     b, crops = decoded.shape[:2]
     return decoded.reshape(b, crops, clips, frames, *decoded.shape[3:]).flatten(1, 2)
-
-
-def build_loader(cfg, split: str, rank: int = 0, world_size: int = 1, dtype=None) -> VideoLoader:
-    """The train or val loader of this rank. `dtype` is the clip dtype when data.dtype is 'auto'
-    (the engine passes its compute dtype); fp32 when neither says."""
-    return VideoLoader(cfg, split, rank=rank, world_size=world_size, dtype=dtype)

@@ -65,12 +65,6 @@ def join_url(base: str, relative: str) -> str:
     return f"{head}/{relative}"
 
 
-def dirname_url(url: str) -> str:
-    if url_kind(url) == "local" and not url.startswith("file:"):
-        return os.path.dirname(url) or "."
-    return url.rsplit("/", 1)[0]
-
-
 # ------------------------------------------------------------------------------------------ S3
 _fs_lock = threading.Lock()
 _fs_cache: dict = {}

@@ -36,6 +36,7 @@ from side4video.data import sources
 from side4video.data.manifest import MANIFEST_NAME, parse_manifest
 from side4video.data.sample import BadSample, Sample, sample_from_members
 from side4video.errors import UserError
+from side4video.patterns import split_outside_brackets
 from side4video.logs import get_logger
 
 log = get_logger(__name__)
@@ -67,26 +68,11 @@ def expand_spec(spec) -> List[str]:
     urls: List[str] = []
     for item in items:
         item = str(item).strip()
-        parts = [p for chunk in item.split("::") for p in _split_commas(chunk)]
+        parts = [p for chunk in item.split("::") for p in split_outside_brackets(chunk)]
         for part in parts:
             if part:
                 urls.extend(braceexpand.braceexpand(part))
     return urls
-
-
-def _split_commas(text: str) -> List[str]:
-    """Split on commas outside braces (a brace pattern like {a,b} keeps its comma)."""
-    out, depth, cur = [], 0, []
-    for ch in text:
-        depth += ch == "{"
-        depth -= ch == "}"
-        if ch == "," and depth == 0:
-            out.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(ch)
-    out.append("".join(cur).strip())
-    return out
 
 
 def _load_manifest(url: str, data_cfg) -> ShardSet:

@@ -12,7 +12,7 @@ upsampling), so both decode paths feed the model the same pixels: FFmpeg's swsca
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterable, Optional, Sequence
 
@@ -36,9 +36,6 @@ class VideoInfo:
     height: int
     fps: float
     duration_s: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _open(data: bytes):

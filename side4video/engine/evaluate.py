@@ -8,7 +8,7 @@ output until all ranks are done. Predictions are gathered by sample key, so noth
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 import numpy as np
 import torch
@@ -87,20 +87,6 @@ def evaluate(forward, loader, cfg, device, dtype, class_names: Sequence[str] = (
     report = accuracy_report(predictions, cfg.data.num_classes, class_names)
     report["views"] = cfg.eval.crops * cfg.eval.clips
     return report
-
-
-# ---------------------------------------------------------------------------------- eval command
-def evaluate_command(cfg) -> Optional[Dict[str, Any]]:
-    """`side4video eval CONFIG checkpoint=PATH`: load trained weights, evaluate, write eval.json."""
-    from side4video.engine.runner import Runner
-
-    with Runner(cfg, for_training=False) as run:
-        run.load_weights_for_eval(cfg.checkpoint)
-        report = run.evaluate()
-        run.write_eval_report(report)
-        if not run.is_main:  # every rank holds the gathered report; one prints it
-            return None
-    return {k: v for k, v in report.items() if k != "confusion"}
 
 
 def write_report(report: Dict[str, Any], out_dir: Path, class_names: Sequence[str], tag: str) -> None:

@@ -70,13 +70,12 @@ def export_model(module: torch.nn.Module, cfg, out_dir: Path, class_names: Seque
 
 
 def _backbone_state(module: torch.nn.Module, zero_stage: int) -> Dict[str, torch.Tensor]:
-    frozen = {f"backbone.{k}": v for k, v in module.backbone.state_dict().items()}
     if zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.backbone.parameters()), modifier_rank=None):
             return {f"backbone.{k}": v.detach().cpu().clone() for k, v in module.backbone.state_dict().items()}
-    return {k: v.detach().cpu().clone() for k, v in frozen.items()}
+    return {f"backbone.{k}": v.detach().cpu().clone() for k, v in module.backbone.state_dict().items()}
 
 
 def read_export_meta(export_dir: str | Path) -> Dict[str, Any]:

@@ -10,7 +10,8 @@ import numpy as np
 from side4video.engine.metrics import read_metrics
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (files only): every plot of the project."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: files only
@@ -25,7 +26,7 @@ def plot_curves(run_dir: Path) -> Optional[Path]:
     evals = [r for r in read_metrics(run_dir, "eval") if "top1" in r]
     if not train and not evals:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         steps = [r["step"] for r in train]
@@ -52,7 +53,7 @@ def plot_curves(run_dir: Path) -> Optional[Path]:
 
 def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], out: Path, title: str = "") -> Path:
     """Row-normalised confusion matrix (rows: true class); labelled when classes are few."""
-    plt = _pyplot()
+    plt = pyplot()
     n = confusion.shape[0]
     rows = confusion.sum(axis=1, keepdims=True)
     norm = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)

@@ -45,18 +45,17 @@ def clip_views(cfg, video_path: str | Path, dtype: torch.dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_video(export_dir: str, video_path: str, top_k: int = 5, overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    from side4video.engine.runner import compute_dtype
-    from side4video.model.build import build_model
+    from side4video.engine.factory import model_from_config, run_precision
 
     if not Path(video_path).is_file():
         raise UserError(f"video not found: {video_path}")
     meta = read_export_meta(export_dir)
     cfg = export_config(export_dir, overrides)
-    model = build_model(cfg)
+    precision = run_precision(cfg)
+    model = model_from_config(cfg, precision=precision)
     apply_trained_state(model, load_trained_state(export_dir, model.backbone.fingerprint()))
     model.eval()
-    dtype = compute_dtype(cfg)
-    probs = view_probabilities(model, clip_views(cfg, video_path, dtype))[0]
+    probs = view_probabilities(model, clip_views(cfg, video_path, precision.clips))[0]
     names: List[str] = meta.get("class_names") or [str(i) for i in range(probs.numel())]
     top = probs.topk(min(top_k, probs.numel()))
     return {

@@ -1,6 +1,7 @@
 """The pieces of a run, set up once: process group, device, model, loaders, engine, run directory.
 
-`train` and `eval` both start here; the loops themselves live in train.py and evaluate.py.
+`train` (train.py) and `evaluate_checkpoint` (below) both start here; the evaluation library
+itself is evaluate.py.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import torch
 from side4video import distributed
 from side4video.config import to_yaml
 from side4video.engine import checkpoint, export
-from side4video.engine import deepspeed as ds
+from side4video.engine import deepspeed_engine
 from side4video.engine.collectives import barrier
 from side4video.engine.evaluate import evaluate, write_report
+from side4video.engine.factory import loader_from_config, model_from_config, run_precision
 from side4video.errors import UserError
 from side4video.logs import get_logger
 
@@ -32,32 +34,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def compute_dtype(cfg) -> torch.dtype:
-    """The dtype clips are fed in: the backbone's compute precision (fp32 on CPU hosts, see
-    docs/environment.md: half-precision matmuls are 10-400x slower there)."""
-    if cfg.data.dtype != "auto":
-        return ds.DTYPES[cfg.data.dtype]
-    name = cfg.model.backbone.compute_precision
-    if name == "auto":
-        name = cfg.model.backbone.precision if ds.has_cuda() else "fp32"
-    return ds.DTYPES[name]
-
-
 class Runner:
     """Context manager owning a run's process group, model, loaders and engine."""
 
-    def __init__(self, cfg, for_training: bool = True):
-        from side4video.model.build import build_model
-
+    def __init__(self, cfg):
         self.cfg = cfg
-        self.for_training = for_training
         self.dist = distributed.detect()
-        ds.init_distributed(self.dist, cfg.deepspeed.timeout_minutes)
-        self.device = torch.device("cuda", self.dist.local_rank) if ds.has_cuda() else torch.device("cpu")
-        self.dtype = compute_dtype(cfg)
+        deepspeed_engine.init_distributed(self.dist, cfg.deepspeed.timeout_minutes)
+        cuda = deepspeed_engine.has_cuda()
+        self.device = torch.device("cuda", self.dist.local_rank) if cuda else torch.device("cpu")
+        self.precision = run_precision(cfg, cuda)
+        self.dtype = self.precision.clips
         self.run_dir = Path(cfg.train.output_dir)
         seed_everything(cfg.train.seed)
-        self.model = build_model(cfg)
+        self.model = model_from_config(cfg, precision=self.precision)
         self.engine = None
         self.scheduler = None
         self.train_loader = None
@@ -66,9 +56,8 @@ class Runner:
 
     # ------------------------------------------------------------------------------ building
     def _build_loader(self, split: str):
-        from side4video.data.loader import build_loader
-
-        return build_loader(self.cfg, split, rank=self.dist.rank, world_size=self.dist.world_size, dtype=self.dtype)
+        return loader_from_config(self.cfg, split, rank=self.dist.rank, world_size=self.dist.world_size,
+                                  dtype=self.dtype)
 
     def build_training(self) -> Dict[str, int]:
         """Train loader, step budget, and the DeepSpeed engine over the model. Returns the plan."""
@@ -82,7 +71,8 @@ class Runner:
         steps_per_epoch = max(micro_per_epoch // cfg.train.grad_accum, 1)
         total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
         warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
-        self.engine, self.scheduler = ds.initialize(self.model, cfg, total, warmup, self.dist.world_size)
+        self.engine, self.scheduler = deepspeed_engine.initialize(self.model, cfg, self.precision, total, warmup,
+                                                                  self.dist.world_size)
         plan = {"steps_per_epoch": steps_per_epoch, "micro_batches_per_epoch": steps_per_epoch * cfg.train.grad_accum,
                 "total_steps": total, "warmup_steps": warmup, "epochs": math.ceil(total / steps_per_epoch)}
         log.info("plan: %s", plan)
@@ -94,11 +84,11 @@ class Runner:
         if self.cfg.deepspeed.zero_stage == 3:
             import deepspeed
 
-            config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": ds.deepspeed_config(
+            config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": deepspeed_engine.deepspeed_config(
                 self.cfg, 1, 0, self.dist.world_size)["zero_optimization"]}
-            ds.mark_backbone_blocks_as_leaves(self.model)
+            deepspeed_engine.mark_backbone_units_as_leaves(self.model)
             self.engine = deepspeed.initialize(model=self.model, config=config)[0]
-            ds.restore_backbone_precision(self.engine.module, self.cfg)
+            deepspeed_engine.restore_backbone_precision(self.engine.module, self.cfg, self.precision)
         else:
             self.model.to(self.device)
         self.module.eval()
@@ -177,3 +167,13 @@ class Runner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def evaluate_checkpoint(cfg) -> Dict[str, Any]:
+    """`eval`: load the trained weights named by `checkpoint`, evaluate on every rank, write
+    OUTPUT_DIR/eval.json (+ confusion PNG); the report (the same on every rank)."""
+    with Runner(cfg) as run:
+        run.load_weights_for_eval(cfg.checkpoint)
+        report = run.evaluate()
+        run.write_eval_report(report)
+    return report

@@ -15,7 +15,8 @@ from typing import Any, Dict, List
 import torch
 import torch.nn.functional as F
 
-from side4video.engine import export, signals
+from side4video import signals
+from side4video.engine import export
 from side4video.engine.collectives import all_gather_objects, any_rank
 from side4video.engine.metrics import MetricsLogger, Throughput, peak_memory, write_json
 from side4video.engine.plots import plot_curves
@@ -60,7 +61,7 @@ def train_step(run: Runner, batch: Dict[str, Any], label_smoothing: float) -> St
 def train(cfg) -> Dict[str, Any]:
     """Train until the step budget is spent or a stop is requested; return summary.json's content."""
     signals.install_handlers()
-    with Runner(cfg, for_training=True) as run:
+    with Runner(cfg) as run:
         plan = run.build_training()
         run.prepare_run_dir()
         state = TrainState()

@@ -1,29 +1,59 @@
-"""`model.method` -> a VideoModel: one frozen-backbone wrapper, one of four ways to train on it.
+"""The method -> a VideoModel: one frozen-backbone wrapper, one of four ways to train on it.
 
 - side4video:   frozen backbone (no autograd) -> taps -> side network -> classifier (the paper)
 - adapter:      ST-Adapter before each frozen block; gradients flow through the frozen blocks
-- full:         the whole backbone trained (fp32 storage)
+- full:         the whole backbone trained
 - linear_probe: frozen backbone, final class token averaged over frames, linear classifier
+
+`build_model(ModelArgs(...))` takes plain arguments, as open_clip's `create_model`; the engine
+turns a config into them (engine/factory.py).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from side4video.errors import UserError
-from side4video.logs import get_logger
 from side4video.model.adapter import STAdapter
-from side4video.model.backbone import (DTYPES, BackboneSpec, FrozenBackbone, build_backbone, resolve_spec,
-                                       resolve_taps)
+from side4video.model.backbone import build_backbone
 from side4video.model.heads import ClassificationHead
 from side4video.model.side import SideNetwork
-
-log = get_logger(__name__)
+from side4video.model.spec import BackboneSpec, resolve_spec, resolve_taps, side_variant
+from side4video.model.tower import FrozenBackbone
+from side4video.precision import FROZEN_METHODS, Precision
 
 METHODS = ("side4video", "adapter", "full", "linear_probe")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Everything that decides a recognition model's modules and weights."""
+
+    num_classes: int
+    precision: Precision
+    method: str = "side4video"
+    backbone: str = "ViT-B-16"  # open_clip model name (or ViT-T-16 / ViT-T-8)
+    weights: str = ""  # local checkpoint of the backbone; empty: random init
+    image_size: int = 224
+    quick_gelu: bool = False
+    arch_overrides: Dict[str, int] = field(default_factory=dict)  # width/layers/heads/patch_size, 0 = named value
+    side_dim: int = 320
+    side_layers: Union[str, Sequence[int]] = "auto"
+    side_variant: str = "auto"
+    side_heads: int = 0
+    side_checkpointing: bool = False
+    side_drop_path: float = 0.0
+    adapter_dim: int = 64
+    adapter_kernel: int = 3
+    head_dropout: float = 0.0
+    seed: int = 0
+
+    def spec(self) -> BackboneSpec:
+        return resolve_spec(self.backbone, int(self.image_size), quick_gelu=self.quick_gelu, **self.arch_overrides)
 
 
 class VideoModel(nn.Module):
@@ -50,10 +80,6 @@ class VideoModel(nn.Module):
             return self.side(video, taps)
         B, T = video.shape[:2]
         return self.backbone.class_token(taps[-1]).view(B, T, -1).mean(dim=1)
-
-    def train(self, mode: bool = True):
-        super().train(mode)  # FrozenBackbone.train keeps a frozen backbone in eval mode
-        return self
 
     # -- what is trained, and what a checkpoint holds
     def _is_trainable_entry(self, name: str, tensor: torch.Tensor) -> bool:
@@ -89,74 +115,48 @@ class VideoModel(nn.Module):
         }
 
 
-# ------------------------------------------------------------------------------------ config
-def resolve_precisions(cfg, method: str) -> Tuple[torch.dtype, torch.dtype]:
-    """(storage, compute) dtypes of the backbone.
-
-    compute 'auto': the storage precision with CUDA, fp32 on CPUs (half matmuls are 10-400x
-    slower there). The upcast hooks only work without autograd through the weights, so where
-    gradients flow through the backbone the weights are stored in the compute precision.
-    """
-    storage = DTYPES[cfg.model.backbone.precision]
-    if method == "full":
-        storage = torch.float32
-    cp = cfg.model.backbone.compute_precision
-    compute = (storage if torch.cuda.is_available() else torch.float32) if cp == "auto" else DTYPES[cp]
-    if method == "adapter" and compute != storage:
-        log.info("adapter baseline: backbone stored in %s (compute precision), since gradients flow through it", compute)
-        storage = compute
-    return storage, compute
-
-
-def side_variant(cfg, spec: BackboneSpec) -> str:
-    variant = cfg.model.side.variant
-    return ("eva" if spec.family == "eva" else "clip") if variant == "auto" else variant
-
-
-def _taps(cfg, spec: BackboneSpec, method: str) -> List[int]:
-    if method == "side4video":
-        return resolve_taps(cfg.model.side.layers, spec.layers, side_variant(cfg, spec))
+def _taps(args: ModelArgs, spec: BackboneSpec) -> List[int]:
+    if args.method == "side4video":
+        return resolve_taps(args.side_layers, spec.layers, side_variant(args.side_variant, spec))
     return [spec.layers - 1]
 
 
-def _build(cfg, device, meta: bool) -> VideoModel:
-    method = cfg.model.method
+def _build(args: ModelArgs, device) -> VideoModel:
+    method = args.method
     if method not in METHODS:
         raise UserError(f"config key 'model.method' is {method!r}; allowed: {', '.join(METHODS)}")
-    spec = resolve_spec(cfg.model.backbone, int(cfg.data.size))
-    storage, compute = resolve_precisions(cfg, method)
-    taps = _taps(cfg, spec, method)
-    seed = int(cfg.train.seed)
+    spec = args.spec()
+    taps = _taps(args, spec)
+    p = args.precision
     backbone = build_backbone(
-        spec, taps, storage_dtype=storage, compute_dtype=compute, weights=str(cfg.model.backbone.weights or ""),
-        seed=seed, device="meta" if meta else device, trainable=method == "full", grad_through=method == "adapter",
-        keep_final_norm=method != "side4video", tap_dtype=storage if method == "side4video" else None)
+        spec, taps, storage_dtype=p.storage, compute_dtype=p.compute, weights=args.weights, seed=args.seed,
+        device=device, trainable=method == "full", grad_through=method == "adapter",
+        keep_final_norm=method != "side4video", tap_dtype=p.storage if method in FROZEN_METHODS else None)
     # Trained modules: fp32 (DeepSpeed casts them to its precision), deterministic from the seed.
-    with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else device):
-        torch.manual_seed(seed + 1)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(args.seed + 1)
         side = None
         if method == "side4video":
-            s = cfg.model.side
-            side = SideNetwork(spec.width, int(s.dim), len(taps), spec.patch_size, spec.num_patches, heads=int(s.heads),
-                               variant=side_variant(cfg, spec), checkpointing=bool(s.checkpointing),
-                               drop_path=float(s.drop_path))
-            feat_dim = int(s.dim)
+            side = SideNetwork(spec.width, args.side_dim, len(taps), spec.patch_size, spec.num_patches,
+                               heads=args.side_heads, variant=side_variant(args.side_variant, spec),
+                               checkpointing=args.side_checkpointing, drop_path=args.side_drop_path)
+            feat_dim = args.side_dim
         else:
             feat_dim = spec.width
         if method == "adapter":
-            a = cfg.model.adapter
-            backbone.adapters = nn.ModuleList(STAdapter(spec.width, int(a.dim), int(a.kernel)) for _ in range(spec.layers))
-        head = ClassificationHead(feat_dim, int(cfg.data.num_classes), float(cfg.model.head.dropout))
+            backbone.adapters = nn.ModuleList(STAdapter(spec.width, args.adapter_dim, args.adapter_kernel)
+                                              for _ in range(spec.layers))
+        head = ClassificationHead(feat_dim, args.num_classes, args.head_dropout)
     model = VideoModel(method, backbone, side, head)
     model.train(False)
     return model
 
 
-def build_model(cfg, device="cpu") -> VideoModel:
-    """The model for a config: backbone materialised (storage precision) and loaded, the rest fp32."""
-    return _build(cfg, device, meta=False)
+def build_model(args: ModelArgs, device="cpu") -> VideoModel:
+    """The model: backbone materialised in its storage precision and loaded, the rest fp32."""
+    return _build(args, device)
 
 
-def build_model_on_meta(cfg) -> VideoModel:
+def build_model_on_meta(args: ModelArgs) -> VideoModel:
     """Same structure with every tensor on `meta`: parameter counting, planning; no memory."""
-    return _build(cfg, "meta", meta=True)
+    return _build(args, "meta")

@@ -8,7 +8,6 @@ weights become our Linear / (C, k) temporal conv weights.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -16,11 +15,10 @@ import torch
 
 from side4video.errors import UserError
 from side4video.logs import get_logger
+from side4video.model.build import ModelArgs, VideoModel, build_model
+from side4video.precision import Precision
 
 log = get_logger(__name__)
-
-FORMAT = "side4video-model"
-
 
 def _squeeze_conv(v: torch.Tensor) -> torch.Tensor:
     """Conv3d weight with unit spatial kernel -> (out, in) or (C, k); a bias stays as it is."""
@@ -104,42 +102,33 @@ def official_config(sd: Dict[str, torch.Tensor]) -> Dict:
 _OFFICIAL_NAMES = {(768, 12, 32): "ViT-B-32", (768, 12, 16): "ViT-B-16", (1024, 24, 14): "ViT-L-14"}
 
 
-def official_overrides(config: Dict, sd: Optional[Dict[str, torch.Tensor]] = None) -> List[str]:
-    """Config overrides building our model for a reference model of `config` (fixture keys)."""
-    width, layers, patch = int(config["width"]), int(config["layers"]), int(config["patch_size"])
+def official_model_args(config: Dict, sd: Optional[Dict[str, torch.Tensor]] = None) -> ModelArgs:
+    """Our model arguments for a reference recognition model of `config` (fixture keys): fp32 throughout."""
+    width, layers, patch, heads = (int(config[k]) for k in ("width", "layers", "patch_size", "heads"))
     name = _OFFICIAL_NAMES.get((width, layers, patch))
-    arch = [f"model.backbone.name={name}"] if name and int(config["heads"]) == width // 64 else [
-        "model.backbone.name=ViT-B-16", f"model.backbone.width={width}", f"model.backbone.layers={layers}",
-        f"model.backbone.heads={int(config['heads'])}", f"model.backbone.patch_size={patch}"]
-    side_layers = "all"
+    named = name is not None and heads == width // 64
+    side_layers: object = "all"
     if sd is not None:  # the reference may start its side network after a few layers
         n = len({k.split(".")[3] for k in unwrap_official(sd) if k.startswith("visual.transformer.side_linears.")})
         if n != layers:
-            side_layers = "[" + ",".join(str(i) for i in range(layers - n, layers)) + "]"
-    out = arch + [
-        "model.method=side4video", "model.backbone.quick_gelu=true", "model.backbone.weights=''",
-        "model.backbone.precision=fp32", "model.backbone.compute_precision=fp32",
-        f"model.side.dim={int(config['side_dim'])}", f"model.side.heads={int(config.get('side_heads', 0))}",
-        f"model.side.layers={side_layers}", "model.side.variant=clip",
-        f"data.size={int(config['image_size'])}", f"data.num_classes={int(config.get('num_classes', 400))}",
-    ]
-    if "num_frames" in config:
-        out.append(f"data.frames={int(config['num_frames'])}")
-    return out
+            side_layers = tuple(range(layers - n, layers))
+    fp32 = torch.float32
+    return ModelArgs(
+        num_classes=int(config.get("num_classes", 400)), precision=Precision(fp32, fp32, fp32, fp32),
+        method="side4video", backbone=name if named else "ViT-B-16", quick_gelu=True,
+        arch_overrides={} if named else {"width": width, "layers": layers, "heads": heads, "patch_size": patch},
+        image_size=int(config["image_size"]), side_dim=int(config["side_dim"]), side_layers=side_layers,
+        side_variant="clip", side_heads=int(config.get("side_heads", 0)))
 
 
-def from_official(state_dict: Dict[str, torch.Tensor], config: Dict) -> torch.nn.Module:
+def from_official(state_dict: Dict[str, torch.Tensor], config: Dict) -> VideoModel:
     """The reference recognition model (CLIP variant) as our VideoModel: fp32, eval mode.
 
     `config` has the reference fixture's keys (width, layers, heads, patch_size, image_size,
     num_frames, side_dim, side_heads, num_classes, ...). model(x) on (B, T, 3, H, W) gives logits
     (B, num_classes); model.features(x) the pooled side features (B, side_dim).
     """
-    from side4video.config import load_config
-    from side4video.model.build import build_model
-
-    cfg = load_config(None, official_overrides(config, state_dict))
-    model = build_model(cfg)
+    model = build_model(official_model_args(config, state_dict))
     ours = convert_official_state_dict(state_dict)
     expected = model.state_dict()
     missing = [k for k in expected if k not in ours]
@@ -152,27 +141,3 @@ def from_official(state_dict: Dict[str, torch.Tensor], config: Dict) -> torch.nn
             raise UserError(f"reference tensor for {k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}")
     model.load_state_dict(ours, strict=True)
     return model.float().eval()
-
-
-def convert_official_file(input: str, output: str, num_frames: int = 8) -> str:
-    """Read a reference checkpoint, build our model from it, save {config overrides, state_dict}.
-
-    The saved file also serves as `model.backbone.weights` (its `backbone.*` tensors).
-    """
-    if not os.path.isfile(input):
-        raise UserError(f"convert-official: file not found: {input}")
-    try:
-        obj = torch.load(input, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"convert-official: cannot read {input}: {str(e).splitlines()[0]}") from None
-    sd = unwrap_official(obj)
-    config = dict(official_config(sd), num_frames=int(num_frames))
-    model = from_official(sd, config)
-    overrides = official_overrides(config, sd)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = output + ".tmp"
-    torch.save({"format": FORMAT, "version": 1, "source": os.path.abspath(input), "overrides": overrides,
-                "config": config, "state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, output)
-    log.info("converted %s: %d tensors -> %s", input, len(model.state_dict()), output)
-    return output

@@ -14,8 +14,10 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from side4video.model.backbone import FrozenBackbone, build_backbone, resolve_spec
+from side4video.model.backbone import build_backbone
 from side4video.model.side import SideNetwork
+from side4video.model.spec import resolve_spec
+from side4video.model.tower import FrozenBackbone
 
 
 class RetrievalVideoEncoder(nn.Module):
@@ -40,14 +42,11 @@ class RetrievalVideoEncoder(nn.Module):
 
 def retrieval_encoder_from_official(state_dict: Dict[str, torch.Tensor], config: Dict) -> RetrievalVideoEncoder:
     """The reference retrieval video encoder (fixture config keys) as ours: fp32, eval mode."""
-    from omegaconf import OmegaConf
-
     from side4video.model.convert import convert_official_state_dict
 
     width, layers, heads, patch = (int(config[k]) for k in ("width", "layers", "heads", "patch_size"))
-    backbone_cfg = OmegaConf.create({"name": "ViT-B-16", "width": width, "layers": layers, "heads": heads,
-                                     "patch_size": patch, "quick_gelu": True})
-    spec = dataclasses.replace(resolve_spec(backbone_cfg, int(config["image_size"])), quick_gelu=True,
+    spec = dataclasses.replace(resolve_spec("ViT-B-16", int(config["image_size"]), quick_gelu=True, width=width,
+                                            layers=layers, heads=heads, patch_size=patch),
                                embed_dim=int(config["output_dim"]))
     backbone = build_backbone(spec, range(layers), storage_dtype=torch.float32, compute_dtype=torch.float32,
                               keep_final_norm=True, keep_proj=True)

@@ -16,7 +16,11 @@ def test_bench_memory_quick_writes_json_markdown_png(tmp_path):
     assert set(methods) == {"Side4Video", "Side4Video light (d=128)", "ST-Adapter", "full fine-tuning", "linear probe"}
     for row in report["methods"] + report["engine_layout"]:
         assert row["peak_rss_bytes"] > row["model_bytes"] > 0 and row["step_s"] > 0
-        assert row["storage_dtype"] == "fp16"
+    # the precision policy: frozen backbones stay in their fp16 storage; backpropagated ones train in fp32
+    for row in report["engine_layout"] + [methods["Side4Video"], methods["linear probe"]]:
+        assert (row["storage_dtype"], row["compute_dtype"]) == ("fp16", "fp32")
+    for row in (methods["ST-Adapter"], methods["full fine-tuning"]):
+        assert (row["storage_dtype"], row["compute_dtype"]) == ("fp32", "fp32")
     # what is trained differs as the methods say
     assert methods["linear probe"]["trainable_params"] < methods["ST-Adapter"]["trainable_params"]
     assert methods["full fine-tuning"]["trainable_params"] > methods["full fine-tuning"]["backbone_params"] - 1

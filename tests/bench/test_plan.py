@@ -3,7 +3,8 @@
 import json
 from pathlib import Path
 
-from side4video.bench.planner import format_plan, plan
+from side4video.cli.configs import format_plan
+from side4video.engine.plan import plan
 from side4video.cli import main
 from side4video.config import load_config
 

@@ -148,7 +148,7 @@ def test_cli_bad_input_is_one_line_exit_2(args, needle):
 
 
 def test_cli_help_for_every_command():
-    from side4video.cli import build_parser
+    from side4video.cli.main import build_parser
 
     commands = build_parser()._subparsers._group_actions[0].choices
     expected = {"make-shards", "inspect", "make-synthetic", "train", "eval", "predict", "submit", "plan", "bench",

@@ -9,7 +9,7 @@ import torch
 from tests.support.data import data_cfg_for, encode, load_cfg
 from side4video.data import augment as A
 from side4video.data.decode import ClipDecoder, ClipRequest, build_pipeline
-from side4video.data.loader import build_loader
+from side4video.engine.factory import loader_from_config as build_loader
 from side4video.data.shards import ShardWriter
 from side4video.data.synthetic import render_clip
 from side4video.data.video import decode_frames, encode_frames, probe

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from tests.support.data import encode, video_folder
+from tests.support.data import encode, load_cfg, video_folder
 from side4video.cli import main as cli_main
 from side4video.data.annotations import make_key
 from side4video.data.shards import ShardWriter, make_shards, parse_size
@@ -211,7 +211,8 @@ def test_make_shards_uploads_to_s3(tmp_path, moto_s3, monkeypatch):
     manifest = make_shards(str(listf), "list", str(root), f"s3://{BUCKET}/ds", shard_size="8KB", progress=False)
     names = sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="ds/")["Contents"])
     assert names == sorted([f"ds/{s['url']}" for s in manifest["shards"]] + ["ds/manifest.json"])
-    report = inspect_shards(f"s3://{BUCKET}/ds/manifest.json", decode=True, progress=False)
+    report = inspect_shards(f"s3://{BUCKET}/ds/manifest.json", load_cfg().data, batch_size=4, decode=True,
+                            progress=False)
     assert report["samples"] == 4 and report["bad_samples"] == []
     assert report["codecs"] == {"vp9": 3, "h264": 1}
 

@@ -14,7 +14,7 @@ import torch
 
 from tests.support.data import data_cfg_for, encode, load_cfg
 from side4video.data import sources
-from side4video.data.loader import build_loader
+from side4video.engine.factory import loader_from_config as build_loader
 from side4video.data.shards import ShardWriter
 from side4video.data.stream import BadLog, RankStream, expand_spec, iter_shard, resolve_shards
 from side4video.errors import UserError

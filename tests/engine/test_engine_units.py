@@ -7,7 +7,7 @@ import torch
 
 from side4video.config import load_config
 from side4video.engine import checkpoint
-from side4video.engine.deepspeed import deepspeed_config, param_groups
+from side4video.engine.deepspeed_engine import deepspeed_config, param_groups
 from side4video.engine.evaluate import accuracy_report, view_probabilities
 from side4video.errors import UserError
 from tests.support.engine import DEMO
@@ -37,7 +37,7 @@ def test_deepspeed_config_maps_our_keys():
 
 
 def test_param_groups_hold_only_trainable_parameters():
-    from side4video.model.build import build_model
+    from side4video.engine.factory import model_from_config as build_model
 
     cfg = cfg_with("model.side.dim=64", "train.decay_norm_and_bias=false", "train.weight_decay=0.15")
     model = build_model(cfg)

@@ -82,7 +82,7 @@ def test_resume_gives_the_same_losses_and_parameters(motion_data, tmp_path):
 def _backbone_unchanged(run_dir: Path, overrides) -> bool:
     """The exported (random-init) backbone equals a freshly built one: no update ever reached it."""
     from side4video.config import load_config
-    from side4video.model.build import build_model
+    from side4video.engine.factory import model_from_config as build_model
 
     fresh = build_model(load_config(DEMO, overrides)).backbone.state_dict()
     exported = load_file(str(run_dir / "export" / "model.safetensors"))
@@ -158,7 +158,7 @@ def test_kill_while_saving_keeps_latest_on_the_previous_checkpoint(motion_data, 
 def test_sigterm_finishes_the_step_saves_and_resumes(motion_data, tmp_path):
     run = tmp_path / "run"
     overrides = tiny_overrides(motion_data, run, "train.epochs=4", "train.export=false", "train.eval_every=0")
-    from side4video.demo import launch_command
+    from side4video.distributed import launch_command
 
     proc = subprocess.Popen(launch_command(1, ["train", DEMO, *overrides]), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -205,7 +205,7 @@ def test_bf16_training(motion_data, tmp_path):
 def test_fp16_training_with_loss_scaling(motion_data, tmp_path):
     """fp16 with dynamic loss scaling where DeepSpeed supports fp16 (GPUs, CPUs with fp16 units);
     elsewhere DeepSpeed refuses fp16, and so do we, up front, in one line."""
-    from side4video.engine.deepspeed import fp16_supported
+    from side4video.engine.deepspeed_engine import fp16_supported
 
     run = tmp_path / "fp16"
     if fp16_supported():

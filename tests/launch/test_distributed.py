@@ -2,12 +2,13 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from side4video.distributed import free_port
 
 from side4video import distributed
 from side4video.distributed import DistEnv, detect, expand_first_host, expand_hostlist, port_for_job, tasks_on_node
@@ -161,11 +162,6 @@ def test_multinode_by_hand_two_nodes_on_one_host(synthetic_data, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_launch_scripts_refuse_bad_arguments():

@@ -5,8 +5,9 @@ import torch
 
 from side4video.cli import main
 from side4video.config import load_config
-from side4video.model import build_model, from_official
-from side4video.model.convert import FORMAT
+from side4video.engine.factory import model_from_config as build_model
+from side4video.model import from_official
+from side4video.cli.convert import FORMAT
 
 from tests.support.official import RECOGNITION, RETRIEVAL_VISUAL, load_official
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from side4video.config import load_config
 from side4video.errors import UserError
-from side4video.model import build_model, build_model_on_meta
+from side4video.engine.factory import model_from_config as build_model, model_on_meta as build_model_on_meta
 from side4video.model.side import SideNetwork, TemporalDepthwiseConv, shift_class_token
 
 from tests.support import REPO

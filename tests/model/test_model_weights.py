@@ -13,8 +13,10 @@ import torch
 from side4video.cli import main
 from side4video.config import load_config
 from side4video.errors import UserError
-from side4video.model import build_model
-from side4video.model.backbone import build_backbone, resolve_spec, sha256_file
+from side4video.engine.factory import model_from_config as build_model
+from side4video.model.backbone import build_backbone
+from side4video.model.spec import resolve_spec
+from side4video.model.tower import sha256_file
 
 from tests.support import REPO
 DEMO = REPO / "configs" / "demo.yaml"
@@ -37,8 +39,7 @@ def test_open_clip_vit_checkpoint_gives_open_clip_outputs(tmp_path):
     sd["module.text_projection"] = torch.zeros(3, 3)  # other towers are ignored
     torch.save({"epoch": 3, "state_dict": sd}, path)
 
-    cfg = load_config(DEMO, ["model.backbone.name=ViT-T-16", "data.size=32", "model.backbone.quick_gelu=true", "model.backbone.precision=fp32"])
-    spec = resolve_spec(cfg.model.backbone, 32)
+    spec = resolve_spec("ViT-T-16", 32, quick_gelu=True)
     ours = build_backbone(spec, [2], storage_dtype=torch.float32, compute_dtype=torch.float32, weights=str(path),
                           keep_final_norm=True, keep_proj=True)
     with torch.no_grad():

@@ -7,13 +7,14 @@ DeepSpeed, the frozen weights must stay partitioned (local size 0) between forwa
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from side4video.distributed import free_port
 
 from tests.support import REPO
 
@@ -23,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
     from side4video.config import load_config
-    from side4video.model import build_model
+    from side4video.engine.factory import model_from_config as build_model
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = load_config("configs/demo.yaml", ["model.backbone.precision=fp16", "data.size=32", "data.frames=4",
@@ -54,11 +55,6 @@ SCRIPT = textwrap.dedent("""
                       "dtypes": sorted({str(p.dtype) for p in bb.parameters()})}))
 """)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(600)

@@ -14,7 +14,7 @@ from tests.support.slurm import (REPO, WaitForStop, register_by_value, side4vide
                             step_losses, train_overrides, wait_for)
 
 from side4video.config import load_config
-from side4video.submit import follow, submit_job
+from side4video.slurm import follow, submit_job
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

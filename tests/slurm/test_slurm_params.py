@@ -8,7 +8,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from side4video.config import load_config
 from side4video.errors import UserError
-from side4video.submit import log_folder, slurm_parameters, submit, tasks_per_node
+from side4video.slurm import log_folder, slurm_parameters, submit_job, tasks_per_node
 
 
 def sbatch_text(*overrides: str) -> str:
@@ -60,6 +60,6 @@ def test_bad_slurm_settings_are_user_errors(overrides, message):
 def test_submit_without_slurm_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun here
     with pytest.raises(UserError, match="SLURM not found"):
-        submit(load_config(None, [f"train.output_dir={tmp_path}"]))
+        submit_job(load_config(None, [f"train.output_dir={tmp_path}"]))
     with pytest.raises(UserError, match="--command"):
-        submit(load_config(None, [f"train.output_dir={tmp_path}"]), command="predict")
+        submit_job(load_config(None, [f"train.output_dir={tmp_path}"]), command="predict")

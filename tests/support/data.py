@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import http.server
 import os
-import socket
 import threading
 from pathlib import Path
 from typing import Dict, Iterator, List
@@ -17,14 +16,11 @@ from typing import Dict, Iterator, List
 import numpy as np
 import pytest
 
+from side4video.distributed import free_port
+
 BUCKET = "side4video-test"
 S3_KEYS = {"access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def noise_frames(seed: int, frames: int = 12, height: int = 32, width: int = 48) -> List[np.ndarray]:

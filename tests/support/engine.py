@@ -37,7 +37,7 @@ def tiny_overrides(data: Dict[str, str], out_dir: Path, *extra: str) -> List[str
 
 def run_cli(args: List[str], nproc: int = 1, timeout: float = 600, env: Dict[str, str] | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
-    from side4video.demo import launch_command
+    from side4video.distributed import launch_command
 
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(launch_command(nproc, args), cwd=REPO, env=full_env, capture_output=True, text=True,

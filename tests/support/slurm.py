@@ -149,7 +149,7 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
 
 
 # ------------------------------------------------------------------------------ requeue bookkeeping
-from side4video.submit import SlurmTask  # noqa: E402
+from side4video.slurm import SlurmTask  # noqa: E402
 
 
 class WaitForStop(SlurmTask):
@@ -161,7 +161,7 @@ class WaitForStop(SlurmTask):
     Pickled by value (see `register_by_value`): the job cannot import this tests-only module."""
 
     def work(self, cfg):
-        from side4video.engine import signals
+        from side4video import signals
 
         run_dir = Path(cfg.train.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)

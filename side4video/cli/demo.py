@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
 
+from side4video.distributed import launch_command
 from side4video.errors import UserError
 
 METHODS = ("side4video", "linear_probe")
@@ -30,20 +30,6 @@ def find_config(name: str = "demo.yaml") -> Path:
     raise UserError(f"configs/{name} not found (run from the side4video checkout)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_command(nproc: int, args: List[str]) -> List[str]:
-    """`side4video ARGS` on NPROC local processes (torchrun), or in this interpreter for one."""
-    if nproc <= 1:
-        return [sys.executable, "-m", "side4video.cli", *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", "-m", "side4video.cli", *args]
-
-
 def _run(cmd: List[str]) -> None:
     print("$", " ".join(cmd), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -55,6 +41,10 @@ def _run(cmd: List[str]) -> None:
 def _summary(run_dir: Path) -> Dict:
     path = run_dir / "summary.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def cmd_demo(args) -> int:
+    return run_demo(args.out, nproc=args.nproc, videos=args.videos, fresh=args.fresh)
 
 
 def run_demo(out: str = "runs/demo", nproc: int = 2, videos: int = 1024, fresh: bool = False) -> int:

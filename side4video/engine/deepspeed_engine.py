@@ -21,6 +21,7 @@ from torch import nn
 from side4video.distributed import DistEnv
 from side4video.errors import UserError
 from side4video.logs import get_logger
+from side4video.precision import FROZEN_METHODS, Precision
 
 log = get_logger(__name__)
 
@@ -40,8 +41,6 @@ def _import_deepspeed_on_stderr():
 
 
 deepspeed = _import_deepspeed_on_stderr()
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def has_cuda() -> bool:
@@ -87,14 +86,15 @@ def _offload(device: str, nvme_path: str, pin: bool) -> Dict[str, Any]:
 
 def deepspeed_config(cfg, total_steps: int, warmup_steps: int, world_size: int) -> Dict[str, Any]:
     """The DeepSpeed JSON config for training the side network (+ head) under ZeRO."""
-    ds = cfg.deepspeed
+    engine_cfg = cfg.deepspeed
     tr = cfg.train
     micro = tr.batch_size * cfg.data.repeated_views
-    zero: Dict[str, Any] = {"stage": ds.zero_stage}
-    if ds.zero_stage >= 1 and ds.offload_optimizer != "none":
-        zero["offload_optimizer"] = _offload(ds.offload_optimizer, ds.nvme_path, has_cuda())
-    if ds.zero_stage == 3:
-        zero["offload_param"] = _offload(ds.offload_param, ds.nvme_path, has_cuda()) if ds.offload_param != "none" else None
+    zero: Dict[str, Any] = {"stage": engine_cfg.zero_stage}
+    if engine_cfg.zero_stage >= 1 and engine_cfg.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(engine_cfg.offload_optimizer, engine_cfg.nvme_path, has_cuda())
+    if engine_cfg.zero_stage == 3:
+        zero["offload_param"] = (_offload(engine_cfg.offload_param, engine_cfg.nvme_path, has_cuda())
+                                 if engine_cfg.offload_param != "none" else None)
         zero = {k: v for k, v in zero.items() if v is not None}
         # Frozen weights are gathered per block (ZeRO-3 leaf modules); keep prefetch modest so a
         # 4.4B backbone does not materialise several blocks at once.
@@ -120,13 +120,13 @@ def deepspeed_config(cfg, total_steps: int, warmup_steps: int, world_size: int) 
     }
     if tr.grad_clip > 0:
         config["gradient_clipping"] = tr.grad_clip
-    if ds.precision == "bf16":
+    if engine_cfg.precision == "bf16":
         config["bf16"] = {"enabled": True}
-    elif ds.precision == "fp16":
+    elif engine_cfg.precision == "fp16":
         config["fp16"] = {
             "enabled": True,
-            "loss_scale": ds.loss_scale,
-            "initial_scale_power": ds.initial_scale_power,
+            "loss_scale": engine_cfg.loss_scale,
+            "initial_scale_power": engine_cfg.initial_scale_power,
             "loss_scale_window": 1000,
             "hysteresis": 2,
             "min_loss_scale": 1,
@@ -167,18 +167,18 @@ def build_optimizer(groups: List[Dict[str, Any]], cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas), eps=tr.eps)
 
 
-def mark_backbone_blocks_as_leaves(model: nn.Module) -> None:
-    """ZeRO-3 gathers a whole frozen block at once (one all-gather per block, and attention
-    modules that read child weights without calling them, like nn.MultiheadAttention's out_proj,
-    still see full tensors)."""
+def mark_backbone_units_as_leaves(model: nn.Module) -> None:
+    """ZeRO-3 gathers a whole frozen unit (stem, block, final norm) at once: one all-gather per
+    block, and attention modules that read child weights without calling them, like
+    nn.MultiheadAttention's out_proj, still see full tensors."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    blocks = getattr(getattr(model, "backbone", None), "blocks", None)
-    if blocks is not None and len(blocks):
-        set_z3_leaf_modules(model, list({type(b) for b in blocks}))
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None:
+        set_z3_leaf_modules(model, backbone.leaf_module_types())
 
 
-def initialize(model: nn.Module, cfg, total_steps: int, warmup_steps: int, world_size: int):
+def initialize(model: nn.Module, cfg, precision: Precision, total_steps: int, warmup_steps: int, world_size: int):
     """DeepSpeed engine over the model; only trainable parameters reach the optimizer.
 
     Returns (engine, scheduler). The frozen backbone keeps its storage precision and runs
@@ -190,22 +190,22 @@ def initialize(model: nn.Module, cfg, total_steps: int, warmup_steps: int, world
                         "(no GPU, no CPU fp16 units): use bf16 or fp32")
     ds_config = deepspeed_config(cfg, total_steps, warmup_steps, world_size)
     if cfg.deepspeed.zero_stage == 3:
-        mark_backbone_blocks_as_leaves(model)
+        mark_backbone_units_as_leaves(model)
     groups = param_groups(model, cfg)
     optimizer = build_optimizer(groups, cfg)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    restore_backbone_precision(engine.module, cfg)
+    restore_backbone_precision(engine.module, cfg, precision)
     return engine, scheduler
 
 
-def restore_backbone_precision(model: nn.Module, cfg) -> None:
+def restore_backbone_precision(model: nn.Module, cfg, precision: Precision) -> None:
     """DeepSpeed casts the whole module to its training precision; put the frozen backbone back
     in its storage precision (its compute precision is the backbone's own business), and
     re-register the backbone's upcast hooks so they run after ZeRO-3's gather hooks."""
     backbone = getattr(model, "backbone", None)
     if backbone is None:
         return
-    if cfg.deepspeed.zero_stage != 3 and cfg.model.method in ("side4video", "linear_probe"):
-        backbone.to(DTYPES[cfg.model.backbone.precision])
+    if cfg.deepspeed.zero_stage != 3 and cfg.model.method in FROZEN_METHODS:
+        backbone.to(precision.storage)
     if hasattr(backbone, "install_compute_hooks"):
         backbone.install_compute_hooks()

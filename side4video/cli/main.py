@@ -1,4 +1,5 @@
-"""`side4video` entry point: parse, load the config, call one function per command.
+"""`side4video` entry point: parse the command line, call the command's function, turn bad
+input into one line and exit status 2.
 
 Heavy modules (torch, DALI, DeepSpeed) are imported inside the command functions so that
 `--help` and `config` answer instantly.
@@ -7,10 +8,15 @@ Heavy modules (torch, DALI, DeepSpeed) are imported inside the command functions
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Callable, Dict, List, Optional
 
+from side4video.cli.configs import cmd_config, cmd_plan
+from side4video.cli.convert import cmd_convert_official
+from side4video.cli.data import cmd_inspect, cmd_make_shards, cmd_make_synthetic
+from side4video.cli.demo import cmd_demo
+from side4video.cli.run import cmd_eval, cmd_predict, cmd_train
+from side4video.cli.submit import cmd_submit
 from side4video.errors import RunFailed, UserError
 
 PROG = "side4video"
@@ -23,132 +29,11 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-def _load(args) -> "object":
-    from side4video.config import load_config
-    from side4video.logs import setup_logging
-
-    cfg = load_config(args.config, args.overrides)
-    setup_logging(cfg.logging.level, cfg.logging.all_ranks)
-    return cfg
-
-
-def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False, default=str))
-
-
-# ------------------------------------------------------------------------------------ commands
-def cmd_config(args) -> int:
-    from side4video.config import describe_schema, load_config, to_yaml
-
-    if args.schema:
-        print(describe_schema())
-        return 0
-    if not args.config:
-        raise UserError("config: give a CONFIG file (or --schema)")
-    print(to_yaml(load_config(args.config, args.overrides)), end="")
-    return 0
-
-
-def cmd_plan(args) -> int:
-    from side4video.bench.planner import plan, format_plan
-
-    report = plan(_load(args))
-    if args.json:
-        _print_json(report)
-    else:
-        print(format_plan(report))
-    return 0
-
-
-def cmd_convert_official(args) -> int:
-    from side4video.model.convert import convert_official_file
-
-    out = convert_official_file(args.input, args.output, num_frames=args.frames)
-    print(f"wrote {out}")
-    return 0
-
-
-def cmd_make_shards(args) -> int:
-    from side4video.data.shards import make_shards
-
-    manifest = make_shards(
-        list_file=args.list, fmt=args.format, root=args.root, out=args.out, labels=args.labels,
-        split=args.split, shard_size=args.shard_size, workers=args.workers, validate=args.validate,
-        transcode=args.transcode, short_side=args.short_side, progress=not args.no_progress,
-    )
-    n = sum(s["samples"] for s in manifest["shards"])
-    print(f"wrote {len(manifest['shards'])} shards, {n} samples, {len(manifest['quarantine'])} quarantined -> {args.out}")
-    return 0
-
-
-def cmd_make_synthetic(args) -> int:
-    from side4video.data.synthetic import make_synthetic
-
-    report = make_synthetic(
-        args.out, videos=args.videos, classes=args.classes, val_videos=args.val_videos, frames=args.frames,
-        size=args.size, fps=args.fps, seed=args.seed, shard_samples=args.shard_samples, workers=args.workers,
-    )
-    print(f"wrote {report['train']} train and {report['val']} val videos of {args.classes} classes -> {args.out}")
-    return 0
-
-
-def cmd_inspect(args) -> int:
-    from side4video.config import load_config
-    from side4video.data.inspect import format_report, inspect_shards
-
-    cfg = load_config(args.config, args.overrides)
-    report = inspect_shards(args.spec, cfg, decode=args.decode, progress=not args.json)
-    if args.json:
-        _print_json(report)
-    else:
-        print(format_report(report))
-    return 0
-
-
-def cmd_train(args) -> int:
-    from side4video.engine.train import train
-
-    summary = train(_load(args))
-    return 0 if summary.get("status", "finished") in ("finished", "preempted", "stopped") else 1
-
-
-def cmd_eval(args) -> int:
-    from side4video.engine.evaluate import evaluate_command
-
-    report = evaluate_command(_load(args))
-    if args.json and report is not None:
-        _print_json(report)
-    return 0
-
-
-def cmd_predict(args) -> int:
-    from side4video.engine.predict import format_predictions, predict_video
-
-    preds = predict_video(args.export, args.video, top_k=args.top_k, overrides=args.overrides)
-    if args.json:
-        _print_json(preds)
-    else:
-        print(format_predictions(preds))
-    return 0
-
-
-def cmd_submit(args) -> int:
-    from side4video.submit import submit
-
-    return submit(_load(args), command=args.command, wait=args.wait)
-
-
 def cmd_bench(args) -> int:
     from side4video.bench import run_bench
 
     run_bench(args.what, args.out, config=args.config, overrides=args.overrides, quick=args.quick)
     return 0
-
-
-def cmd_demo(args) -> int:
-    from side4video.demo import run_demo
-
-    return run_demo(args.out, nproc=args.nproc, videos=args.videos, fresh=args.fresh)
 
 
 # -------------------------------------------------------------------------------------- parser

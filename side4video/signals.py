@@ -34,11 +34,6 @@ def stop_reason() -> str:
     return _reason["signal"]
 
 
-def clear() -> None:
-    _stop.clear()
-    _reason["signal"] = ""
-
-
 def _handler(signum, frame) -> None:
     request_stop(signal.Signals(signum).name)
 
@@ -49,9 +44,3 @@ def install_handlers(signals=STOP_SIGNALS) -> None:
         return
     for sig in signals:
         signal.signal(sig, _handler)
-
-
-def ignore_in_worker() -> None:
-    """Data-loader workers ignore stop signals: the main process decides when to stop."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)

@@ -1,4 +1,5 @@
-"""`side4video submit`: run training (or evaluation) as a SLURM job through submitit.
+"""SLURM jobs: training (or evaluation) submitted through submitit, and what every task of such a
+job does (also under plain sbatch + srun).
 
 The job: `nodes` x (one task per GPU, or `tasks_per_node` on CPU hosts), each task running
 `run_task`, which finds its rank from SLURM (side4video.distributed) and calls the engine.
@@ -16,12 +17,12 @@ would be mid-step and no collective save could happen. Our task replaces that ha
 flag-only one as its first act. `checkpoint()` is still defined (it only sets the flag) for the
 moments before that, and for tools that call it.
 
-The same `run_task` serves the sbatch route (`python -m side4video.submit`, see slurm/*.sbatch).
+The same `run_task` serves the sbatch route: `srun side4video train|eval ...` (slurm/*.sbatch) runs
+it when the command finds itself in a SLURM step.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import re
@@ -37,8 +38,8 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from side4video import distributed
-from side4video.errors import RunFailed, UserError
+from side4video import distributed, signals
+from side4video.errors import UserError
 from side4video.logs import get_logger, setup_logging
 
 log = get_logger(__name__)
@@ -106,9 +107,9 @@ def _absolute_paths(cfg: DictConfig) -> DictConfig:
 # ---------------------------------------------------------------------------------- in the job
 def _command_function(command: str) -> Callable[[DictConfig], Dict[str, Any]]:
     if command == "eval":
-        from side4video.engine.evaluate import evaluate_command
+        from side4video.engine.runner import evaluate_checkpoint
 
-        return lambda cfg: {"status": "finished", "report": evaluate_command(cfg)}
+        return lambda cfg: {"status": "finished", "report": evaluate_checkpoint(cfg)}
     from side4video.engine.train import train
 
     return train
@@ -121,8 +122,6 @@ def run_task(cfg: DictConfig, command: str = "train", work: Optional[Callable] =
     "status" is "preempted" after a stop). Returns that result. When the job was requeued, rank 0
     exits instead (SystemExit), so submitit writes no result for a run that is not over.
     """
-    from side4video.engine import signals
-
     signals.install_handlers()  # first: replaces submitit's handler (see the module docstring)
     signal.signal(signal.SIGCONT, signal.SIG_DFL)  # submitit only logs it; SLURM sends it with every stop
     setup_logging(cfg.logging.level, cfg.logging.all_ranks)
@@ -203,8 +202,6 @@ class SlurmTask(Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any):
         """submitit's preemption hook: only set the flag; the loop saves at its next step boundary.
         Returns the same task for submitit to requeue (it calls this before our handler is in)."""
-        from side4video.engine import signals
-
         signals.request_stop("submitit checkpoint")
         return DelayedSubmission(self)
 
@@ -227,20 +224,6 @@ def submit_job(cfg: DictConfig, command: str = "train", task_class: type = None)
         return executor.submit((task_class or SlurmTask)(cfg, command))
     except submitit.core.utils.FailedJobError as e:
         raise UserError(f"sbatch refused the job: {str(e).strip().splitlines()[-1]}") from None
-
-
-def submit(cfg: DictConfig, command: str = "train", wait: bool = False) -> int:
-    """`side4video submit`: print job id, log folder and run directory; with wait, follow the
-    job to its end (streaming rank 0's log) and return its exit status."""
-    job = submit_job(cfg, command)
-    s = cfg.slurm
-    print(f"submitted job {job.job_id}: {command} on {s.nodes} node(s) x {tasks_per_node(cfg)} task(s)")
-    print(f"  logs:          {job.paths.folder} (rank 0: {job.paths.stdout.name}, {job.paths.stderr.name})")
-    print(f"  run directory: {Path(cfg.train.output_dir).absolute()}")
-    sys.stdout.flush()
-    if not wait:
-        return 0
-    return follow(job.job_id, job.paths.folder)
 
 
 class _Tail:
@@ -318,33 +301,3 @@ def _outcome(job_id: str, folder: Path, state: Optional[str]) -> int:
 def _last_line(text: str) -> str:
     lines = [line for line in str(text).splitlines() if line.strip()]
     return lines[-1] if lines else "(no message)"
-
-
-# ---------------------------------------------------------------------------------- sbatch route
-def main(argv=None) -> int:
-    """Entry point of slurm/*.sbatch: `srun python -m side4video.submit [--command C] CONFIG [k=v ...]`."""
-    from side4video.config import load_config
-
-    parser = argparse.ArgumentParser(prog="python -m side4video.submit",
-                                     description="run one task of a SLURM job (started by srun in slurm/*.sbatch)")
-    parser.add_argument("--command", choices=COMMANDS, default="train")
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if not distributed.in_slurm_step():
-            raise UserError("python -m side4video.submit runs inside srun (see slurm/train.sbatch); "
-                            "outside SLURM use `side4video train` or `side4video submit`")
-        result = run_task(cfg, args.command)
-    except (UserError, RunFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    # Only rank 0 reports a stop without requeue: another rank's non-zero exit would make srun
-    # (--kill-on-bad-exit) kill rank 0 while it decides about the requeue.
-    finished = result.get("status") == "finished" or not distributed.detect().is_main
-    return 0 if finished else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from side4video.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""`side4video convert-official IN OUT`: a reference Side4Video checkpoint -> our weights file."""
+
+from __future__ import annotations
+
+import os
+
+from side4video.errors import UserError
+from side4video.logs import get_logger
+
+log = get_logger(__name__)
+
+FORMAT = "side4video-model"
+
+
+def cmd_convert_official(args) -> int:
+    out = convert_official_file(args.input, args.output, num_frames=args.frames)
+    print(f"wrote {out}")
+    return 0
+
+
+def convert_official_file(input: str, output: str, num_frames: int = 8) -> str:
+    """Read a reference checkpoint, build our model from it, save {config overrides, state_dict}.
+
+    The saved file also serves as `model.backbone.weights` (its `backbone.*` tensors).
+    """
+    import torch
+
+    from side4video.engine.factory import config_overrides
+    from side4video.model.convert import from_official, official_config, official_model_args, unwrap_official
+
+    if not os.path.isfile(input):
+        raise UserError(f"convert-official: file not found: {input}")
+    try:
+        obj = torch.load(input, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"convert-official: cannot read {input}: {str(e).splitlines()[0]}") from None
+    sd = unwrap_official(obj)
+    config = dict(official_config(sd), num_frames=int(num_frames))
+    model = from_official(sd, config)
+    overrides = config_overrides(official_model_args(config, sd)) + [f"data.frames={int(num_frames)}"]
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = output + ".tmp"
+    torch.save({"format": FORMAT, "version": 1, "source": os.path.abspath(input), "overrides": overrides,
+                "config": config, "state_dict": model.state_dict()}, tmp)
+    os.replace(tmp, output)
+    log.info("converted %s: %d tensors -> %s", input, len(model.state_dict()), output)
+    return output

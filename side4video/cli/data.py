@@ -1,0 +1,69 @@
+"""Data commands: `make-shards`, `make-synthetic`, `inspect`."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from side4video.cli.common import print_json
+
+
+def cmd_make_shards(args) -> int:
+    from side4video.data.shards import make_shards
+
+    manifest = make_shards(
+        list_file=args.list, fmt=args.format, root=args.root, out=args.out, labels=args.labels,
+        split=args.split, shard_size=args.shard_size, workers=args.workers, validate=args.validate,
+        transcode=args.transcode, short_side=args.short_side, progress=not args.no_progress,
+    )
+    n = sum(s["samples"] for s in manifest["shards"])
+    print(f"wrote {len(manifest['shards'])} shards, {n} samples, {len(manifest['quarantine'])} quarantined -> {args.out}")
+    return 0
+
+
+def cmd_make_synthetic(args) -> int:
+    from side4video.data.synthetic import make_synthetic
+
+    report = make_synthetic(
+        args.out, videos=args.videos, classes=args.classes, val_videos=args.val_videos, frames=args.frames,
+        size=args.size, fps=args.fps, seed=args.seed, shard_samples=args.shard_samples, workers=args.workers,
+    )
+    print(f"wrote {report['train']} train and {report['val']} val videos of {args.classes} classes -> {args.out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from side4video.config import load_config
+    from side4video.data.inspect import inspect_shards
+
+    cfg = load_config(args.config, args.overrides)
+    report = inspect_shards(args.spec, cfg.data, batch_size=cfg.eval.batch_size or cfg.train.batch_size,
+                            decode=args.decode, progress=not args.json)
+    if args.json:
+        print_json(report)
+    else:
+        print(format_report(report))
+    return 0
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    lines = [f"spec:      {report['spec']}",
+             f"shards:    {report['shards']}",
+             f"samples:   {report['samples']}" + (f" (manifest: {report['manifest_samples']})"
+                                                  if report.get("manifest_samples") is not None else ""),
+             f"bytes:     {report['bytes']:,}",
+             f"codecs:    {', '.join(f'{k} x{v}' for k, v in report['codecs'].items()) or '-'}"]
+    for key in ("frames", "width", "height"):
+        r = report.get(key)
+        lines.append(f"{key + ':':<10} {r['min']}..{r['max']}" if r else f"{key + ':':<10} -")
+    lines.append(f"classes:   {len(report['classes'])}")
+    for name, n in report["classes"].items():
+        lines.append(f"  {n:>7}  {name}")
+    checked = "decoded" if report["decoded"] else "probed"
+    lines.append(f"bad samples ({checked}): {len(report['bad_samples'])}")
+    for key in report["bad_samples"]:
+        lines.append(f"  {key}: {report['bad_reasons'].get(key, '')}")
+    if report["damaged_shards"]:
+        lines.append(f"damaged shards: {len(report['damaged_shards'])}")
+        for url, reason in report["damaged_shards"].items():
+            lines.append(f"  {url}: {reason}")
+    return "\n".join(lines)

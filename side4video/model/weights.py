@@ -1,0 +1,139 @@
+"""Pretrained backbone weights from a local checkpoint file (never downloaded).
+
+Reads open_clip checkpoints (`visual.*`), timm EVA checkpoints (plain or under open_clip's
+`visual.trunk.`), EVA-CLIP's own layout (converted by timm) and our own files (`backbone.*`,
+from convert-official or exports); maps the tower's keys to FrozenBackbone's and copies tensor by
+tensor into the already materialised (half-precision) parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from side4video.errors import UserError
+from side4video.model.spec import BackboneSpec
+from side4video.model.tower import FrozenBackbone
+
+
+WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "model_ema")
+
+
+def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    """A local checkpoint's tensors (memory-mapped where possible), wrappers and `module.` removed."""
+    if not os.path.isfile(path):
+        raise UserError(f"config key 'model.backbone.weights': file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(path)
+        else:
+            try:
+                sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from None
+    for _ in range(3):
+        if isinstance(sd, dict):
+            inner = next((sd[k] for k in WRAPPERS if isinstance(sd.get(k), dict)), None)
+            if inner is not None:
+                sd = inner
+    if not isinstance(sd, dict) or not sd:
+        raise UserError(f"weights file {path} holds no state dict")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def tower_keys(sd: Dict[str, torch.Tensor], spec: BackboneSpec, tower: nn.Module) -> Dict[str, torch.Tensor]:
+    """Keys relative to the library tower (open_clip ViT names, timm Eva names)."""
+    if spec.family == "vit":
+        for prefix in ("visual.", ""):
+            if prefix + "conv1.weight" in sd:
+                return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        raise UserError("weights file holds no open_clip ViT vision tower (no 'visual.conv1.weight')")
+    for prefix in ("visual.trunk.", "trunk."):  # open_clip's TimmModel layout: timm names under a prefix
+        if prefix + "pos_embed" in sd:
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    from timm.models.eva import checkpoint_filter_fn
+
+    # EVA-CLIP's own layout (visual.blocks.N.attn.q_proj...): timm knows how to convert it.
+    return checkpoint_filter_fn(sd, tower)
+
+
+STEM_KEYS = {
+    "vit": {"conv1.weight": "patch_weight", "class_embedding": "class_embedding",
+            "positional_embedding": "positional_embedding", "ln_pre.weight": "norm_weight", "ln_pre.bias": "norm_bias"},
+    "eva": {"patch_embed.proj.weight": "patch_weight", "patch_embed.proj.bias": "patch_bias",
+            "cls_token": "class_embedding", "pos_embed": "positional_embedding"},
+}
+
+
+def backbone_key(key: str, family: str) -> Optional[str]:
+    """Tower-relative key -> key in FrozenBackbone, or None when we do not keep it."""
+    stem = STEM_KEYS[family].get(key)
+    if stem is not None:
+        return "stem." + stem
+    if family == "vit":
+        if key.startswith("transformer.resblocks."):
+            return "blocks." + key[len("transformer.resblocks."):]
+        if key.startswith("ln_post."):
+            return "final_norm." + key[len("ln_post."):]
+        if key == "proj":
+            return "proj.weight"
+        return None
+    if key.startswith("blocks."):
+        return key
+    if key.startswith("norm."):
+        return "final_norm." + key[len("norm."):]
+    return None
+
+
+def resize_position_embedding(value: torch.Tensor, target: torch.Size) -> torch.Tensor:
+    """Resample an absolute position embedding (class token first) to another grid."""
+    from timm.layers import resample_abs_pos_embed
+
+    squeeze = value.dim() == 2
+    v = value.unsqueeze(0) if squeeze else value
+    old = int(round((v.shape[1] - 1) ** 0.5))
+    new = int(round((target[-2] - 1) ** 0.5))
+    v = resample_abs_pos_embed(v.float(), new_size=(new, new), old_size=(old, old), num_prefix_tokens=1)
+    return v.squeeze(0) if squeeze else v
+
+
+@torch.no_grad()
+def load_weights(backbone: FrozenBackbone, tower: nn.Module, path: str) -> None:
+    """Copy a local checkpoint's vision tower into the backbone, tensor by tensor, casting."""
+    sd = read_checkpoint(path)
+    if any(k.startswith("backbone.") for k in sd):  # our own format (convert-official, exports)
+        ours = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    else:
+        ours = {}
+        for k, v in tower_keys(sd, backbone.spec, tower).items():
+            name = backbone_key(k, backbone.spec.family)
+            if name is not None:
+                ours[name] = v
+    targets = {k: v for k, v in backbone.state_dict(keep_vars=True).items() if not k.startswith("adapters.")}
+    missing = [k for k in targets if k not in ours and isinstance(targets[k], nn.Parameter)]
+    if missing:
+        raise UserError(f"weights file {path} lacks {len(missing)} tensors of {backbone.spec.name}'s vision tower "
+                        f"(e.g. {missing[0]}); is it a checkpoint of that model?")
+    for k, target in targets.items():
+        if k not in ours:
+            continue
+        value = ours[k]
+        if value.shape != target.shape:
+            if k == "stem.positional_embedding" and value.numel() // value.shape[-1] > 1:
+                value = resize_position_embedding(value, target.shape)
+            if value.shape != target.shape:
+                raise UserError(f"weights file {path}: {k} has shape {tuple(value.shape)}, the model needs "
+                                f"{tuple(target.shape)} (check model.backbone.name and its overrides)")
+        target.data.copy_(value)
+    backbone._fingerprint.update(weights=os.path.abspath(path), seed=None)
