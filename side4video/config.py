@@ -152,10 +152,12 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = setting("runs/default", "run directory: config, metrics, checkpoints, plots")
+    device: str = setting("auto", "auto: a GPU when torch sees one (and SLURM gave none: refused); cuda: refused "
+                          "without one; cpu: CPU ranks even on a GPU host", ("auto", "cuda", "cpu"))
     batch_size: int = setting(8, "clips per process per step (before repeated views)")
-    grad_accum: int = setting(1, "gradient accumulation steps")
+    grad_accum: int = setting(1, "micro-batches per optimizer step (gradient accumulation)")
     epochs: int = setting(30, "training epochs")
-    steps_per_epoch: int = setting(0, "steps per epoch (0: from the dataset size)")
+    steps_per_epoch: int = setting(0, "optimizer steps per epoch (0: the loader's batches per epoch // grad_accum)")
     max_steps: int = setting(0, "length of the run in steps, sets the LR schedule (0: epochs decide)")
     stop_at_step: int = setting(0, "checkpoint and exit at this step, schedule unchanged; resume later (0: off)")
     lr: float = setting(1e-3, "peak learning rate (for the global batch as configured)")
@@ -228,6 +230,8 @@ class LoggingConfig:
     progress: bool = setting(True, "progress bar on rank 0")
     tensorboard: bool = setting(True, "TensorBoard scalars under OUTPUT_DIR/tensorboard")
     plots: bool = setting(True, "PNG plots of curves and the confusion matrix at the end")
+    sample_keys: bool = setting(False, "also log the keys of each logged step's clips (rank 0's) in metrics.jsonl: "
+                                "checks of the data order, e.g. across a resume")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Who am I in the job: rank, local rank, world size, master address and port.
+"""Who am I in the job: rank, local rank, world size, master address and port, and which device.
 
 One place reads every launcher's variables: torchrun and the deepspeed launcher (RANK,
 LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), and SLURM tasks started by srun or submitit
@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from typing import List
 
+from side4video.errors import UserError
 from side4video.logs import get_logger
 from side4video.patterns import split_outside_brackets
 
@@ -195,6 +196,61 @@ def detect() -> DistEnv:
             launcher="slurm",
         )
     return DistEnv(0, 0, 1, 1, "127.0.0.1", free_port(), "single")
+
+
+# ----------------------------------------------------------------------------------------- devices
+def gpus_from_slurm() -> str:
+    """The GPUs SLURM gave this job or step ('' when none): it expects them to be used."""
+    for var in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE"):
+        value = os.environ.get(var, "").strip()
+        if value and value != "0":
+            return f"{var}={value}"
+    return ""
+
+
+def gpu_index(local_rank: int, local_world_size: int, visible: int) -> int:
+    """Which visible GPU this rank takes. Every task of a node seeing all its GPUs (plain srun,
+    torchrun): the local rank's. Tasks given their own GPUs (`--gpus-per-task`, `--gpu-bind`):
+    fewer are visible than tasks run here, and each takes its first."""
+    return local_rank if visible >= local_world_size else 0
+
+
+def cuda_failure() -> str:
+    """Why torch sees no GPU, in one line (driver too old for this CUDA build, no device, ...)."""
+    import torch
+
+    try:
+        torch.cuda.init()
+    except Exception as e:  # torch raises RuntimeError/AssertionError with the driver's reason
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    else:
+        reason = "no CUDA device is visible"
+    return f"{reason} (torch {torch.__version__} built for CUDA {torch.version.cuda or 'none'})"
+
+
+def hide_gpus_for_cpu_runs(requested: str) -> None:
+    """`train.device=cpu` on a GPU host: hide the GPUs from this process before torch, DALI and
+    DeepSpeed first look (DeepSpeed picks its accelerator once, at import)."""
+    if requested == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def select_device(requested: str, local_rank: int, local_world_size: int):
+    """`train.device` -> this rank's torch.device. A GPU expected (train.device=cuda, or GPUs given
+    by SLURM) but not usable is refused in one line instead of silently training on CPUs."""
+    import torch
+
+    if requested == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        given = gpus_from_slurm()
+        if requested == "cuda" or given:
+            why = f"train.device={requested}" + (f" and SLURM gave this job GPUs ({given})" if given else "")
+            raise UserError(f"{why}, but torch cannot use a GPU here: {cuda_failure()}; check the driver and the "
+                            f"loaded CUDA modules, or set train.device=cpu")
+        return torch.device("cpu")
+    return torch.device("cuda", gpu_index(local_rank, local_world_size, torch.cuda.device_count()))
 
 
 def free_port() -> int:

@@ -1,9 +1,10 @@
 """Stop requests: a signal only sets a flag; the training loop acts at the next step boundary.
 
 SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 (SLURM's preemption and time-limit warnings, submitit's
-checkpoint hook) all land here. At each step boundary every rank asks `stop_requested()`; the
+checkpoint hook) all land here. Before every micro-batch every rank asks `stop_requested()`; the
 engine all-reduces the answer so that all ranks stop together, save collectively, then exit
-(and, under SLURM, requeue).
+(and, under SLURM, requeue). A main thread blocked waiting for data wakes up to look at the flag
+and raises `StopRequested` (data/loader.py), so a stop never waits for a stalled loader.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ log = get_logger(__name__)
 _stop = threading.Event()
 _reason = {"signal": ""}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class StopRequested(Exception):
+    """A stop was requested while the main thread was waiting (for data): it waits no longer."""
 
 
 def request_stop(reason: str = "requested") -> None:

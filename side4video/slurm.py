@@ -77,7 +77,9 @@ def slurm_parameters(cfg: DictConfig) -> Dict[str, Any]:
         "cpus_per_task": s.cpus_per_task,
         "signal_delay_s": s.signal_delay_s,
         # A crashed rank ends the step instead of leaving the others blocked in a collective.
-        "srun_args": ["--kill-on-bad-exit=1"],
+        # srun of SLURM 22.05-23.02 does not pass the allocation's --cpus-per-task on to the
+        # tasks: without it a rank's decode and reader threads could share one core.
+        "srun_args": ["--kill-on-bad-exit=1", f"--cpus-per-task={s.cpus_per_task}"],
         "setup": list(s.setup) + [f"export PYTHONPATH={shlex.quote(str(_package_root()))}${{PYTHONPATH:+:$PYTHONPATH}}"],
         # --requeue: SLURM may requeue the job itself too (node failure, PreemptMode=REQUEUE).
         "additional_parameters": {"requeue": True, **OmegaConf.to_container(s.additional, resolve=True)},
@@ -97,10 +99,16 @@ def _package_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def _absolute_paths(cfg: DictConfig) -> DictConfig:
-    """The job may start in another folder than the one submitting: fix the run directory."""
+def _job_config(cfg: DictConfig) -> DictConfig:
+    """The config the job runs: the run directory made absolute (the job may start in another
+    folder), and a job given GPUs requires them (train.device=cuda), so that a driver or
+    module problem stops it in one line instead of training on CPUs for days."""
     cfg = cfg.copy()
     cfg.train.output_dir = str(Path(cfg.train.output_dir).absolute())
+    if cfg.slurm.gpus_per_node > 0 and cfg.train.device == "auto":
+        cfg.train.device = "cuda"
+    if cfg.slurm.gpus_per_node > 0 and cfg.train.device == "cpu":
+        raise UserError("slurm.gpus_per_node asks for GPUs but train.device=cpu would leave them idle")
     return cfg
 
 
@@ -125,6 +133,7 @@ def run_task(cfg: DictConfig, command: str = "train", work: Optional[Callable] =
     signals.install_handlers()  # first: replaces submitit's handler (see the module docstring)
     signal.signal(signal.SIGCONT, signal.SIG_DFL)  # submitit only logs it; SLURM sends it with every stop
     setup_logging(cfg.logging.level, cfg.logging.all_ranks)
+    distributed.hide_gpus_for_cpu_runs(cfg.train.device)
     env = distributed.detect()
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     if restarts:
@@ -213,7 +222,7 @@ def submit_job(cfg: DictConfig, command: str = "train", task_class: type = None)
     `task_class`: a SlurmTask subclass to run instead (its `work` replaces the engine call)."""
     if command not in COMMANDS:
         raise UserError(f"submit --command must be one of {', '.join(COMMANDS)}, got {command!r}")
-    cfg = _absolute_paths(cfg)
+    cfg = _job_config(cfg)
     params = slurm_parameters(cfg)
     try:
         executor = submitit.SlurmExecutor(folder=log_folder(cfg), max_num_timeout=cfg.slurm.max_requeues)

@@ -72,6 +72,17 @@ class SideAndHead(nn.Module):
         return self.head(self.side(video, taps))
 
 
+class BackboneAlone(nn.Module):
+    """The frozen backbone on its own, for the 'separate' layout's inference engine."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, frames: torch.Tensor, num_frames: int) -> List[torch.Tensor]:
+        return self.backbone(frames, num_frames=num_frames)
+
+
 def _plain_step(model, optimizer, video, labels) -> None:
     loss = F.cross_entropy(model(video).float(), labels)
     optimizer.zero_grad(set_to_none=True)
@@ -95,23 +106,15 @@ def _engines(cfg, model, precision, layout: str):
     from side4video import distributed
     from side4video.engine import deepspeed_engine
 
-    deepspeed_engine.init_distributed(distributed.detect())
+    device = next(model.parameters()).device
+    deepspeed_engine.init_distributed(distributed.detect(), device)
     if layout == "shared":
-        engine, _ = deepspeed_engine.initialize(model, cfg, precision, total_steps=10, warmup_steps=1, world_size=1)
-        return engine, None
-    import deepspeed
-    from deepspeed.utils import set_z3_leaf_modules
-
-    trained = SideAndHead(model)
-    engine, _ = deepspeed_engine.initialize(trained, cfg, precision, total_steps=10, warmup_steps=1, world_size=1)
-    backbone = model.backbone
+        return deepspeed_engine.initialize(model, cfg, precision, world_size=1), None
+    engine = deepspeed_engine.initialize(SideAndHead(model), cfg, precision, world_size=1)
+    frozen = BackboneAlone(model.backbone)
     if cfg.deepspeed.zero_stage == 3:  # an inference-only ZeRO-3 engine partitions/offloads it too
-        set_z3_leaf_modules(backbone, backbone.leaf_module_types())
-        zero = deepspeed_engine.deepspeed_config(cfg, 1, 0, 1)["zero_optimization"]
-        backbone = deepspeed.initialize(model=backbone, config={"train_micro_batch_size_per_gpu": 1,
-                                                                 "zero_optimization": zero})[0]
-        backbone.module.install_compute_hooks()
-    return engine, backbone
+        frozen = deepspeed_engine.initialize_for_inference(frozen, cfg, precision, world_size=1)
+    return engine, frozen
 
 
 def measure(config: Optional[str], overrides: Sequence[str], layout: str = "", steps: int = 2) -> Dict:

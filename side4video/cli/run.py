@@ -26,6 +26,7 @@ def _in_slurm_job(cfg, command: str) -> int:
 
 def cmd_train(args) -> int:
     cfg = load_run_config(args)
+    distributed.hide_gpus_for_cpu_runs(cfg.train.device)
     if distributed.in_slurm_step():
         return _in_slurm_job(cfg, "train")
     from side4video.engine.train import train
@@ -36,6 +37,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     cfg = load_run_config(args)
+    distributed.hide_gpus_for_cpu_runs(cfg.train.device)
     if distributed.in_slurm_step():
         return _in_slurm_job(cfg, "eval")
     from side4video.engine.runner import evaluate_checkpoint

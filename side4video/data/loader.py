@@ -9,8 +9,10 @@
 Shard readers, probing, PyAV decoding and the batch builder are threads of the training
 process (DALI adds its own): Python delivers signals to the main thread only, so a preemption
 signal reaches the engine's handler and never a data worker. The background thread builds
-batches while the training step runs; `last_wait_s` is how long
-the consumer waited for the last batch (0 when decoding kept up).
+batches while the training step runs; `last_wait_s` is how long the consumer waited for the last
+batch (0 when decoding kept up). The consumer never waits blindly: it polls, so a stop request
+(side4video/signals.py) ends the wait with `StopRequested`, an exception in any loader or reader
+thread is raised in the consumer at its next wait, and a producer that died silently is an error.
 
 Determinism: the sample order is a pure function of (data.seed, epoch, rank, world size,
 workers) and every random parameter of a sample a pure function of (data.seed, epoch, key,
@@ -36,18 +38,21 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from side4video import signals
 from side4video.data import augment as A
-from side4video.data.decode import ClipDecoder, ClipRequest, gpu_available
+from side4video.data.decode import ClipDecoder, ClipRequest
 from side4video.data.sample import Sample
 from side4video.data.sampling import eval_indices, train_indices
 from side4video.data.stream import BadLog, RankStream, ShardSet, resolve_shards, seeded_rng, stable_hash
 from side4video.data.video import VideoError, probe
 from side4video.errors import UserError
 from side4video.logs import get_logger
+from side4video.signals import StopRequested
 
 log = get_logger(__name__)
 
 MAX_BAD_KEYS_IN_STATE = 1000
+WAIT_POLL_S = 0.2  # how often a waiting consumer looks at stop requests and the producer's health
 _END = object()
 
 
@@ -61,12 +66,13 @@ class VideoLoader:
 
     `data` is the config's data section (shards, sampling, augmentation, decoding, streaming);
     the rest are plain arguments: clips per batch, views per clip (training: repeated augmented
-    views; evaluation: spatial crops), temporal clips per video (evaluation), rank layout and the
-    dtype clips are handed over in.
+    views; evaluation: spatial crops), temporal clips per video (evaluation), rank layout, the
+    dtype clips are handed over in and the device decoding runs on (a GPU: DALI 'mixed').
     """
 
     def __init__(self, data, split: str, *, batch_size: int, views: int = 1, clips: int = 1, rank: int = 0,
-                 world_size: int = 1, dtype: torch.dtype = torch.float32, shards: Optional[ShardSet] = None):
+                 world_size: int = 1, dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
+                 shards: Optional[ShardSet] = None):
         if split not in ("train", "val"):
             raise UserError(f"loader split {split!r}: allowed train, val")
         self.data, self.split = data, split
@@ -95,10 +101,10 @@ class VideoLoader:
         self._bad = BadLog()
         self.last_wait_s = 0.0
         self._decoder: Optional[ClipDecoder] = None
-        # The GPU this process trains on, read here in the caller's thread (after the engine set
-        # it): the CUDA device is per thread, and decoding runs in the producer thread.
-        self._gpu = gpu_available()
-        self._device_id = torch.cuda.current_device() if self._gpu else None
+        # The GPU this rank trains on (DALI 'mixed' decodes there), given by the caller: the
+        # current CUDA device is per thread, and decoding runs in the producer thread.
+        self._gpu = device.type == "cuda"
+        self._device_id = device.index if self._gpu else None
         self._probe_pool = ThreadPoolExecutor(max_workers=max(1, int(data.decode_threads)),
                                               thread_name_prefix="probe")
         self._producer: Optional[threading.Thread] = None
@@ -182,7 +188,7 @@ class VideoLoader:
         try:
             while True:
                 t0 = time.perf_counter()
-                item = out.get()
+                item = self._wait_for(out, self._producer)
                 wait = time.perf_counter() - t0
                 if item is _END:
                     return
@@ -194,6 +200,26 @@ class VideoLoader:
                 yield batch
         finally:
             self._stop_producer()
+
+    def batches(self):
+        """Endless, resumable: batch after batch, epoch after epoch (training). The loader's
+        `state_dict()` after any batch resumes right behind it."""
+        if not self.train:
+            raise TypeError("an evaluation loader is read once per evaluation; batches() is for training")
+        while True:
+            yield from self
+
+    @staticmethod
+    def _wait_for(out: "queue.Queue", producer: threading.Thread):
+        """The next item from the producer; wakes up to honour stop requests and a dead producer."""
+        while True:
+            try:
+                return out.get(timeout=WAIT_POLL_S)
+            except queue.Empty:
+                if signals.stop_requested():
+                    raise StopRequested(f"stop requested ({signals.stop_reason()}) while waiting for data") from None
+                if not producer.is_alive() and out.empty():
+                    raise RuntimeError(f"loader thread {producer.name} ended without delivering its batches")
 
     def _stop_producer(self) -> None:
         producer, self._producer = self._producer, None
@@ -210,13 +236,13 @@ class VideoLoader:
                             "with sample counts) or set data.train.epoch_samples")
         return max(1, math.ceil(total / (self.world_size * self.batch_size)))
 
-    def _make_stream(self, epoch: int) -> RankStream:
+    def _make_stream(self, epoch: int, stop: threading.Event) -> RankStream:
         d = self.data
         return RankStream(
             self.shardset, d, epoch=epoch, rank=self.rank, world=self.world_size, workers=int(d.workers),
             shuffle_shards=bool(d.shuffle_shards) and self.train, shuffle_buffer=int(d.shuffle_buffer) if self.train else 0,
             seed=int(d.seed), infinite=self.train, resampled=bool(d.resampled) and self.train,
-            allow_sample_split=not self.train, bad=self._bad)
+            allow_sample_split=not self.train, bad=self._bad, stop=stop)
 
     def decoder(self) -> ClipDecoder:
         if self._decoder is None:
@@ -254,10 +280,11 @@ class VideoLoader:
                     continue
             return False
 
-        if self._gpu:
-            torch.cuda.set_device(self._device_id)
-        stream = self._make_stream(epoch)
+        stream = None
         try:
+            if self._gpu:
+                torch.cuda.set_device(self._device_id)
+            stream = self._make_stream(epoch, stop)
             samples = iter(stream)
             # Resume: replay the compressed stream up to where the trainer stopped; these
             # samples are read but neither probed nor decoded.
@@ -273,10 +300,11 @@ class VideoLoader:
                 if not put((batch, batch_index, stream_pos)):
                     return
             put(_END)
-        except BaseException as e:
+        except BaseException as e:  # handed to the consumer, which raises it in the main thread
             put(_Failure(e))
         finally:
-            stream.close()
+            if stream is not None:
+                stream.close()
 
     def _next_batch(self, samples, epoch: int, stop: threading.Event) -> Optional[Tuple[Dict[str, Any], int]]:
         """Take samples until batch_size of them decode (or the stream ends); None when empty."""

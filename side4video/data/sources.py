@@ -29,6 +29,11 @@ log = get_logger(__name__)
 KINDS = ("local", "http", "s3", "pipe")
 
 
+class SourceUnavailable(UserError, OSError):
+    """A remote shard or manifest still unreadable after every retry: bad input (a wrong URL, a
+    server that is down), reported in one line; an OSError for callers that handle I/O errors."""
+
+
 def url_kind(url: str) -> str:
     """local | http | s3 | pipe; UserError for any other scheme."""
     if url.startswith("pipe:"):
@@ -222,8 +227,8 @@ class ResumableStream(io.RawIOBase):
                 self._drop_body()
                 failures += 1
                 if failures > self.retries:
-                    raise OSError(f"{self.url}: giving up after {self.retries} retries at byte {self._pos}: "
-                                  f"{type(e).__name__}: {e}") from e
+                    raise SourceUnavailable(f"cannot read {self.url}: giving up after {self.retries} retries at byte "
+                                            f"{self._pos} ({type(e).__name__}: {_first_line(e)})") from None
                 delay = self.backoff * 2 ** (failures - 1)
                 self.reconnects += 1
                 log.warning("%s: %s at byte %d; retry %d/%d in %.1fs", self.url, type(e).__name__, self._pos,
@@ -319,3 +324,8 @@ def put_file(local: str, url: str, data_cfg=None) -> None:
         shutil.move(local, dest)
         return
     raise UserError(f"cannot write to {url!r}: output must be a local folder or s3://bucket/prefix")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -314,7 +314,7 @@ class RankStream:
     def __init__(self, shardset: ShardSet, data_cfg, *, epoch: int, rank: int = 0, world: int = 1,
                  workers: int = 1, shuffle_shards: bool = True, shuffle_buffer: int = 0, seed: int = 0,
                  infinite: bool = False, resampled: bool = False, allow_sample_split: bool = False,
-                 bad: Optional[BadLog] = None, queue_size: int = 8):
+                 bad: Optional[BadLog] = None, queue_size: int = 8, stop: Optional[threading.Event] = None):
         self.shardset, self.data_cfg = shardset, data_cfg
         self.epoch, self.rank, self.world, self.seed = int(epoch), int(rank), int(world), int(seed)
         self.shuffle_buffer, self.infinite, self.resampled = int(shuffle_buffer), infinite or resampled, resampled
@@ -326,6 +326,7 @@ class RankStream:
                                       world=world, workers=max(1, workers), allow_sample_split=allow_sample_split)
         self._queues = [queue.Queue(maxsize=queue_size) for _ in self.plans]
         self._stop = threading.Event()
+        self._consumer_stop = stop  # the consumer's stop: the merge returns as soon as it is set
         self._threads: List[threading.Thread] = []
 
     @property
@@ -378,6 +379,15 @@ class RankStream:
                 continue
         return False
 
+    def _get(self, worker: int):
+        """The worker's next item, or None once the stream is stopped (never blocks past a stop)."""
+        while not self._stop.is_set() and not (self._consumer_stop is not None and self._consumer_stop.is_set()):
+            try:
+                return self._queues[worker].get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
     # -- the merge ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Sample]:
         if self._threads:
@@ -395,7 +405,9 @@ class RankStream:
                 for w in range(self.workers):
                     if done[w] or parked[w]:
                         continue
-                    item = self._queues[w].get()
+                    item = self._get(w)
+                    if item is None:  # stopped
+                        return
                     if item is _PASS_END:
                         parked[w] = True
                     elif item is _DONE:

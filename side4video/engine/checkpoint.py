@@ -1,24 +1,22 @@
 """Checkpoints: trainable state only, written atomically, `latest` moved last, last K kept.
 
 DeepSpeed writes the files (module state without frozen parameters, ZeRO-partitioned optimizer
-state, scheduler); we add the step, the data-stream position, RNG states and a fingerprint of
-the frozen backbone as client state. What DeepSpeed does not do, and we do here:
+state, its step counters); the trainer's state (engine/state.py: step, data-stream position, RNG
+states, evaluations, fingerprint of the frozen backbone) rides along as client state. What
+DeepSpeed does not do, and we do here:
 - write into `.tmp-step_N/` and rename to `step_N/` once every rank has finished, then replace
   `latest` (a one-line file) atomically, so a kill at any moment leaves `latest` on a complete one;
-- load every file with `torch.load(weights_only=True)` (DeepSpeed's own loader unpickles freely);
-- refuse a checkpoint made over a different frozen backbone.
+- load every file with `torch.load(weights_only=True)` (DeepSpeed's own loader unpickles freely).
 """
 
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 
@@ -60,30 +58,6 @@ def use_safe_loading(engine) -> None:
     optimizer = getattr(engine, "optimizer", None)
     if optimizer is not None and hasattr(optimizer, "checkpoint_engine"):
         optimizer.checkpoint_engine = safe
-
-
-# ------------------------------------------------------------------------------- RNG and state
-def rng_state() -> Dict[str, Any]:
-    """RNG states as tensors and plain Python values (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------- directories
@@ -167,15 +141,12 @@ def save(engine, output_dir: str | Path, step: int, client_state: Dict[str, Any]
     return root / tag
 
 
-def load(engine, root: Path, tag: str, fingerprint: Dict[str, Any]) -> Dict[str, Any]:
-    """Load model/optimizer/scheduler into the engine; return our client state."""
+def load(engine, root: Path, tag: str) -> Dict[str, Any]:
+    """Load the trained weights and optimizer state into the engine; return the trainer state
+    saved with them (for engine/state.py `TrainerState.load_state_dict`)."""
     use_safe_loading(engine)
     path, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise UserError(f"checkpoint {root / tag} could not be loaded")
-    saved = client.get("backbone")
-    if saved is not None and saved != fingerprint:
-        raise UserError(f"checkpoint {root / tag} was made over another frozen backbone: {saved} != {fingerprint}")
-    log.info("resumed from %s (step %s)", root / tag, client.get("step"))
     return client

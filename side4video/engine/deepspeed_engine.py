@@ -54,7 +54,7 @@ def fp16_supported() -> bool:
     return bool(get_accelerator().is_fp16_supported())
 
 
-def init_distributed(dist: DistEnv, timeout_minutes: int = 30) -> None:
+def init_distributed(dist: DistEnv, device: torch.device, timeout_minutes: int = 30) -> None:
     """Start torch.distributed the DeepSpeed way: NCCL on GPUs, gloo (+ DeepSpeed's shm) on CPUs."""
     from deepspeed.utils import logger as deepspeed_logger
 
@@ -64,12 +64,13 @@ def init_distributed(dist: DistEnv, timeout_minutes: int = 30) -> None:
         # DeepSpeed calls torch's deprecated all_gather_into_tensor on every ZeRO gather.
         warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     dist.export()
-    if has_cuda():
-        torch.cuda.set_device(dist.local_rank)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
     # DeepSpeed prints its op-build notices on stdout, which belongs to our --json output.
     with contextlib.redirect_stdout(sys.stderr):
         deepspeed.init_distributed(
-            dist_backend="nccl" if has_cuda() else "gloo",
+            dist_backend="nccl" if cuda else "gloo",
             auto_mpi_discovery=False,
             timeout=datetime.timedelta(minutes=timeout_minutes),
             rank=dist.rank,
@@ -84,8 +85,15 @@ def _offload(device: str, nvme_path: str, pin: bool) -> Dict[str, Any]:
     return block
 
 
-def deepspeed_config(cfg, total_steps: int, warmup_steps: int, world_size: int) -> Dict[str, Any]:
-    """The DeepSpeed JSON config for training the side network (+ head) under ZeRO."""
+def deepspeed_config(cfg, world_size: int, largest_frozen_unit: int = 0) -> Dict[str, Any]:
+    """The DeepSpeed JSON config for training the side network (+ head) under ZeRO.
+
+    No scheduler: the loop sets each step's learning rate (engine/schedule.py). DeepSpeed owns
+    gradient accumulation (`gradient_accumulation_steps`: the loss is scaled by 1/accum and the
+    optimizer steps on every accum-th micro-batch) and the skipping of steps whose gradients are
+    not finite (its ZeRO optimizers check under every precision, bf16 when asked to).
+    `largest_frozen_unit`: parameters of the largest frozen block (sizes NVMe swap buffers).
+    """
     engine_cfg = cfg.deepspeed
     tr = cfg.train
     micro = tr.batch_size * cfg.data.repeated_views
@@ -93,9 +101,12 @@ def deepspeed_config(cfg, total_steps: int, warmup_steps: int, world_size: int) 
     if engine_cfg.zero_stage >= 1 and engine_cfg.offload_optimizer != "none":
         zero["offload_optimizer"] = _offload(engine_cfg.offload_optimizer, engine_cfg.nvme_path, has_cuda())
     if engine_cfg.zero_stage == 3:
-        zero["offload_param"] = (_offload(engine_cfg.offload_param, engine_cfg.nvme_path, has_cuda())
-                                 if engine_cfg.offload_param != "none" else None)
-        zero = {k: v for k, v in zero.items() if v is not None}
+        if engine_cfg.offload_param != "none":
+            zero["offload_param"] = _offload(engine_cfg.offload_param, engine_cfg.nvme_path, has_cuda())
+            if engine_cfg.offload_param == "nvme":
+                # Each swap buffer must hold a whole gathered block (leaf module), and prefetching
+                # keeps a few in flight: DeepSpeed's defaults (5 x 1e8) are too small for EVA-E.
+                zero["offload_param"].update(buffer_size=max(int(1e8), int(largest_frozen_unit)), buffer_count=8)
         # Frozen weights are gathered per block (ZeRO-3 leaf modules); keep prefetch modest so a
         # 4.4B backbone does not materialise several blocks at once.
         zero["stage3_prefetch_bucket_size"] = int(5e7)
@@ -107,21 +118,13 @@ def deepspeed_config(cfg, total_steps: int, warmup_steps: int, world_size: int) 
         "zero_optimization": zero,
         "steps_per_print": 10**9,  # our own progress bar and metrics report progress
         "wall_clock_breakdown": False,
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": max(total_steps, 1),
-                "warmup_num_steps": max(min(warmup_steps, total_steps - 1), 1),  # DeepSpeed needs >= 1
-                "warmup_min_ratio": 0.0,
-                "warmup_type": "linear",
-                "cos_min_ratio": tr.min_lr / tr.lr if tr.lr > 0 else 0.0,
-            },
-        },
     }
     if tr.grad_clip > 0:
         config["gradient_clipping"] = tr.grad_clip
     if engine_cfg.precision == "bf16":
-        config["bf16"] = {"enabled": True}
+        config["bf16"] = {"enabled": True, "check_grad_overflow": True}
+        # bf16 has 8 bits of mantissa: sum the ranks' gradients in fp32
+        config["communication_data_type"] = "fp32"
     elif engine_cfg.precision == "fp16":
         config["fp16"] = {
             "enabled": True,
@@ -178,34 +181,90 @@ def mark_backbone_units_as_leaves(model: nn.Module) -> None:
         set_z3_leaf_modules(model, backbone.leaf_module_types())
 
 
-def initialize(model: nn.Module, cfg, precision: Precision, total_steps: int, warmup_steps: int, world_size: int):
-    """DeepSpeed engine over the model; only trainable parameters reach the optimizer.
-
-    Returns (engine, scheduler). The frozen backbone keeps its storage precision and runs
-    under no_grad inside the model's forward.
-    """
-
-    if cfg.deepspeed.precision == "fp16" and not fp16_supported():
+def check_trainable(cfg) -> None:
+    """Settings DeepSpeed would accept but that cannot train as this loop promises."""
+    engine_cfg = cfg.deepspeed
+    if engine_cfg.precision == "fp16" and not fp16_supported():
         raise UserError("deepspeed.precision=fp16 is not supported by DeepSpeed's accelerator on this host "
                         "(no GPU, no CPU fp16 units): use bf16 or fp32")
-    ds_config = deepspeed_config(cfg, total_steps, warmup_steps, world_size)
+    if engine_cfg.zero_stage == 0 and engine_cfg.precision == "fp32":
+        # Without ZeRO and without mixed precision DeepSpeed hands the step to the plain torch
+        # optimizer, which applies non-finite gradients instead of skipping the step.
+        raise UserError("deepspeed.zero_stage=0 with deepspeed.precision=fp32 cannot skip a step whose gradients "
+                        "are not finite: use deepspeed.zero_stage=1 (same memory on one process) or bf16")
+
+
+def initialize(model: nn.Module, cfg, precision: Precision, world_size: int):
+    """DeepSpeed engine over the whole model; only trainable parameters reach the optimizer.
+
+    The frozen backbone keeps its storage precision bit for bit: DeepSpeed casts every parameter
+    to its training precision at initialisation, so under ZeRO 0-2 the backbone is left out of the
+    engine's view while it initialises (it is frozen: no optimizer, gradient or broadcast concerns
+    it) and under ZeRO-3 it is partitioned beforehand in its own precision (`zero.Init`), which
+    DeepSpeed takes as a model that needs no casting: the trained part is then cast here.
+    """
+    check_trainable(cfg)
+    ds_config = deepspeed_config(cfg, world_size, _largest_frozen_unit(model))
     if cfg.deepspeed.zero_stage == 3:
         mark_backbone_units_as_leaves(model)
-    groups = param_groups(model, cfg)
-    optimizer = build_optimizer(groups, cfg)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    restore_backbone_precision(engine.module, cfg, precision)
-    return engine, scheduler
+    optimizer = build_optimizer(param_groups(model, cfg), cfg)
+    with frozen_backbone_kept(model, cfg, precision, ds_config):
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    _after_initialize(engine.module)
+    return engine
 
 
-def restore_backbone_precision(model: nn.Module, cfg, precision: Precision) -> None:
-    """DeepSpeed casts the whole module to its training precision; put the frozen backbone back
-    in its storage precision (its compute precision is the backbone's own business), and
-    re-register the backbone's upcast hooks so they run after ZeRO-3's gather hooks."""
+def initialize_for_inference(model: nn.Module, cfg, precision: Precision, world_size: int):
+    """ZeRO-3 inference engine (eval, predict): the frozen weights partitioned and offloaded as in
+    training. Other stages need no engine: the caller places the model on its device."""
+    config = {"train_micro_batch_size_per_gpu": 1,
+              "zero_optimization": deepspeed_config(cfg, world_size, _largest_frozen_unit(model))["zero_optimization"]}
+    mark_backbone_units_as_leaves(model)
+    with frozen_backbone_kept(model, cfg, precision, config):
+        engine = deepspeed.initialize(model=model, config=config)[0]
+    _after_initialize(engine.module)
+    return engine
+
+
+def _largest_frozen_unit(model: nn.Module) -> int:
     backbone = getattr(model, "backbone", None)
     if backbone is None:
+        return 0
+    return max((sum(p.numel() for p in unit.parameters()) for unit in backbone.units()), default=0)
+
+
+@contextlib.contextmanager
+def frozen_backbone_kept(model: nn.Module, cfg, precision: Precision, ds_config: Dict[str, Any]):
+    """Around deepspeed.initialize: keep a frozen backbone's weights in their storage precision
+    (see `initialize`). Methods that backpropagate through the backbone train it in DeepSpeed's
+    precision anyway (side4video/precision.py) and are left alone."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is None or cfg.model.method not in FROZEN_METHODS:
+        yield
         return
-    if cfg.deepspeed.zero_stage != 3 and cfg.model.method in FROZEN_METHODS:
-        backbone.to(precision.storage)
-    if hasattr(backbone, "install_compute_hooks"):
+    if cfg.deepspeed.zero_stage == 3:
+        offload = cfg.deepspeed.offload_param
+        with torch.no_grad():
+            deepspeed.zero.Init(module=backbone, config_dict_or_path=ds_config, dtype=precision.storage,
+                                remote_device=offload if offload != "none" else None, pin_memory=has_cuda())
+        for p in model.parameters():  # DeepSpeed casts nothing of a model it finds partitioned
+            if p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(precision.train)
+        yield
+        return
+    del model._modules["backbone"]
+    try:
+        yield
+    finally:
+        model._modules["backbone"] = backbone
+    device = next((p.device for p in model.parameters() if p.requires_grad), None)
+    if device is not None:
+        backbone.to(device)  # a device move only: .to(device) keeps every dtype
+
+
+def _after_initialize(model: nn.Module) -> None:
+    """Re-register the backbone's CPU upcast hooks so that, under ZeRO-3, they run after the
+    gather hooks DeepSpeed has just installed (and restore before the release)."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None:
         backbone.install_compute_hooks()

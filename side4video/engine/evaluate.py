@@ -13,7 +13,9 @@ from typing import Any, Dict, Sequence
 import numpy as np
 import torch
 
+from side4video import signals
 from side4video.engine.collectives import all_gather_objects, any_rank
+from side4video.signals import StopRequested
 from side4video.logs import get_logger
 
 log = get_logger(__name__)
@@ -33,13 +35,23 @@ def _dummy_batch(cfg, device, dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_split(forward, loader, cfg, device, dtype, max_batches: int = 0) -> Dict[str, Any]:
-    """Run the split on every rank; return {key: (label, probabilities)} gathered from all ranks."""
+    """Run the split on every rank; return {key: (label, probabilities)} gathered from all ranks.
+
+    A stop request on any rank (signals.py) ends the evaluation on every rank together, with
+    StopRequested, at the next batch: a training run then saves and exits."""
     local: Dict[str, tuple] = {}
     batches = iter(loader)
     done = 0
     while True:
-        batch = None if (max_batches and done >= max_batches) else next(batches, None)
-        (any_left,) = any_rank(batch is not None)
+        batch = None
+        if not (max_batches and done >= max_batches):
+            try:
+                batch = next(batches, None)
+            except StopRequested:
+                batch = None
+        any_left, stop = any_rank(batch is not None, signals.stop_requested())
+        if stop:
+            raise StopRequested(f"stop requested ({signals.stop_reason() or 'another rank'}) during evaluation")
         if not any_left:
             break
         video = batch["video"] if batch is not None else _dummy_batch(cfg, device, dtype)

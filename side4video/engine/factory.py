@@ -15,8 +15,11 @@ ARCH_KEYS = ("width", "layers", "heads", "patch_size")
 
 
 def run_precision(cfg, cuda: bool = None) -> Precision:
-    """The precision policy of this config on this host (CUDA present or not)."""
-    return precision_from_config(cfg, torch.cuda.is_available() if cuda is None else cuda)
+    """The precision policy of this config on GPUs (`cuda`) or CPUs; by default on the device
+    `train.device` asks for (auto: what this host has)."""
+    if cuda is None:
+        cuda = {"cuda": True, "cpu": False}.get(cfg.train.device, torch.cuda.is_available())
+    return precision_from_config(cfg, cuda)
 
 
 def model_args(cfg, precision: Precision = None) -> ModelArgs:
@@ -55,12 +58,15 @@ def model_on_meta(cfg, precision: Precision = None) -> VideoModel:
     return build_model_on_meta(model_args(cfg, precision))
 
 
-def loader_from_config(cfg, split: str, rank: int = 0, world_size: int = 1, dtype: torch.dtype = None):
-    """The train or val loader of this rank; `dtype`: the clip dtype (default: the precision policy's)."""
+def loader_from_config(cfg, split: str, rank: int = 0, world_size: int = 1, dtype: torch.dtype = None,
+                       device: torch.device = None):
+    """The train or val loader of this rank; `dtype`: the clip dtype (default: the precision
+    policy's); `device`: where DALI decodes (a GPU: 'mixed'; default: the CPU)."""
     from side4video.data.loader import VideoLoader
 
     train = split == "train"
     return VideoLoader(cfg.data, split, batch_size=cfg.train.batch_size if train else
                        (cfg.eval.batch_size or cfg.train.batch_size),
                        views=cfg.data.repeated_views if train else cfg.eval.crops, clips=1 if train else cfg.eval.clips,
-                       rank=rank, world_size=world_size, dtype=dtype or run_precision(cfg).clips)
+                       rank=rank, world_size=world_size, dtype=dtype or run_precision(cfg).clips,
+                       device=device or torch.device("cpu"))

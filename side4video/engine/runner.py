@@ -6,7 +6,6 @@ itself is evaluate.py.
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -16,11 +15,12 @@ import torch
 
 from side4video import distributed
 from side4video.config import to_yaml
-from side4video.engine import checkpoint, export
-from side4video.engine import deepspeed_engine
+from side4video.engine import checkpoint, deepspeed_engine, export
 from side4video.engine.collectives import barrier
 from side4video.engine.evaluate import evaluate, write_report
 from side4video.engine.factory import loader_from_config, model_from_config, run_precision
+from side4video.engine.schedule import RunLength, run_length
+from side4video.engine.state import TrainerState
 from side4video.errors import UserError
 from side4video.logs import get_logger
 
@@ -40,16 +40,14 @@ class Runner:
     def __init__(self, cfg):
         self.cfg = cfg
         self.dist = distributed.detect()
-        deepspeed_engine.init_distributed(self.dist, cfg.deepspeed.timeout_minutes)
-        cuda = deepspeed_engine.has_cuda()
-        self.device = torch.device("cuda", self.dist.local_rank) if cuda else torch.device("cpu")
-        self.precision = run_precision(cfg, cuda)
+        self.device = distributed.select_device(cfg.train.device, self.dist.local_rank, self.dist.local_world_size)
+        deepspeed_engine.init_distributed(self.dist, self.device, cfg.deepspeed.timeout_minutes)
+        self.precision = run_precision(cfg, self.device.type == "cuda")
         self.dtype = self.precision.clips
         self.run_dir = Path(cfg.train.output_dir)
         seed_everything(cfg.train.seed)
         self.model = model_from_config(cfg, precision=self.precision)
         self.engine = None
-        self.scheduler = None
         self.train_loader = None
         self.val_loader = self._build_loader("val") if cfg.data.val.shards else None
         self.class_names = list(getattr(self.val_loader, "class_names", None) or [])
@@ -57,38 +55,27 @@ class Runner:
     # ------------------------------------------------------------------------------ building
     def _build_loader(self, split: str):
         return loader_from_config(self.cfg, split, rank=self.dist.rank, world_size=self.dist.world_size,
-                                  dtype=self.dtype)
+                                  dtype=self.dtype, device=self.device)
 
-    def build_training(self) -> Dict[str, int]:
-        """Train loader, step budget, and the DeepSpeed engine over the model. Returns the plan."""
+    def build_training(self) -> RunLength:
+        """Train loader, step budget, and the DeepSpeed engine over the model."""
         cfg = self.cfg
         if not cfg.data.train.shards:
             raise UserError("data.train.shards is empty: give the training shard spec")
         self.train_loader = self._build_loader("train")
         if not self.class_names:
             self.class_names = list(getattr(self.train_loader, "class_names", None) or [])
-        micro_per_epoch = cfg.train.steps_per_epoch or len(self.train_loader)
-        steps_per_epoch = max(micro_per_epoch // cfg.train.grad_accum, 1)
-        total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-        warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
-        self.engine, self.scheduler = deepspeed_engine.initialize(self.model, cfg, self.precision, total, warmup,
-                                                                  self.dist.world_size)
-        plan = {"steps_per_epoch": steps_per_epoch, "micro_batches_per_epoch": steps_per_epoch * cfg.train.grad_accum,
-                "total_steps": total, "warmup_steps": warmup, "epochs": math.ceil(total / steps_per_epoch)}
-        log.info("plan: %s", plan)
-        return plan
+        length = run_length(cfg.train, len(self.train_loader))
+        self.engine = deepspeed_engine.initialize(self.model, cfg, self.precision, self.dist.world_size)
+        log.info("run: %s; precision %s", length.as_dict(), self.precision.describe())
+        return length
 
     def build_inference(self) -> None:
         """For eval/predict: ZeRO-3 still partitions (and offloads) the frozen weights; other
-        stages just place the model on the device."""
+        stages just place the model on the device (a device move keeps every dtype)."""
         if self.cfg.deepspeed.zero_stage == 3:
-            import deepspeed
-
-            config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": deepspeed_engine.deepspeed_config(
-                self.cfg, 1, 0, self.dist.world_size)["zero_optimization"]}
-            deepspeed_engine.mark_backbone_units_as_leaves(self.model)
-            self.engine = deepspeed.initialize(model=self.model, config=config)[0]
-            deepspeed_engine.restore_backbone_precision(self.engine.module, self.cfg, self.precision)
+            self.engine = deepspeed_engine.initialize_for_inference(self.model, self.cfg, self.precision,
+                                                                    self.dist.world_size)
         else:
             self.model.to(self.device)
         self.module.eval()
@@ -114,22 +101,28 @@ class Runner:
     def fingerprint(self) -> Dict[str, Any]:
         return self.model.backbone.fingerprint()
 
+    def trainer_state(self) -> TrainerState:
+        return TrainerState(loader=self.train_loader, fingerprint=self.fingerprint())
+
     # ------------------------------------------------------------------------------ checkpoints
-    def save(self, step: int, epoch: int, extra: Dict[str, Any]) -> None:
-        client = {"step": step, "epoch": epoch, "data": self.train_loader.state_dict(),
-                  "rng": checkpoint.rng_state(), "backbone": self.fingerprint(), **extra}
-        path = checkpoint.save(self.engine, self.run_dir, step, client, self.cfg.train.keep_checkpoints)
+    def save(self, state: TrainerState) -> Path:
+        """Collective: the engine's files + the trainer state, then trainable.safetensors."""
+        path = checkpoint.save(self.engine, self.run_dir, state.step, state.state_dict(),
+                               self.cfg.train.keep_checkpoints)
         export.write_trainable(self.engine, path, self.cfg.deepspeed.zero_stage, self.is_main)
         barrier()
+        return path
 
-    def resume(self) -> Optional[Dict[str, Any]]:
+    def resume(self, state: TrainerState) -> Optional[Path]:
+        """Restore `latest` (or train.resume) into the engine and `state`; None for a fresh start."""
         found = checkpoint.resolve(self.cfg.train.resume, str(self.run_dir))
         if found is None:
             return None
-        client = checkpoint.load(self.engine, *found, fingerprint=self.fingerprint())
-        self.train_loader.load_state_dict(client["data"])
-        checkpoint.set_rng_state(client["rng"])
-        return client
+        root, tag = found
+        saved = checkpoint.load(self.engine, root, tag)
+        state.load_state_dict(saved, where=f"checkpoint {root / tag}")
+        log.info("resumed from %s at step %d", root / tag, state.step)
+        return root / tag
 
     def load_weights_for_eval(self, source: str) -> None:
         """Trained weights from an export folder, a checkpoint (step_N/), a checkpoints folder

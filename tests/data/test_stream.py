@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from tests.support.data import data_cfg_for, encode, load_cfg
+from tests.support.data import FaultyProxy, data_cfg_for, encode, load_cfg
 from side4video.data import sources
 from side4video.engine.factory import loader_from_config as build_loader
 from side4video.data.shards import ShardWriter
@@ -101,6 +101,40 @@ def test_s3_outage_mid_shard_costs_no_sample_and_repeats_none(tmp_path, moto_s3)
     assert len(got) == len(set(got)) == 30
     assert got == expected
     assert not bad.samples and not bad.shards
+
+
+def _keys_and_bytes(url: str, cfg) -> list:
+    stream = RankStream(resolve_shards(url, cfg.data), cfg.data, epoch=0, workers=2, shuffle_shards=False)
+    return [(sample.key, sample.video) for sample in stream]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", ["http", "s3"])
+def test_5xx_bursts_are_retried_with_no_sample_lost_or_repeated(kind, synthetic_data, http_server, moto_s3):
+    """Bursts of three 503s (SlowDown) every fourth ranged read of a shard, from an HTTP server and
+    from a proxy in front of moto's S3: every sample once, in order, bytes equal to the local read."""
+    local = load_cfg("data.read_chunk=2048")
+    expected = _keys_and_bytes(str(synthetic_data["train"] / "manifest.json"), local)
+    if kind == "http":
+        upstream, prefix = http_server(synthetic_data["train"]), ""
+    else:
+        prefix = moto_s3.upload_folder(synthetic_data["train"], "bursts")
+        upstream = moto_s3.endpoint
+    proxy = FaultyProxy(upstream, burst_every=4, burst=3)
+    try:
+        if kind == "http":
+            url, extra = f"{proxy.url}/manifest.json", []
+        else:
+            url = f"{prefix}/manifest.json"
+            extra = [o if not o.startswith("data.s3.endpoint_url=") else f"data.s3.endpoint_url={proxy.url}"
+                     for o in moto_s3.overrides()]
+        cfg = load_cfg(*extra, "data.read_chunk=2048", "data.retries=4", "data.retry_backoff=0.01")
+        got = _keys_and_bytes(url, cfg)
+    finally:
+        proxy.close()
+    assert proxy.failed >= 12, "no burst was ever injected"
+    assert [k for k, _ in got] == [k for k, _ in expected] and len({k for k, _ in got}) == len(got) == 24
+    assert all(a == b for (_, a), (_, b) in zip(got, expected))
 
 
 @pytest.mark.timeout(60)

@@ -1,5 +1,5 @@
-"""Engine pieces in one process, without DeepSpeed runs: config mapping, parameter groups,
-evaluation arithmetic, checkpoint directory rules."""
+"""Engine pieces in one process, without DeepSpeed runs: config mapping, parameter groups, the
+schedule, evaluation arithmetic, checkpoint directory rules, the trainer state."""
 
 import numpy as np
 import pytest
@@ -9,6 +9,8 @@ from side4video.config import load_config
 from side4video.engine import checkpoint
 from side4video.engine.deepspeed_engine import deepspeed_config, param_groups
 from side4video.engine.evaluate import accuracy_report, view_probabilities
+from side4video.engine.schedule import lr_at, run_length
+from side4video.engine.state import TrainerState
 from side4video.errors import UserError
 from tests.support.engine import DEMO
 
@@ -21,19 +23,40 @@ def test_deepspeed_config_maps_our_keys():
     cfg = cfg_with("train.batch_size=4", "data.repeated_views=2", "train.grad_accum=3", "train.grad_clip=1.0",
                    "deepspeed.zero_stage=3", "deepspeed.offload_param=cpu", "deepspeed.precision=fp16",
                    "train.lr=1e-3", "train.min_lr=1e-5")
-    ds = deepspeed_config(cfg, total_steps=100, warmup_steps=10, world_size=2)
+    ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_micro_batch_size_per_gpu"] == 8  # 4 clips x 2 views
-    assert ds["train_batch_size"] == 8 * 3 * 2
+    assert ds["gradient_accumulation_steps"] == 3 and ds["train_batch_size"] == 8 * 3 * 2
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
     assert ds["gradient_clipping"] == 1.0
-    sched = ds["scheduler"]["params"]
-    assert (sched["total_num_steps"], sched["warmup_num_steps"], sched["warmup_type"]) == (100, 10, "linear")
-    assert sched["cos_min_ratio"] == pytest.approx(1e-2)
-    bf16 = deepspeed_config(cfg_with("deepspeed.precision=bf16"), 10, 0, 1)
-    assert bf16["bf16"]["enabled"] and "fp16" not in bf16
-    assert bf16["scheduler"]["params"]["warmup_num_steps"] == 1  # DeepSpeed refuses 0
+    assert "scheduler" not in ds  # the loop sets every step's learning rate itself
+    bf16 = deepspeed_config(cfg_with("deepspeed.precision=bf16"), 1)
+    assert bf16["bf16"] == {"enabled": True, "check_grad_overflow": True} and "fp16" not in bf16
+    assert bf16["communication_data_type"] == "fp32"
+    nvme = deepspeed_config(cfg_with("deepspeed.zero_stage=3", "deepspeed.offload_param=nvme"), 1,
+                            largest_frozen_unit=int(3e8))
+    assert nvme["zero_optimization"]["offload_param"]["buffer_size"] == int(3e8)  # a whole block per buffer
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = cfg_with("train.epochs=2", "train.warmup_epochs=0.5", "train.lr=1e-3", "train.min_lr=1e-5")
+    length = run_length(cfg.train, micro_batches_per_epoch=10)
+    assert (length.steps_per_epoch, length.total_steps, length.warmup_steps) == (10, 20, 5)
+    lrs = [lr_at(k, length, 1e-3, 1e-5) for k in range(1, 21)]
+    assert lrs[0] == pytest.approx(2e-4) and lrs[4] == pytest.approx(1e-3)  # linear warmup, never 0
+    assert lrs[5] == pytest.approx(1e-3) and all(a > b for a, b in zip(lrs[5:], lrs[6:]))
+    assert 1e-5 < lrs[-1] < 5e-5  # the last step sits just above min_lr, not at it
+    # no warmup: the first step uses the configured rate
+    none = run_length(cfg_with("train.warmup_epochs=0").train, 10)
+    assert lr_at(1, none, 1e-3) == pytest.approx(1e-3)
+    # grad_accum: steps are optimizer steps; train.steps_per_epoch counts them too
+    accum = run_length(cfg_with("train.grad_accum=4", "train.epochs=1").train, micro_batches_per_epoch=10)
+    assert accum.steps_per_epoch == 2 and accum.total_steps == 2
+    assert run_length(cfg_with("train.steps_per_epoch=7", "train.epochs=2").train, 10).total_steps == 14
+    # a warmup longer than the run is clamped to it
+    long = run_length(cfg_with("train.warmup_epochs=5", "train.max_steps=8").train, 10)
+    assert long.warmup_steps == 8 and lr_at(8, long, 1.0) == pytest.approx(1.0)
 
 
 def test_param_groups_hold_only_trainable_parameters():
@@ -107,9 +130,33 @@ def test_checkpoint_resolution_and_latest(tmp_path):
         checkpoint.resolve(str(tmp_path / "nowhere"), "")
 
 
-def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
-    state = checkpoint.rng_state()
-    torch.save(state, tmp_path / "rng.pt")
+class _Loader:
+    def __init__(self):
+        self.position = 0
+
+    def state_dict(self):
+        return {"batches": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["batches"]
+
+
+def test_trainer_state_round_trip_is_weights_only_loadable(tmp_path):
+    """What save writes is what resume reads: step, data position, RNG, evaluations, counters."""
+    loader = _Loader()
+    state = TrainerState(loader=loader, fingerprint={"name": "ViT-T-8", "weights": "random", "seed": 0})
+    loader.position = 5
+    state.end_step(7)
+    state.bad_total, state.skipped_total, state.evals = 1, 2, [{"step": 6, "top1": 0.5}]
+    torch.save(state.state_dict(), tmp_path / "state.pt")
     expected = (np.random.rand(), torch.rand(1).item())
-    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    assert (np.random.rand(), torch.rand(1).item()) == expected
+
+    fresh = TrainerState(loader=_Loader(), fingerprint={"name": "ViT-T-8", "weights": "random", "seed": 0})
+    fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert (fresh.step, fresh.loader.position, fresh.bad_total, fresh.skipped_total) == (7, 5, 1, 2)
+    assert fresh.evals == [{"step": 6, "top1": 0.5}]
+    assert (np.random.rand(), torch.rand(1).item()) == expected  # the RNG streams continue where they were
+
+    other = TrainerState(loader=_Loader(), fingerprint={"name": "ViT-T-8", "weights": "random", "seed": 1})
+    with pytest.raises(UserError, match="another frozen backbone"):
+        other.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))

@@ -155,3 +155,84 @@ def moto_s3() -> Iterator[MotoS3]:
     s3.start()
     yield s3
     s3.stop()
+
+
+class FaultyProxy:
+    """A real HTTP proxy on 127.0.0.1 in front of an upstream server (moto S3, or an HTTP file
+    server) that answers some requests itself, the way real servers fail:
+
+    - `burst_every` / `burst`: of the GET requests for each `.tar` object, `burst` consecutive ones
+      every `burst_every` get a 503 (S3's SlowDown / a load balancer under pressure);
+    - `stall_after`: after that many `.tar` GETs every further one hangs until `release()`.
+    Everything else is forwarded unchanged (method, path, headers, body)."""
+
+    def __init__(self, upstream: str, burst_every: int = 0, burst: int = 0, stall_after: int = -1):
+        import http.client
+        import urllib.parse
+
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.burst_every, self.burst, self.stall_after = burst_every, burst, stall_after
+        self.tar_gets = 0
+        self.gets_of = {}  # path -> GETs so far
+        self.failed = 0
+        self.released = threading.Event()
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                if self.command == "GET" and ".tar" in self.path:
+                    path = self.path.split("?")[0]
+                    with proxy._lock:
+                        proxy.tar_gets += 1
+                        n = proxy.tar_gets
+                        proxy.gets_of[path] = k = proxy.gets_of.get(path, 0) + 1
+                    if 0 <= proxy.stall_after < n:
+                        proxy.released.wait(600)
+                    if proxy.burst_every and (k - 1) % proxy.burst_every < proxy.burst:
+                        proxy.failed += 1
+                        body = b"<Error><Code>SlowDown</Code></Error>"
+                        self.send_response(503)
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body)
+                        return
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                headers["Host"] = proxy.upstream.netloc
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():  # HEAD keeps the object's length; bodies get their own
+                    if k.lower() not in ("transfer-encoding", "connection") and not (
+                            k.lower() == "content-length" and self.command != "HEAD"):
+                        self.send_header(k, v)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward  # noqa: N815 - http.server API
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def release(self) -> None:
+        self.released.set()
+
+    def close(self) -> None:
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()

@@ -47,9 +47,20 @@ def run_cli(args: List[str], nproc: int = 1, timeout: float = 600, env: Dict[str
     return result
 
 
+def train_rows(run_dir: Path) -> List[dict]:
+    """Every logged training row of metrics.jsonl, in the order written (a resumed run appends)."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["kind"] == "train"]
+
+
+def train_steps(run_dir: Path) -> List[int]:
+    """The steps of the logged training rows, in order: a resume that restarted from step 1
+    shows as a repeat."""
+    return [r["step"] for r in train_rows(run_dir)]
+
+
 def train_losses(run_dir: Path) -> Dict[int, float]:
-    rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in train_rows(run_dir)}
 
 
 def summary(run_dir: Path) -> dict:
