@@ -125,6 +125,6 @@ def test_ssv1_flip_pairs_are_its_own_left_right_classes():
 
 
 def test_mirrored_label_pairs_swap_whole_words_only():
-    names = ["turn left", "bright light", "turn right", "left or right", "right or left", "alright"]
+    names = ["turn left", "copyright", "turn right", "left or right", "right or left", "copyleft", "bright"]
     pairs: List[Tuple[int, int]] = [tuple(p) for p in mirrored_label_pairs(names)]
-    assert pairs == [(0, 2), (3, 4)]
+    assert pairs == [(0, 2), (3, 4)]  # not copyright <-> copyleft

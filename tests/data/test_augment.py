@@ -12,6 +12,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageEnhance, ImageOps
 
 from tests.support.data import load_cfg
 from side4video.data import augment as A
@@ -31,7 +32,8 @@ def ramp_frames(frames: int = 4) -> List[np.ndarray]:
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     out = []
     for t in range(frames):
-        img = np.stack([xx * 255 / (SIZE - 1), yy * 255 / (SIZE - 1), np.full_like(xx, 70.0 + 10 * t)], axis=-1)
+        # blue differs frame to frame: statistics (AutoContrast, Contrast's mean) must be per frame
+        img = np.stack([xx * 255 / (SIZE - 1), yy * 255 / (SIZE - 1), np.full_like(xx, 40.0 + 50 * t)], axis=-1)
         img[24:40, 24 + t:40 + t] = (250, 240, 230)
         out.append(img.astype(np.uint8))
     return out
@@ -136,6 +138,46 @@ def test_every_frame_of_a_clip_gets_the_same_ops(video, path):
             assert torch.equal(t[f], t[0]), (view.ra, f)
         changed += (t - plain).abs().mean().item() > 0.5
     assert changed >= len(views) - 2  # the ops did act (AutoContrast / Equalize may barely change a frame)
+
+
+def pil_op(op: str, step: A.RAStep, frame: np.ndarray) -> np.ndarray:
+    """What the reference does to one frame: PIL's ImageOps / ImageEnhance (timm's op functions)."""
+    img = Image.fromarray(frame)
+    name = op[:-len("Increasing")] if op.endswith("Increasing") else op
+    if name == "AutoContrast":
+        out = ImageOps.autocontrast(img)
+    elif name == "Invert":
+        out = ImageOps.invert(img)
+    elif name == "Posterize":
+        out = ImageOps.posterize(img, bin(int(step.arg)).count("1"))
+    elif name == "Solarize":
+        out = ImageOps.solarize(img, int(step.arg))
+    elif name == "SolarizeAdd":
+        out = img.point([min(255, i + int(step.arg)) if i < 128 else i for i in range(256)] * 3)
+    else:
+        enhance = {"Color": ImageEnhance.Color, "Contrast": ImageEnhance.Contrast,
+                   "Brightness": ImageEnhance.Brightness, "Sharpness": ImageEnhance.Sharpness}[name]
+        out = enhance(img).enhance(step.arg)
+    return np.asarray(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("path", ["dali", "pyav"])
+def test_pixel_ops_match_pil_frame_by_frame(video, path):
+    """The reference runs PIL on each frame: the graph must give the same pixels (PIL rounds to
+    integers, so within 2 levels), with image statistics taken per frame. Equalize is DALI's
+    (OpenCV's) histogram equalisation, a few levels from PIL's: docs/model.md, deviations."""
+    ops = [op for op in A.RAND_INCREASING_OPS if op not in ("Equalize", "Rotate", "ShearX", "ShearY",
+                                                              "TranslateXRel", "TranslateYRel")]
+    cases = [(op, sign) for op in ops for sign in ((1.0, -1.0) if op in SIGNED else (1.0,))]
+    views = [A.ViewParams(*FULL)] + [A.ViewParams(*FULL, False, [A.op_step(op, 7.0, sign, SIZE)]) for op, sign in cases]
+    out = run(path, video, views)
+    frames = out[0].permute(0, 2, 3, 1).numpy()  # RA_NONE: the decoded frames (full-frame ROI, same size)
+    assert np.array_equal(frames, np.round(frames))
+    frames = frames.astype(np.uint8)
+    for (op, sign), view, t in zip(cases, views[1:], out[1:]):
+        ours = t.permute(0, 2, 3, 1).numpy()
+        ref = np.stack([pil_op(op, view.ra[0], f) for f in frames])
+        assert np.abs(ours - ref).max() <= 2.0, (op, sign, np.abs(ours - ref).max())
 
 
 # ------------------------------------------------------------------------------- grayscale
