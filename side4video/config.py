@@ -67,6 +67,9 @@ class RandAugmentConfig:
     num_ops: int = setting(4, "ops applied per clip (the reference's n)")
     magnitude: float = setting(7.0, "op strength on a 0-10 scale (the reference's m)")
     magnitude_std: float = setting(0.5, "per-clip gaussian noise on the magnitude (the reference's mstd)")
+    ops: str = setting("increasing", "op set: increasing (timm's -inc1, the reference's: every op grows stronger with "
+                       "the magnitude) or standard (timm's default: Posterize, Solarize and the enhance ops do not)",
+                       ("increasing", "standard"))
 
 
 @dataclass
@@ -84,6 +87,8 @@ class DataConfig:
     flip: bool = setting(True, "random horizontal flip in training")
     flip_label_pairs: List[List[int]] = setting([], "label pairs swapped by a flip, e.g. SSv2 [[86,87],...]")
     randaugment: RandAugmentConfig = section(RandAugmentConfig, "RandAugment")
+    grayscale: float = setting(0.0, "probability that a training clip turns grey, every frame alike (the reference's "
+                               "Kinetics recipe: 0.2)")
     repeated_views: int = setting(1, "repeated augmentation: differently augmented views of each clip per batch")
     mean: List[float] = setting(CLIP_MEAN, "normalisation mean (RGB, 0-1 scale)")
     std: List[float] = setting(CLIP_STD, "normalisation std (RGB, 0-1 scale)")
@@ -375,6 +380,8 @@ def _check_values(cfg: DictConfig) -> None:
         lo_hi = list(cfg.data[key])
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
             raise UserError(f"config key 'data.{key}' must be [low, high] with 0 < low <= high")
+    if not 0.0 <= cfg.data.grayscale <= 1.0:
+        raise UserError(f"config key 'data.grayscale' is a probability in [0, 1], got {cfg.data.grayscale}")
     positive = ["data.frames", "data.size", "data.num_classes", "train.batch_size", "train.grad_accum",
                 "model.side.dim", "data.repeated_views", "eval.clips", "data.workers"]
     for key in positive:

@@ -8,15 +8,24 @@ Geometry is expressed as a region of interest (ROI) in relative coordinates of t
 frame: "resize, then crop" is one `fn.resize(roi=...)` from the decoded frame to size x size.
 
 - train: resize (`data.resize`: short side or [height, width]) -> random resized crop (area and
-  aspect ranges of the resized frame, torchvision's algorithm) -> RandAugment -> flip.
+  aspect ranges of the resized frame, torchvision's algorithm) -> RandAugment -> grayscale
+  (`data.grayscale`, the reference's Kinetics recipe) -> flip.
   RandAugment runs after the crop, on the final size, to keep it cheap; its geometric ops are
-  relative to the image size, so this changes little against the reference's order.
+  relative to the image size, so this changes little against the reference's order
+  (docs/model.md, "Deviations from the reference").
 - test: 1 crop = resize then centre crop; 3 crops = short side resized to the crop size, then
   left/centre/right (top/centre/bottom for portrait video) squares of full height.
 
-RandAugment follows timm's `rand-m{M}-n{N}-mstd{S}` (the reference's m7-n4-mstd0.5): N ops drawn
-with replacement from 15, each applied with probability 0.5, magnitude ~ N(M, S) clipped to
-[0, 10], signed ops negated half the time. The same op and magnitude apply to every frame.
+RandAugment follows timm's `rand-m{M}-n{N}-mstd{S}[-inc1]` (the reference's rand-m7-n4-mstd0.5-inc1):
+N ops drawn with replacement from 15, each applied with probability 0.5, magnitude ~ N(M, S)
+clipped to [0, 10], signed ops negated half the time. The same op, magnitude and sign apply to
+every frame of a clip. Two op sets (`data.randaugment.ops`):
+- increasing (inc1, the reference's): every op grows stronger with the magnitude. Posterize keeps
+  4 - int(4 m/10) bits, Solarize inverts pixels >= 256 - int(256 m/10), and Color, Contrast,
+  Brightness, Sharpness blend with factor 1 +- 0.9 m/10 (random sign).
+- standard (timm's default): Posterize keeps int(4 m/10) bits, Solarize's threshold is
+  int(256 m/10), the enhance ops use factor 0.1 + 1.8 m/10: these grow weaker with magnitude
+  (or, for the enhance ops, cross "no change" at m = 5).
 """
 
 from __future__ import annotations
@@ -33,6 +42,12 @@ RA_NONE, RA_AFFINE, RA_POSTERIZE, RA_SOLARIZE, RA_SOLARIZE_ADD, RA_COLOR, RA_CON
 
 RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
             "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+RAND_INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+                       "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                       "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+OP_SETS = {"increasing": RAND_INCREASING_OPS, "standard": RAND_OPS}
+# ops whose argument does not depend on the magnitude
+UNLEVELLED_OPS = ("AutoContrast", "Equalize", "Invert")
 RA_PROB = 0.5
 MAX_LEVEL = 10.0
 IDENTITY = np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32)
@@ -47,12 +62,14 @@ class RAStep:
 
 @dataclass
 class ViewParams:
-    """One augmented view of a clip: ROI [y, x] in relative coordinates, flip, RandAugment steps."""
+    """One augmented view of a clip: ROI [y, x] in relative coordinates, flip, RandAugment steps,
+    grayscale. All of them apply to every frame of the clip alike."""
 
     roi_start: np.ndarray
     roi_end: np.ndarray
     flip: bool = False
     ra: List[RAStep] = field(default_factory=list)
+    grayscale: bool = False
 
 
 # ------------------------------------------------------------------------------------ geometry
@@ -118,8 +135,11 @@ def _affine_about_centre(a: float, b: float, c: float, d: float, size: int) -> n
     return np.array([[a, b, tx], [c, d, ty]], dtype=np.float32)
 
 
-def _step(rng: np.random.Generator, op: str, level: float, size: int) -> RAStep:
-    sign = -1.0 if rng.random() < 0.5 else 1.0
+def op_step(op: str, level: float, sign: float, size: int) -> RAStep:
+    """The DALI step of one RandAugment op at `level` (0-10); `sign` (+1/-1) for the signed ops.
+
+    Arguments follow timm's `auto_augment` level-to-argument rules for the op names of OP_SETS.
+    """
     frac = level / MAX_LEVEL
     if op == "Rotate":
         t = math.radians(30.0 * frac * sign)
@@ -132,22 +152,20 @@ def _step(rng: np.random.Generator, op: str, level: float, size: int) -> RAStep:
         return RAStep(RA_AFFINE, 0.0, np.array([[1, 0, 0.45 * frac * sign * size], [0, 1, 0]], dtype=np.float32))
     if op == "TranslateYRel":
         return RAStep(RA_AFFINE, 0.0, np.array([[1, 0, 0], [0, 1, 0.45 * frac * sign * size]], dtype=np.float32))
-    if op == "Posterize":  # bits kept (timm: 0..4, fewer bits = stronger at low levels)
-        bits = int(frac * 4)
-        return RAStep(RA_POSTERIZE, float((0xFF << (8 - bits)) & 0xFF))
-    if op == "Solarize":  # invert pixels at or above the threshold
-        return RAStep(RA_SOLARIZE, float(int(frac * 256)))
+    if op in ("Posterize", "PosterizeIncreasing"):  # bits kept: fewer bits = stronger
+        bits = int(frac * 4) if op == "Posterize" else 4 - int(frac * 4)
+        return RAStep(RA_POSTERIZE, float((0xFF << (8 - bits)) & 0xFF))  # the mask of the kept bits
+    if op in ("Solarize", "SolarizeIncreasing"):  # invert pixels at or above the threshold
+        threshold = int(frac * 256)
+        return RAStep(RA_SOLARIZE, float(threshold if op == "Solarize" else 256 - threshold))
     if op == "SolarizeAdd":  # add to pixels below 128
         return RAStep(RA_SOLARIZE_ADD, float(int(frac * 110)))
-    enhance = frac * 1.8 + 0.1  # timm's _enhance_level_to_arg
-    if op == "Color":
-        return RAStep(RA_COLOR, enhance)
-    if op == "Contrast":
-        return RAStep(RA_CONTRAST, enhance)
-    if op == "Brightness":
-        return RAStep(RA_BRIGHTNESS, enhance)
-    if op == "Sharpness":
-        return RAStep(RA_SHARPNESS, enhance)
+    enhance = {"Color": RA_COLOR, "Contrast": RA_CONTRAST, "Brightness": RA_BRIGHTNESS, "Sharpness": RA_SHARPNESS}
+    name = op[:-len("Increasing")] if op.endswith("Increasing") else op
+    if name in enhance:
+        # blend factor with the degenerate image: 1 is "no change"
+        factor = 1.0 + sign * 0.9 * frac if op.endswith("Increasing") else 0.1 + 1.8 * frac
+        return RAStep(enhance[name], factor)
     if op == "AutoContrast":
         return RAStep(RA_AUTOCONTRAST)
     if op == "Equalize":
@@ -158,16 +176,18 @@ def _step(rng: np.random.Generator, op: str, level: float, size: int) -> RAStep:
 
 
 def randaugment_program(rng: np.random.Generator, num_ops: int, magnitude: float, magnitude_std: float,
-                        size: int) -> List[RAStep]:
-    """`num_ops` steps; a step not applied (probability 1 - 0.5) is RA_NONE."""
+                        size: int, ops: str = "increasing") -> List[RAStep]:
+    """`num_ops` steps for one clip from the op set `ops`; a step not applied (probability 1 - 0.5)
+    is RA_NONE."""
+    names = OP_SETS[ops]
     steps = []
     for _ in range(num_ops):
-        op = RAND_OPS[int(rng.integers(len(RAND_OPS)))]
+        op = names[int(rng.integers(len(names)))]
         applied = rng.random() < RA_PROB
         level = float(rng.normal(magnitude, magnitude_std)) if magnitude_std > 0 else float(magnitude)
         level = min(MAX_LEVEL, max(0.0, level))
-        step = _step(rng, op, level, size)
-        steps.append(step if applied else RAStep())
+        sign = -1.0 if rng.random() < 0.5 else 1.0
+        steps.append(op_step(op, level, sign, size) if applied else RAStep())
     return steps
 
 
@@ -178,8 +198,10 @@ def train_view(rng: np.random.Generator, height: int, width: int, data_cfg) -> V
     flip = bool(data_cfg.flip) and rng.random() < 0.5
     ra = data_cfg.randaugment
     steps = randaugment_program(rng, int(ra.num_ops), float(ra.magnitude), float(ra.magnitude_std),
-                                int(data_cfg.size)) if ra.enabled else []
-    return ViewParams(roi_start, roi_end, flip, steps)
+                                int(data_cfg.size), str(ra.ops)) if ra.enabled else []
+    p_gray = float(data_cfg.grayscale)
+    grayscale = p_gray > 0 and rng.random() < p_gray  # drawn last: the other draws keep their values
+    return ViewParams(roi_start, roi_end, flip, steps, grayscale)
 
 
 def eval_views(height: int, width: int, data_cfg, crops: int) -> List[ViewParams]:
@@ -187,6 +209,20 @@ def eval_views(height: int, width: int, data_cfg, crops: int) -> List[ViewParams
         return [ViewParams(s, e) for s, e in three_crops(height, width)]
     hr, wr = resized_shape(height, width, list(data_cfg.resize))
     return [ViewParams(*centre_crop(hr, wr, int(data_cfg.size)))]
+
+
+def mirrored_label_pairs(class_names: Sequence[str]) -> List[List[int]]:
+    """[[a, b], ...]: the classes whose names become each other when "left" and "right" swap
+    (e.g. "Pushing something from left to right"): a horizontal flip turns one into the other."""
+    index = {name: i for i, name in enumerate(class_names)}
+    pairs = []
+    for i, name in enumerate(class_names):
+        words = name.split(" ")
+        mirrored = " ".join({"left": "right", "right": "left"}.get(w, w) for w in words)
+        j = index.get(mirrored)
+        if j is not None and i < j:
+            pairs.append([i, j])
+    return pairs
 
 
 def flip_label_map(pairs: Sequence[Sequence[int]]) -> dict:

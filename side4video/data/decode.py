@@ -6,7 +6,9 @@ One DALI pipeline per input kind:
 - "frames": external_source(frames decoded by PyAV at the same indices)
 then, identical for both, per view: fn.resize with the view's ROI to size x size (resize and crop
 in one step) -> RandAugment steps (DALI conditionals; op, magnitude and affine matrix fed per
-sample) -> fn.crop_mirror_normalize (flip, mean/std, FCHW, fp16/fp32).
+sample) -> grayscale (a conditional on a fed per-sample flag; only in graphs built with
+`grayscale=True`) -> fn.crop_mirror_normalize (flip, mean/std, FCHW, fp16/fp32). Every fed
+parameter is per sample, so every frame of a clip gets the same op, magnitude, flip and grey.
 
 Every random parameter arrives through external_source (drawn in augment.py from seeded
 Generators), never from DALI's RNG: a pipeline rebuilt after a resume or an error gives the same
@@ -32,6 +34,7 @@ from side4video.logs import get_logger
 log = get_logger(__name__)
 
 SMOOTH = (np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0)  # PIL's SMOOTH filter
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2 luma, as PIL's convert("L")
 
 
 @dataclass
@@ -50,6 +53,26 @@ def gpu_available() -> bool:
 
 
 # --------------------------------------------------------------------------------- the graph
+def _luma(clip):
+    """Luma of a float FHWC clip, channel axis kept: (F, H, W, 1)."""
+    from nvidia.dali import fn, types
+
+    return fn.reductions.sum(clip * types.Constant(LUMA), axes=[3], keep_dims=True)
+
+
+def _grayscale(clip, view: int, float_clip: bool):
+    """torchvision's Grayscale(3) when the view's fed flag is set: every channel = the luma."""
+    from nvidia.dali import fn, types
+
+    grey = fn.external_source(name=f"grey_{view}", dtype=types.INT32, ndim=0)
+    if grey:
+        luma = _luma(clip if float_clip else fn.cast(clip, dtype=types.FLOAT))
+        rgb = luma * types.Constant(np.ones(3, dtype=np.float32))  # broadcast to 3 channels
+        # both branches must agree on the type: back to uint8 (rounded, as PIL) when the clip is
+        clip = rgb if float_clip else fn.cast(rgb, dtype=types.UINT8)
+    return clip
+
+
 def _randaugment_step(clip, view: int, step: int, gpu: bool):
     """One RandAugment step: the op chosen per sample by a fed integer (DALI conditionals)."""
     from nvidia.dali import fn, types
@@ -71,18 +94,20 @@ def _randaugment_step(clip, view: int, step: int, gpu: bool):
         clip = dmath.min(clip + fn.cast(clip < 128.0, dtype=types.FLOAT) * arg, 255.0)
     elif kind == A.RA_COLOR:
         clip = dmath.clamp(fn.color_twist(clip, saturation=param), 0.0, 255.0)
-    elif kind == A.RA_CONTRAST:
-        mean = fn.reductions.mean(clip)
+    elif kind == A.RA_CONTRAST:  # PIL: blend with the frame's mean luma
+        mean = _luma(fn.reductions.mean(clip, axes=[1, 2], keep_dims=True))  # (F, 1, 1, 1)
         clip = dmath.clamp(mean + arg * (clip - mean), 0.0, 255.0)
     elif kind == A.RA_BRIGHTNESS:
         clip = dmath.clamp(clip * arg, 0.0, 255.0)
     elif kind == A.RA_SHARPNESS:
         blur = fn.filter(clip, SMOOTH, border="clamp")
         clip = dmath.clamp(blur + arg * (clip - blur), 0.0, 255.0)
-    elif kind == A.RA_AUTOCONTRAST:
-        lo = fn.reductions.min(clip, axes=[0, 1, 2], keep_dims=True)
-        hi = fn.reductions.max(clip, axes=[0, 1, 2], keep_dims=True)
-        clip = (clip - lo) * (255.0 / dmath.max(hi - lo, 1.0))
+    elif kind == A.RA_AUTOCONTRAST:  # PIL: per frame and channel; a flat channel stays as it is
+        lo = fn.reductions.min(clip, axes=[1, 2], keep_dims=True)
+        hi = fn.reductions.max(clip, axes=[1, 2], keep_dims=True)
+        flat = fn.cast(hi - lo < 1.0, dtype=types.FLOAT)
+        scale = flat + (1.0 - flat) * (255.0 / dmath.max(hi - lo, 1.0))
+        clip = (clip - (1.0 - flat) * lo) * scale
     elif kind == A.RA_EQUALIZE:
         clip = fn.cast(fn.equalize(fn.cast(clip, dtype=types.UINT8)), dtype=types.FLOAT)
     elif kind == A.RA_INVERT:
@@ -91,7 +116,7 @@ def _randaugment_step(clip, view: int, step: int, gpu: bool):
 
 
 def _clip_graph(source: str, views: int, ra_steps: int, size: int, mean: Sequence[float], std: Sequence[float],
-                fp16: bool, gpu: bool):
+                fp16: bool, gpu: bool, grayscale: bool = False):
     from nvidia.dali import fn, types
 
     if source == "bytes":
@@ -112,6 +137,8 @@ def _clip_graph(source: str, views: int, ra_steps: int, size: int, mean: Sequenc
                          dtype=types.FLOAT if ra_steps else types.UINT8, antialias=True)
         for step in range(ra_steps):
             clip = _randaugment_step(clip, v, step, gpu)
+        if grayscale:
+            clip = _grayscale(clip, v, float_clip=ra_steps > 0)
         outputs.append(fn.crop_mirror_normalize(
             clip, mirror=flip, mean=[255.0 * m for m in mean], std=[255.0 * s for s in std],
             output_layout="FCHW", dtype=types.FLOAT16 if fp16 else types.FLOAT))
@@ -119,12 +146,12 @@ def _clip_graph(source: str, views: int, ra_steps: int, size: int, mean: Sequenc
 
 
 def build_pipeline(source: str, *, batch_size: int, views: int, ra_steps: int, size: int, mean, std, fp16: bool,
-                   threads: int, gpu: bool, device_id: Optional[int]):
+                   threads: int, gpu: bool, device_id: Optional[int], grayscale: bool = False):
     from nvidia.dali import pipeline_def
 
-    @pipeline_def(enable_conditionals=ra_steps > 0)
+    @pipeline_def(enable_conditionals=ra_steps > 0 or grayscale)
     def graph():
-        return _clip_graph(source, views, ra_steps, size, mean, std, fp16, gpu)
+        return _clip_graph(source, views, ra_steps, size, mean, std, fp16, gpu, grayscale)
 
     # Synchronous execution: we feed a batch, run, read the outputs; overlap with training comes
     # from the loader's prefetch thread, and DALI's own threads decode the samples in parallel.
@@ -141,13 +168,16 @@ class ClipDecoder:
     """Decode + augment batches of ClipRequests into tensors (views, frames, 3, size, size).
 
     `decoder`: 'auto' sends each sample to DALI when the DALI backend in use can decode its
-    codec and to PyAV otherwise; 'dali' and 'pyav' force one path.
+    codec and to PyAV otherwise; 'dali' and 'pyav' force one path. `ra_steps` and `grayscale`
+    shape the graph: RandAugment steps per view, and whether views may turn grey (training with
+    `data.grayscale` > 0).
     """
 
     def __init__(self, *, views: int, size: int, mean: Sequence[float], std: Sequence[float], batch_size: int,
                  ra_steps: int = 0, fp16: bool = False, threads: int = 2, decoder: str = "auto",
-                 gpu: Optional[bool] = None, device_id: Optional[int] = None):
+                 gpu: Optional[bool] = None, device_id: Optional[int] = None, grayscale: bool = False):
         self.views, self.size, self.mean, self.std = int(views), int(size), list(mean), list(std)
+        self.grayscale = bool(grayscale)
         self.batch_size, self.ra_steps, self.fp16, self.threads = int(batch_size), int(ra_steps), fp16, max(1, int(threads))
         self.decoder = decoder
         self.gpu = gpu_available() if gpu is None else gpu
@@ -165,7 +195,8 @@ class ClipDecoder:
         if source not in self._pipes:
             self._pipes[source] = build_pipeline(
                 source, batch_size=self.batch_size, views=self.views, ra_steps=self.ra_steps, size=self.size,
-                mean=self.mean, std=self.std, fp16=self.fp16, threads=self.threads, gpu=self.gpu, device_id=self.device_id)
+                mean=self.mean, std=self.std, fp16=self.fp16, threads=self.threads, gpu=self.gpu, device_id=self.device_id,
+                grayscale=self.grayscale)
         return self._pipes[source]
 
     def _drop_pipe(self, source: str) -> None:
@@ -184,6 +215,8 @@ class ClipDecoder:
             pipe.feed_input(f"roi_start_{v}", [p.roi_start for p in params])
             pipe.feed_input(f"roi_end_{v}", [p.roi_end for p in params])
             pipe.feed_input(f"flip_{v}", [np.array(int(p.flip), dtype=np.int32) for p in params])
+            if self.grayscale:
+                pipe.feed_input(f"grey_{v}", [np.array(int(p.grayscale), dtype=np.int32) for p in params])
             for s in range(self.ra_steps):
                 steps = [p.ra[s] if s < len(p.ra) else A.RAStep() for p in params]
                 pipe.feed_input(f"ra_kind_{v}_{s}", [np.array(st.kind, dtype=np.int32) for st in steps])
@@ -229,6 +262,9 @@ class ClipDecoder:
         was undecodable) and the (key, reason) of those."""
         if len(requests) > self.batch_size:
             raise ValueError(f"{len(requests)} requests for a pipeline of batch size {self.batch_size}")
+        if not self.grayscale and any(v.grayscale for r in requests for v in r.views):
+            # never drop an augmentation silently: the graph has no grayscale node
+            raise ValueError("a view asks for grayscale but this ClipDecoder was built with grayscale=False")
         results: List[Optional[torch.Tensor]] = [None] * len(requests)
         bad: List[Tuple[str, str]] = []
         dali_idx = [i for i, r in enumerate(requests) if self.route(r.codec) == "dali"]

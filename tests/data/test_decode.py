@@ -101,7 +101,8 @@ def test_every_randaugment_op_runs_on_dali():
     data = encode_frames(frames, codec="vp9", fps=8)
     full = (np.zeros(2, np.float32), np.ones(2, np.float32))
     rng = np.random.default_rng(0)
-    steps = [A.RAStep()] + [A._step(rng, op, 7.0, 32) for op in A.RAND_OPS]
+    ops = list(dict.fromkeys(A.RAND_OPS + A.RAND_INCREASING_OPS))  # both op sets: 21 ops
+    steps = [A.RAStep()] + [A.op_step(op, 7.0, float(rng.choice([-1, 1])), 32) for op in ops]
     reqs = [ClipRequest(f"op{i}", data, "vp9", np.arange(4, dtype=np.int32), [A.ViewParams(*full, False, [st])])
             for i, st in enumerate(steps)]
     dec = ClipDecoder(views=1, size=32, mean=[0, 0, 0], std=[1 / 255] * 3, batch_size=len(reqs), ra_steps=1)
@@ -109,12 +110,12 @@ def test_every_randaugment_op_runs_on_dali():
     dec.close()
     assert not bad
     plain = out[0][0]  # RA_NONE: values on 0..255
-    by_op = {op: out[i + 1][0] for i, op in enumerate(A.RAND_OPS)}
+    by_op = {op: out[i + 1][0] for i, op in enumerate(ops)}
     for op, t in by_op.items():
         assert torch.isfinite(t).all() and t.min() >= -1e-3 and t.max() <= 255 + 1e-3, op
     assert torch.allclose(by_op["Invert"], 255 - plain, atol=1e-3)
     changed = [op for op, t in by_op.items() if (t - plain).abs().mean() > 0.5]
-    assert len(changed) >= 13, changed  # every op does something at magnitude 7 (AutoContrast may not)
+    assert len(changed) >= len(ops) - 2, changed  # every op does something at magnitude 7 (AutoContrast may not)
 
 
 def test_eval_views_three_crops_two_clips(synthetic_data, tmp_path):
