@@ -95,6 +95,7 @@ class DataConfig:
     dtype: str = setting("auto", "clip tensor dtype; auto: the backbone's compute precision (side4video/precision.py)", ("auto",) + PRECISIONS)
     decoder: str = setting("auto", "video decoder: DALI (GPU 'mixed' or CPU), PyAV, or pick by codec", ("auto", "dali", "pyav"))
     decode_threads: int = setting(2, "decoder threads per loader")
+    max_bad_in_row: int = setting(50, "unusable samples in a row that end the run with one line (0: never)")
     workers: int = setting(1, "stream reader workers per rank")
     prefetch: int = setting(2, "decoded batches prepared ahead of the training step")
     shuffle_buffer: int = setting(64, "samples (compressed bytes) in the shuffle buffer")

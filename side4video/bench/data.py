@@ -158,7 +158,7 @@ def run(out: str, config=None, overrides: Sequence[str] = (), quick: bool = Fals
     batch = max(1, int(cfg.train.batch_size))
     threads = int(d.decode_threads)
     indices = [np.concatenate(eval_indices(info.frames, T, d.sampling, int(d.dense_stride), 1)) for info in infos]
-    requests = [ClipRequest(f"clip{i}", v, info.codec, idx, A.eval_views(info.height, info.width, d, 1))
+    requests = [ClipRequest(f"clip{i}", v, info.codec, idx, A.eval_views(info.height, info.width, d, 1), info)
                 for i, (v, info, idx) in enumerate(zip(videos, infos, indices))]
     gpu = gpu_available()
 
@@ -186,7 +186,7 @@ def run(out: str, config=None, overrides: Sequence[str] = (), quick: bool = Fals
     for i, (v, info) in enumerate(zip(videos, infos)):
         views = [A.train_view(seeded_rng(0, 0, i, 1 + r), info.height, info.width, aug_cfg.data) for r in range(2)]
         idx = train_indices(info.frames, T, d.sampling, int(d.dense_stride), seeded_rng(0, 0, i))
-        train_requests.append(ClipRequest(f"clip{i}", v, info.codec, idx, views))
+        train_requests.append(ClipRequest(f"clip{i}", v, info.codec, idx, views, info))
     aug = ClipDecoder(views=2, size=size, mean=list(d.mean), std=list(d.std), batch_size=batch, threads=threads,
                       decoder="dali", ra_steps=int(aug_cfg.data.randaugment.num_ops))
     aug.decode(train_requests[:batch])

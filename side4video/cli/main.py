@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema", action="store_true", help="list every key with its type, default and meaning")
 
     p = add("plan", cmd_plan, "parameter counts and memory plan for a config (no memory allocated)",
-            "side4video plan configs/ssv2_vitb16.yaml --json")
+            "side4video plan configs/experiments/ssv2_vitb16.yaml --json")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
 

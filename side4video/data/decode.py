@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from side4video.data import augment as A
-from side4video.data.video import DALI_CPU_CODECS, DALI_GPU_CODECS, VideoError, decode_frames
+from side4video.data.video import VideoError, VideoInfo, dali_decodes, decode_frames
 from side4video.logs import get_logger
 
 log = get_logger(__name__)
@@ -46,6 +46,7 @@ class ClipRequest:
     codec: str
     indices: np.ndarray
     views: List[A.ViewParams]
+    info: Optional[VideoInfo] = None  # size and pixel format: the GPU decoder refuses some videos
 
 
 def gpu_available() -> bool:
@@ -122,7 +123,10 @@ def _clip_graph(source: str, views: int, ra_steps: int, size: int, mean: Sequenc
     if source == "bytes":
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         indices = fn.external_source(name="indices", dtype=types.INT32, ndim=1)
-        video = fn.decoders.video(encoded, device="mixed" if gpu else "cpu", frames=indices)
+        # affine=False: the mixed decoder would pin its threads to fixed cores, possibly outside
+        # the job's CPU set or onto the same cores for every rank of a node
+        gpu_args = {"affine": False} if gpu else {}
+        video = fn.decoders.video(encoded, device="mixed" if gpu else "cpu", frames=indices, **gpu_args)
     else:
         video = fn.external_source(name="frames", dtype=types.UINT8, ndim=4, layout="FHWC")
         if gpu:
@@ -184,12 +188,17 @@ class ClipDecoder:
         self.device_id = (torch.cuda.current_device() if self.gpu else None) if device_id is None else device_id
         self._pipes: Dict[str, object] = {}
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="pyav-decode")
+        self.fallbacks: List[Tuple[str, str]] = []  # (key, DALI's reason) of samples PyAV decoded instead
 
     # -- routing --------------------------------------------------------------------------------
-    def route(self, codec: str) -> str:
+    def route(self, request: ClipRequest) -> str:
+        """'dali' when the DALI backend in use takes this video (codec; on a GPU also its size and
+        pixel format, which NVDEC limits), else 'pyav'."""
         if self.decoder in ("dali", "pyav"):
             return self.decoder
-        return "dali" if codec in (DALI_GPU_CODECS if self.gpu else DALI_CPU_CODECS) else "pyav"
+        info = request.info
+        width, height, pix_fmt = (info.width, info.height, info.pix_fmt) if info is not None else (1 << 16, 1 << 16, "")
+        return "dali" if dali_decodes(request.codec, width, height, pix_fmt, self.gpu) else "pyav"
 
     def _pipe(self, source: str):
         if source not in self._pipes:
@@ -230,7 +239,11 @@ class ClipDecoder:
 
             dtype = torch.float16 if self.fp16 else torch.float32
             out = torch.empty(dense.shape(), dtype=dtype, device=torch.device("cuda", self.device_id))
-            feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device_id))
+            stream = torch.cuda.current_stream(self.device_id)
+            feed_ndarray(dense, out, cuda_stream=stream)
+            # DALI's outputs stay valid only until its next run(), which writes them on its own
+            # stream: the copy must be complete before this thread asks for the next batch.
+            stream.synchronize()
             return out
         return torch.from_numpy(np.array(dense))  # a copy: DALI reuses its output buffers
 
@@ -267,13 +280,18 @@ class ClipDecoder:
             raise ValueError("a view asks for grayscale but this ClipDecoder was built with grayscale=False")
         results: List[Optional[torch.Tensor]] = [None] * len(requests)
         bad: List[Tuple[str, str]] = []
-        dali_idx = [i for i, r in enumerate(requests) if self.route(r.codec) == "dali"]
-        pyav_idx = [i for i, r in enumerate(requests) if self.route(r.codec) == "pyav"]
+        dali_idx = [i for i, r in enumerate(requests) if self.route(r) == "dali"]
+        pyav_idx = [i for i, r in enumerate(requests) if self.route(r) == "pyav"]
         if dali_idx:
-            out, b = self._run_guarded("bytes", [requests[i] for i in dali_idx])
+            out, refused = self._run_guarded("bytes", [requests[i] for i in dali_idx])
+            refused_keys = dict(refused)
             for i, t in zip(dali_idx, out):
                 results[i] = t
-            bad.extend(b)
+                if t is None and self.decoder == "auto":  # a second chance through PyAV
+                    self.fallbacks.append((requests[i].key, refused_keys[requests[i].key]))
+                    pyav_idx.append(i)
+            if self.decoder != "auto":
+                bad.extend(refused)
         if pyav_idx:
             decoded = list(self._pool.map(_pyav_frames, [requests[i] for i in pyav_idx]))
             ok = []
@@ -288,6 +306,16 @@ class ClipDecoder:
                     results[i] = t
                 bad.extend(b)
         return results, bad
+
+    def release_memory(self) -> None:
+        """Give DALI's unused device and pinned buffers back (GPU hosts). DALI's pools grow to the
+        largest video seen (8 x 16 full-HD frames is ~0.8 GB) and never shrink on their own,
+        outside torch's allocator; an epoch boundary is a good moment (make-shards --short-side
+        bounds them for good)."""
+        if self.gpu:
+            from nvidia.dali import backend
+
+            backend.ReleaseUnusedMemory()
 
     def close(self) -> None:
         self._pipes.clear()

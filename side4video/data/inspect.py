@@ -75,7 +75,7 @@ def inspect_shards(spec, data, batch_size: int, decode: bool = False, progress: 
             if decoder is not None:
                 idx = np.concatenate(eval_indices(info.frames, int(d.frames), d.sampling, int(d.dense_stride), 1))
                 pending.append(ClipRequest(sample.key, sample.video, info.codec, idx,
-                                           A.eval_views(info.height, info.width, d, 1)))
+                                           A.eval_views(info.height, info.width, d, 1), info))
                 if len(pending) >= batch:
                     flush()
         if decoder is not None:

@@ -99,6 +99,7 @@ class VideoLoader:
         self._stream_pos = 0  # samples of the rank's stream behind those batches
         self._restored = False
         self._bad = BadLog()
+        self._bad_in_row = 0  # unusable samples since the last usable one (producer thread)
         self.last_wait_s = 0.0
         self._decoder: Optional[ClipDecoder] = None
         # The GPU this rank trains on (DALI 'mixed' decodes there), given by the caller: the
@@ -251,7 +252,7 @@ class VideoLoader:
                 views=self.views, size=int(self.data.size), mean=list(self.data.mean), std=list(self.data.std),
                 batch_size=self.batch_size, ra_steps=int(ra.num_ops) if (self.train and ra.enabled) else 0,
                 fp16=self.dtype == torch.float16, threads=int(self.data.decode_threads), decoder=self.data.decoder,
-                gpu=self._gpu, device_id=self._device_id)
+                gpu=self._gpu, device_id=self._device_id, grayscale=self.train and float(self.data.grayscale) > 0)
         return self._decoder
 
     def prepare(self, sample: Sample, epoch: int) -> Union[ClipRequest, str]:
@@ -267,7 +268,7 @@ class VideoLoader:
             base = (int(d.seed), epoch, stable_hash(sample.key), sample.occurrence)
             indices = train_indices(info.frames, self.frames, d.sampling, int(d.dense_stride), seeded_rng(*base, 0))
             views = [A.train_view(seeded_rng(*base, 1 + v), info.height, info.width, d) for v in range(self.views)]
-            return ClipRequest(sample.key, sample.video, info.codec, indices, views)
+            return ClipRequest(sample.key, sample.video, info.codec, indices, views, info)
         return eval_request(sample.key, sample.video, info, d, crops=self.views, clips=self.clips)
 
     def _produce(self, epoch: int, batch_index: int, stream_pos: int, out: "queue.Queue", stop: threading.Event) -> None:
@@ -299,6 +300,8 @@ class VideoLoader:
                 batch_index += 1
                 if not put((batch, batch_index, stream_pos)):
                     return
+            if self._decoder is not None:
+                self._decoder.release_memory()  # the epoch is over: DALI's pools may shrink (GPU)
             put(_END)
         except BaseException as e:  # handed to the consumer, which raises it in the main thread
             put(_Failure(e))
@@ -323,21 +326,40 @@ class VideoLoader:
                 break
             end_pos = taken[-1].index + 1
             prepared = list(self._probe_pool.map(lambda s: self.prepare(s, epoch), taken))
-            requests = []
+            requests, reasons = [], {}
             for sample, req in zip(taken, prepared):
                 if isinstance(req, str):
-                    self._bad.sample(sample.key, req)
+                    reasons[sample.key] = req
                 else:
                     requests.append((sample, req))
-            if not requests:
-                continue
-            tensors, bad = self.decoder().decode([r for _, r in requests])
-            for key, reason in bad:
-                self._bad.sample(key, reason)
-            good.extend((s, r, t) for (s, r), t in zip(requests, tensors) if t is not None)
+            tensors, bad = self.decoder().decode([r for _, r in requests]) if requests else ([], [])
+            reasons.update(bad)
+            decoded = {s.key: (s, r, t) for (s, r), t in zip(requests, tensors) if t is not None}
+            for sample in taken:  # in stream order, for the count of unusable samples in a row
+                if sample.key in decoded:
+                    good.append(decoded[sample.key])
+                    self._bad_in_row = 0
+                else:
+                    self._unusable(sample.key, reasons.get(sample.key, "not decoded"))
         if not good:
             return None
         return self._collate(good), end_pos
+
+    def _unusable(self, key: str, reason: str) -> None:
+        """Skip and count a sample; a long run of them is no bad luck but bad data or a decoder
+        that refuses everything: end with one line instead of skipping forever."""
+        self._bad.sample(key, reason)
+        self._bad_in_row += 1
+        limit = int(self.data.max_bad_in_row)
+        if limit and self._bad_in_row >= limit:
+            raise UserError(f"data.{self.split}: {self._bad_in_row} samples in a row could not be used (the last, "
+                            f"{key}: {reason}); check the shards (side4video inspect --decode) and data.decoder, "
+                            f"or raise data.max_bad_in_row")
+
+    @property
+    def decoder_fallbacks(self) -> int:
+        """Samples DALI refused and PyAV decoded instead."""
+        return len(self._decoder.fallbacks) if self._decoder is not None else 0
 
     def _collate(self, good: Sequence[Tuple[Sample, ClipRequest, torch.Tensor]]) -> Dict[str, Any]:
         video = torch.stack([t for _, _, t in good])  # (B, V, F, 3, S, S)
@@ -364,7 +386,7 @@ def eval_request(key: str, video: bytes, info, data_cfg, crops: int, clips: int)
     """The test views of one video: `clips` temporal clips (centre sampling) x `crops` crops."""
     indices = np.concatenate(eval_indices(info.frames, int(data_cfg.frames), data_cfg.sampling,
                                           int(data_cfg.dense_stride), clips))
-    return ClipRequest(key, video, info.codec, indices, A.eval_views(info.height, info.width, data_cfg, crops))
+    return ClipRequest(key, video, info.codec, indices, A.eval_views(info.height, info.width, data_cfg, crops), info)
 
 
 def eval_views_layout(decoded: torch.Tensor, clips: int, frames: int) -> torch.Tensor:

@@ -22,6 +22,22 @@ import numpy as np
 # Codecs each DALI backend decodes (see docs/environment.md and fn.decoders.video's documentation).
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 DALI_GPU_CODECS = frozenset({"vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4"})
+# NVDEC's smallest frame side per codec (NVIDIA's Video Codec SDK support matrix): smaller videos
+# are refused by the GPU decoder ('mixed'), so they go through PyAV instead.
+NVDEC_MIN_SIDE = {"vp9": 128, "av1": 128, "hevc": 144, "h264": 48, "vp8": 48, "mpeg4": 48, "mjpeg": 64}
+# NVDEC decodes 8-bit 4:2:0 only for these inputs (H.264 High10, 4:2:2 and 4:4:4 are refused).
+NVDEC_PIXEL_FORMATS = frozenset({"yuv420p", "yuvj420p", "nv12"})
+
+
+def dali_decodes(codec: str, width: int, height: int, pix_fmt: str, gpu: bool) -> bool:
+    """Whether the DALI backend in use ('mixed' on a GPU, 'cpu' otherwise) takes this video.
+    Some GPUs lack AV1 altogether: that shows only when decoding, and the decoder then falls back
+    to PyAV sample by sample (data/decode.py)."""
+    if not gpu:
+        return codec in DALI_CPU_CODECS
+    if codec not in DALI_GPU_CODECS or min(width, height) < NVDEC_MIN_SIDE.get(codec, 0):
+        return False
+    return not pix_fmt or pix_fmt in NVDEC_PIXEL_FORMATS
 
 
 class VideoError(Exception):
@@ -36,6 +52,7 @@ class VideoInfo:
     height: int
     fps: float
     duration_s: float
+    pix_fmt: str = ""  # e.g. yuv420p; yuv420p10le is 10-bit
 
 
 def _open(data: bytes):
@@ -64,7 +81,7 @@ def probe(data: bytes) -> VideoInfo:
         rate = stream.average_rate or stream.guessed_rate or 0
         fps = float(rate) if rate else 0.0
         return VideoInfo(codec=ctx.name, frames=frames, width=int(ctx.width), height=int(ctx.height), fps=fps,
-                         duration_s=frames / fps if fps else 0.0)
+                         duration_s=frames / fps if fps else 0.0, pix_fmt=ctx.format.name if ctx.format else "")
 
 
 def _plane(plane, rows: int, cols: int) -> np.ndarray:

@@ -243,10 +243,8 @@ def frozen_backbone_kept(model: nn.Module, cfg, precision: Precision, ds_config:
         yield
         return
     if cfg.deepspeed.zero_stage == 3:
-        offload = cfg.deepspeed.offload_param
-        with torch.no_grad():
-            deepspeed.zero.Init(module=backbone, config_dict_or_path=ds_config, dtype=precision.storage,
-                                remote_device=offload if offload != "none" else None, pin_memory=has_cuda())
+        if not all(hasattr(p, "ds_id") for p in backbone.frozen_parameters()):  # not partitioned at build
+            partition_frozen_unit(backbone, cfg, precision, ds_config)
         for p in model.parameters():  # DeepSpeed casts nothing of a model it finds partitioned
             if p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(precision.train)
@@ -260,6 +258,26 @@ def frozen_backbone_kept(model: nn.Module, cfg, precision: Precision, ds_config:
     device = next((p.device for p in model.parameters() if p.requires_grad), None)
     if device is not None:
         backbone.to(device)  # a device move only: .to(device) keeps every dtype
+
+
+def partition_frozen_unit(unit: nn.Module, cfg, precision: Precision, ds_config: Dict[str, Any]) -> None:
+    """ZeRO-3-partition a frozen module's parameters in their own precision (this rank keeps its
+    shard; offloaded to CPU/NVMe with deepspeed.offload_param)."""
+    offload = cfg.deepspeed.offload_param
+    with torch.no_grad():
+        deepspeed.zero.Init(module=unit, config_dict_or_path=ds_config, dtype=precision.storage,
+                            remote_device=offload if offload != "none" else None, pin_memory=has_cuda())
+
+
+def frozen_unit_placer(cfg, precision: Precision, world_size: int, largest_frozen_unit: int):
+    """For the model build (model/backbone.py `place_unit`): under ZeRO-3 with a frozen backbone,
+    partition each unit as soon as it is loaded, so no rank ever holds the whole backbone (8 ranks
+    of a node would otherwise each build a full EVA-E copy, 8 x 8.1 GiB of host memory); None
+    otherwise (the backbone is built whole)."""
+    if cfg.deepspeed.zero_stage != 3 or cfg.model.method not in FROZEN_METHODS:
+        return None
+    ds_config = deepspeed_config(cfg, world_size, largest_frozen_unit)
+    return lambda unit: partition_frozen_unit(unit, cfg, precision, ds_config)
 
 
 def _after_initialize(model: nn.Module) -> None:

@@ -124,6 +124,15 @@ def apply_trained_state(model: torch.nn.Module, state: Dict[str, torch.Tensor]) 
     except KeyError as e:
         raise UserError(f"trained weights do not fit the configured model: {e.args[0]}") from None
     if frozen:
-        missing, unexpected = model.load_state_dict(frozen, strict=False)
+        expected = set(model.state_dict())
+        unexpected = sorted(k for k in frozen if k not in expected)
         if unexpected:
             raise UserError(f"trained weights do not fit this model: unexpected keys {unexpected[:3]}...")
+        params = [p for p in model.backbone.parameters() if hasattr(p, "ds_id")]
+        if params:  # ZeRO-3 partitioned at build: gather, let rank 0 write, partition again
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                model.load_state_dict(frozen, strict=False)
+        else:
+            model.load_state_dict(frozen, strict=False)

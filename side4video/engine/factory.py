@@ -48,9 +48,10 @@ def config_overrides(args: ModelArgs) -> List[str]:
             f"data.num_classes={args.num_classes}"]
 
 
-def model_from_config(cfg, device="cpu", precision: Precision = None) -> VideoModel:
-    """The config's model, materialised on `device` (the backbone loaded or randomly initialised)."""
-    return build_model(model_args(cfg, precision), device)
+def model_from_config(cfg, device="cpu", precision: Precision = None, place_unit=None) -> VideoModel:
+    """The config's model, materialised on `device` (the backbone loaded or randomly initialised;
+    `place_unit`: see model/backbone.py `build_backbone`)."""
+    return build_model(model_args(cfg, precision), device, place_unit)
 
 
 def model_on_meta(cfg, precision: Precision = None) -> VideoModel:

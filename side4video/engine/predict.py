@@ -17,8 +17,9 @@ from side4video.engine.export import apply_trained_state, export_config, load_tr
 from side4video.errors import UserError
 
 
-def clip_views(cfg, video_path: str | Path, dtype: torch.dtype) -> torch.Tensor:
-    """One video file -> its test views (1, crops*clips, T, 3, S, S)."""
+def clip_views(cfg, video_path: str | Path, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One video file -> its test views (1, crops*clips, T, 3, S, S) on `device` (decoded there
+    by DALI 'mixed' when it is a GPU the video suits)."""
     from side4video.data.decode import ClipDecoder
     from side4video.data.loader import eval_request, eval_views_layout
     from side4video.data.video import VideoError, probe
@@ -32,35 +33,42 @@ def clip_views(cfg, video_path: str | Path, dtype: torch.dtype) -> torch.Tensor:
     except VideoError as e:
         raise UserError(f"{path}: not a readable video ({e})") from None
     request = eval_request(path.name, data, info, cfg.data, crops=cfg.eval.crops, clips=cfg.eval.clips)
+    gpu = device.type == "cuda"
     decoder = ClipDecoder(views=cfg.eval.crops, size=cfg.data.size, mean=list(cfg.data.mean), std=list(cfg.data.std),
-                          batch_size=1, threads=cfg.data.decode_threads, decoder=cfg.data.decoder)
+                          batch_size=1, threads=cfg.data.decode_threads, decoder=cfg.data.decoder, gpu=gpu,
+                          device_id=device.index if gpu else None)
     try:
         tensors, bad = decoder.decode([request])
     finally:
         decoder.close()
     if bad:
         raise UserError(f"{path}: could not decode the video ({bad[0][1]})")
-    return eval_views_layout(tensors[0].unsqueeze(0), cfg.eval.clips, cfg.data.frames).to(dtype)
+    return eval_views_layout(tensors[0].unsqueeze(0), cfg.eval.clips, cfg.data.frames).to(device, dtype)
 
 
 @torch.no_grad()
 def predict_video(export_dir: str, video_path: str, top_k: int = 5, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    from side4video.distributed import select_device
     from side4video.engine.factory import model_from_config, run_precision
 
     if not Path(video_path).is_file():
         raise UserError(f"video not found: {video_path}")
     meta = read_export_meta(export_dir)
     cfg = export_config(export_dir, overrides)
-    precision = run_precision(cfg)
-    model = model_from_config(cfg, precision=precision)
+    # model and clips on one device; the training host's train.device does not bind this one
+    requested = cfg.train.device if any(o.startswith("train.device=") for o in overrides) else "auto"
+    device = select_device(requested, 0, 1)
+    precision = run_precision(cfg, device.type == "cuda")
+    model = model_from_config(cfg, device=device, precision=precision)
     apply_trained_state(model, load_trained_state(export_dir, model.backbone.fingerprint()))
     model.eval()
-    probs = view_probabilities(model, clip_views(cfg, video_path, precision.clips))[0]
+    probs = view_probabilities(model, clip_views(cfg, video_path, precision.clips, device))[0].cpu()
     names: List[str] = meta.get("class_names") or [str(i) for i in range(probs.numel())]
     top = probs.topk(min(top_k, probs.numel()))
     return {
         "video": str(video_path),
         "views": cfg.eval.crops * cfg.eval.clips,
+        "device": str(device),
         "top": [{"class": names[i], "index": int(i), "probability": float(p)} for p, i in zip(top.values, top.indices)],
     }
 

@@ -18,7 +18,7 @@ from side4video.config import to_yaml
 from side4video.engine import checkpoint, deepspeed_engine, export
 from side4video.engine.collectives import barrier
 from side4video.engine.evaluate import evaluate, write_report
-from side4video.engine.factory import loader_from_config, model_from_config, run_precision
+from side4video.engine.factory import loader_from_config, model_from_config, model_on_meta, run_precision
 from side4video.engine.schedule import RunLength, run_length
 from side4video.engine.state import TrainerState
 from side4video.errors import UserError
@@ -46,13 +46,23 @@ class Runner:
         self.dtype = self.precision.clips
         self.run_dir = Path(cfg.train.output_dir)
         seed_everything(cfg.train.seed)
-        self.model = model_from_config(cfg, precision=self.precision)
+        self.model = model_from_config(cfg, device=self.device, precision=self.precision,
+                                       place_unit=self._frozen_unit_placer())
         self.engine = None
         self.train_loader = None
         self.val_loader = self._build_loader("val") if cfg.data.val.shards else None
         self.class_names = list(getattr(self.val_loader, "class_names", None) or [])
 
     # ------------------------------------------------------------------------------ building
+    def _frozen_unit_placer(self):
+        """ZeRO-3: partition the frozen backbone unit by unit while it is built (see
+        deepspeed_engine.frozen_unit_placer)."""
+        if self.cfg.deepspeed.zero_stage != 3:
+            return None
+        largest = max(sum(p.numel() for p in unit.parameters())
+                      for unit in model_on_meta(self.cfg, self.precision).backbone.units())
+        return deepspeed_engine.frozen_unit_placer(self.cfg, self.precision, self.dist.world_size, largest)
+
     def _build_loader(self, split: str):
         return loader_from_config(self.cfg, split, rank=self.dist.rank, world_size=self.dist.world_size,
                                   dtype=self.dtype, device=self.device)

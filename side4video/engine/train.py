@@ -268,7 +268,8 @@ def _finish(run: Runner, cfg, length: RunLength, state: TrainerState, metrics: M
 
 def _run_figures(run: Runner, speed: Throughput, started: float) -> Dict[str, Any]:
     """Throughput (all ranks together), peak memory (the largest rank) and bad samples (all ranks)."""
-    per_rank = all_gather_objects({"peak": peak_memory(), "bad": list(run.train_loader.bad_samples)})
+    per_rank = all_gather_objects({"peak": peak_memory(), "bad": list(run.train_loader.bad_samples),
+                                   "fallbacks": run.train_loader.decoder_fallbacks})
     peaks = {key: max(r["peak"][key] for r in per_rank) for key in per_rank[0]["peak"]}
     figures = speed.read()
     return {
@@ -276,6 +277,7 @@ def _run_figures(run: Runner, speed: Throughput, started: float) -> Dict[str, An
         "data_wait_fraction": figures["data_wait_fraction"],
         **peaks,
         "bad_samples": sorted({key for r in per_rank for key in r["bad"]}),
+        "decoder_fallbacks": sum(r["fallbacks"] for r in per_rank),  # DALI refused, PyAV decoded
         "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters() if p.requires_grad),
         "world_size": run.dist.world_size,
         "wall_s": time.perf_counter() - started,

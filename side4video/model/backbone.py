@@ -5,14 +5,15 @@ local checkpoint or randomly initialised."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence
+import os
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from side4video.model.spec import BackboneSpec, embed_dim
 from side4video.model.tower import FrozenBackbone
-from side4video.model.weights import load_weights
+from side4video.model.weights import WeightSource
 
 
 @contextlib.contextmanager
@@ -67,50 +68,66 @@ def materialise(module: nn.Module, dtype: torch.dtype, buffer_dtype: torch.dtype
 
 
 @torch.no_grad()
-def random_init(module: nn.Module, seed: int, std: float = 0.02) -> None:
-    """Deterministic random init in place, in the storage precision (no fp32 copy).
+def random_init(module: nn.Module, std: float = 0.02) -> None:
+    """Random init in place from the global RNG, in the storage precision (no fp32 copy).
 
     Modules with a `reset_parameters` get PyTorch's default init; other parameters: biases zero,
     everything else N(0, std). Random backbones only serve tests, demos and benchmarks.
     """
     done = set()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for m in module.modules():
-            reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
-            own = list(m.parameters(recurse=False))
-            if callable(reset) and own:
-                reset()
-                done.update(id(p) for p in own)
-                if isinstance(m, nn.MultiheadAttention):  # it also initialises out_proj
-                    done.update(id(p) for p in m.out_proj.parameters())
-        for name, p in module.named_parameters():
-            if id(p) in done:
-                continue
-            if name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, std)
+    for m in module.modules():
+        reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
+        own = list(m.parameters(recurse=False))
+        if callable(reset) and own:
+            reset()
+            done.update(id(p) for p in own)
+            if isinstance(m, nn.MultiheadAttention):  # it also initialises out_proj
+                done.update(id(p) for p in m.out_proj.parameters())
+    for name, p in module.named_parameters():
+        if id(p) in done:
+            continue
+        if name.endswith("bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, std)
 
 
 def build_backbone(spec: BackboneSpec, taps: Sequence[int], *, storage_dtype: torch.dtype, compute_dtype: torch.dtype,
                    weights: str = "", seed: int = 0, device="cpu", trainable: bool = False,
                    grad_through: bool = False, keep_final_norm: bool = False, keep_proj: bool = False,
-                   tap_dtype: Optional[torch.dtype] = None) -> FrozenBackbone:
-    """Build on meta, materialise in `storage_dtype` on `device` (unless device is meta), load or init."""
+                   tap_dtype: Optional[torch.dtype] = None,
+                   place_unit: Optional[Callable[[nn.Module], None]] = None) -> FrozenBackbone:
+    """Build on meta, then unit by unit (stem, each block, final norm): materialise in
+    `storage_dtype` on `device`, load from `weights` or randomly initialise (one RNG stream from
+    `seed`, the same whatever happens to the units), then `place_unit(unit)`: e.g. ZeRO-3
+    partitioning, so that only one unit is ever whole in this process. `device="meta"` only
+    sets the dtypes (planning)."""
     with parameters_on_meta():
         tower = build_tower(spec)
     backbone = FrozenBackbone(spec, tower, taps, storage_dtype, compute_dtype, trainable=trainable,
                               grad_through=grad_through, keep_final_norm=keep_final_norm, keep_proj=keep_proj,
                               tap_dtype=tap_dtype)
     # Tower modules the wrapper does not keep (e.g. the head) stay on meta and go away with `tower`.
-    # On `meta` this only sets the dtypes (planning sees the real storage precision).
-    materialise(backbone, storage_dtype, compute_dtype, device)
-    if str(device) != "meta":
+    if str(device) == "meta":
+        materialise(backbone, storage_dtype, compute_dtype, device)
+    else:
+        source = WeightSource(backbone, tower, weights) if weights else None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for name, unit in backbone.named_units():
+                materialise(unit, storage_dtype, compute_dtype, device)
+                if source is not None:
+                    source.load(name, unit)
+                else:
+                    random_init(unit)
+                for p in unit.parameters():
+                    p.requires_grad_(trainable)
+                if place_unit is not None:
+                    place_unit(unit)
+        materialise(backbone, storage_dtype, compute_dtype, device)  # buffers outside the units
         if weights:
-            load_weights(backbone, tower, weights)
+            backbone._fingerprint.update(weights=os.path.abspath(weights), seed=None)
         else:
-            random_init(backbone, seed)
             backbone._fingerprint.update(weights="random", seed=int(seed))
     for p in backbone.parameters():
         p.requires_grad_(trainable)

@@ -121,7 +121,7 @@ def _taps(args: ModelArgs, spec: BackboneSpec) -> List[int]:
     return [spec.layers - 1]
 
 
-def _build(args: ModelArgs, device) -> VideoModel:
+def _build(args: ModelArgs, device, place_unit=None) -> VideoModel:
     method = args.method
     if method not in METHODS:
         raise UserError(f"config key 'model.method' is {method!r}; allowed: {', '.join(METHODS)}")
@@ -131,7 +131,8 @@ def _build(args: ModelArgs, device) -> VideoModel:
     backbone = build_backbone(
         spec, taps, storage_dtype=p.storage, compute_dtype=p.compute, weights=args.weights, seed=args.seed,
         device=device, trainable=method == "full", grad_through=method == "adapter",
-        keep_final_norm=method != "side4video", tap_dtype=p.storage if method in FROZEN_METHODS else None)
+        keep_final_norm=method != "side4video", tap_dtype=p.storage if method in FROZEN_METHODS else None,
+        place_unit=place_unit)
     # Trained modules: fp32 (DeepSpeed casts them to its precision), deterministic from the seed.
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(args.seed + 1)
@@ -152,9 +153,10 @@ def _build(args: ModelArgs, device) -> VideoModel:
     return model
 
 
-def build_model(args: ModelArgs, device="cpu") -> VideoModel:
-    """The model: backbone materialised in its storage precision and loaded, the rest fp32."""
-    return _build(args, device)
+def build_model(args: ModelArgs, device="cpu", place_unit=None) -> VideoModel:
+    """The model: backbone materialised in its storage precision and loaded, the rest fp32.
+    `place_unit(unit)` is called on each frozen unit once it is loaded (e.g. ZeRO-3 partitioning)."""
+    return _build(args, device, place_unit)
 
 
 def build_model_on_meta(args: ModelArgs) -> VideoModel:

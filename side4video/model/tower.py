@@ -152,7 +152,13 @@ class FrozenBackbone(nn.Module):
 
     def units(self) -> List[nn.Module]:
         """The modules whose weights are used together (ZeRO-3 leaf modules)."""
-        return [m for m in (self.stem, *self.blocks, self.final_norm, self.proj) if m is not None]
+        return [unit for _, unit in self.named_units()]
+
+    def named_units(self) -> List[tuple]:
+        """(name in this module, unit) in forward order: stem, blocks.0, ..., final_norm, proj."""
+        named = [("stem", self.stem), *((f"blocks.{i}", b) for i, b in enumerate(self.blocks)),
+                 ("final_norm", self.final_norm), ("proj", self.proj)]
+        return [(name, unit) for name, unit in named if unit is not None]
 
     def leaf_module_types(self) -> List[type]:
         """Module classes to mark as ZeRO-3 leaves (deepspeed.utils.set_z3_leaf_modules)."""

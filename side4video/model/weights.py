@@ -108,32 +108,41 @@ def resize_position_embedding(value: torch.Tensor, target: torch.Size) -> torch.
     return v.squeeze(0) if squeeze else v
 
 
-@torch.no_grad()
-def load_weights(backbone: FrozenBackbone, tower: nn.Module, path: str) -> None:
-    """Copy a local checkpoint's vision tower into the backbone, tensor by tensor, casting."""
-    sd = read_checkpoint(path)
-    if any(k.startswith("backbone.") for k in sd):  # our own format (convert-official, exports)
-        ours = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    else:
-        ours = {}
-        for k, v in tower_keys(sd, backbone.spec, tower).items():
-            name = backbone_key(k, backbone.spec.family)
-            if name is not None:
-                ours[name] = v
-    targets = {k: v for k, v in backbone.state_dict(keep_vars=True).items() if not k.startswith("adapters.")}
-    missing = [k for k in targets if k not in ours and isinstance(targets[k], nn.Parameter)]
-    if missing:
-        raise UserError(f"weights file {path} lacks {len(missing)} tensors of {backbone.spec.name}'s vision tower "
-                        f"(e.g. {missing[0]}); is it a checkpoint of that model?")
-    for k, target in targets.items():
-        if k not in ours:
-            continue
-        value = ours[k]
-        if value.shape != target.shape:
-            if k == "stem.positional_embedding" and value.numel() // value.shape[-1] > 1:
-                value = resize_position_embedding(value, target.shape)
+class WeightSource:
+    """A checkpoint's vision tower mapped to FrozenBackbone's names, read once (memory-mapped), so
+    that the backbone can be filled unit by unit: a rank that partitions each unit as soon as it is
+    loaded never holds the whole backbone (engine/deepspeed_engine.py, ZeRO-3)."""
+
+    def __init__(self, backbone: FrozenBackbone, tower: nn.Module, path: str):
+        self.path = path
+        sd = read_checkpoint(path)
+        if any(k.startswith("backbone.") for k in sd):  # our own format (convert-official, exports)
+            self.tensors = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        else:
+            self.tensors = {}
+            for k, v in tower_keys(sd, backbone.spec, tower).items():
+                name = backbone_key(k, backbone.spec.family)
+                if name is not None:
+                    self.tensors[name] = v
+        needed = [name for unit_name, unit in backbone.named_units()
+                  for name in (f"{unit_name}.{k}" for k, _ in unit.named_parameters())]
+        missing = [k for k in needed if k not in self.tensors]
+        if missing:
+            raise UserError(f"weights file {path} lacks {len(missing)} tensors of {backbone.spec.name}'s vision tower "
+                            f"(e.g. {missing[0]}); is it a checkpoint of that model?")
+
+    @torch.no_grad()
+    def load(self, unit_name: str, unit: nn.Module) -> None:
+        """Copy this unit's tensors (parameters and buffers the file has) into it, casting."""
+        for k, target in unit.state_dict(keep_vars=True).items():
+            name = f"{unit_name}.{k}"
+            if name not in self.tensors:
+                continue
+            value = self.tensors[name]
             if value.shape != target.shape:
-                raise UserError(f"weights file {path}: {k} has shape {tuple(value.shape)}, the model needs "
-                                f"{tuple(target.shape)} (check model.backbone.name and its overrides)")
-        target.data.copy_(value)
-    backbone._fingerprint.update(weights=os.path.abspath(path), seed=None)
+                if name == "stem.positional_embedding" and value.numel() // value.shape[-1] > 1:
+                    value = resize_position_embedding(value, target.shape)
+                if value.shape != target.shape:
+                    raise UserError(f"weights file {self.path}: {name} has shape {tuple(value.shape)}, the model needs "
+                                    f"{tuple(target.shape)} (check model.backbone.name and its overrides)")
+            target.data.copy_(value)

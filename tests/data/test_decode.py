@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from side4video.errors import UserError
 import torch
 
 from tests.support.data import data_cfg_for, encode, load_cfg
@@ -53,7 +55,7 @@ def requests_for(videos, cfg, views=1, train=True, seed=0):
             v = [A.train_view(np.random.default_rng([seed, i, r]), info.height, info.width, cfg.data) for r in range(views)]
         else:
             v = A.eval_views(info.height, info.width, cfg.data, views)
-        out.append(ClipRequest(f"k{i}", data, codec, idx, v))
+        out.append(ClipRequest(f"k{i}", data, codec, idx, v, info))
     return out
 
 
@@ -82,7 +84,7 @@ def test_codec_routing_and_recovery_after_a_dali_error():
     kw = dict(views=1, size=32, mean=cfg.data.mean, std=cfg.data.std, batch_size=4, threads=2)
     auto = ClipDecoder(decoder="auto", **kw)
     out, bad = auto.decode(reqs)
-    assert auto.route("h264") == "pyav" and auto.route("vp9") == "dali"
+    assert [auto.route(r) for r in reqs] == ["dali", "pyav", "dali"]
     assert not bad and all(t is not None and t.shape == (1, 4, 3, 32, 32) for t in out)
     # forcing H.264 through DALI's CPU backend fails for that sample only; the pipeline is rebuilt
     forced = ClipDecoder(decoder="dali", **kw)
@@ -93,6 +95,48 @@ def test_codec_routing_and_recovery_after_a_dali_error():
     assert not bad3 and torch.equal(out3[0], out[0])
     auto.close()
     forced.close()
+
+
+def test_gpu_routing_sends_what_nvdec_refuses_to_pyav():
+    """NVDEC refuses VP9/AV1 below 128 px, HEVC below 144 px, and 10-bit or 4:2:2/4:4:4 H.264: those
+    go to PyAV from the start ('mixed' would fail on every such sample, e.g. the demo's 32 px clips)."""
+    from side4video.data.video import dali_decodes
+
+    assert dali_decodes("vp9", 320, 240, "yuv420p", gpu=True)
+    assert not dali_decodes("vp9", 64, 64, "yuv420p", gpu=True)
+    assert not dali_decodes("hevc", 200, 140, "yuv420p", gpu=True)
+    assert dali_decodes("h264", 320, 240, "yuv420p", gpu=True)
+    assert not dali_decodes("h264", 320, 240, "yuv420p10le", gpu=True)
+    assert not dali_decodes("h264", 320, 240, "yuv422p", gpu=True)
+    assert not dali_decodes("h264", 320, 240, "yuv420p", gpu=False)  # DALI's CPU backend lacks H.264
+    assert dali_decodes("vp9", 32, 32, "yuv420p", gpu=False)
+    cfg = load_cfg("data.size=32", "data.resize=[36]")
+    small = requests_for([("vp9", encode(0))], cfg, views=1, train=False)[0]
+    gpu_decoder = ClipDecoder(views=1, size=32, mean=cfg.data.mean, std=cfg.data.std, batch_size=1, gpu=True,
+                              device_id=0)  # routing only: no pipeline is built
+    assert small.info.width == 48 and gpu_decoder.route(small) == "pyav"
+    gpu_decoder.close()
+
+
+def test_a_dali_failure_is_retried_through_pyav_and_counted():
+    cfg = load_cfg("data.size=32", "data.resize=[36]")
+    reqs = requests_for([("vp9", encode(0)), ("vp9", encode(2))], cfg, views=1, train=False)
+    kw = dict(views=1, size=32, mean=cfg.data.mean, std=cfg.data.std, batch_size=4, threads=2)
+    reference, _ = ClipDecoder(decoder="pyav", **kw).decode(reqs)
+    decoder = ClipDecoder(decoder="auto", **kw)
+    run = decoder._run
+
+    def dali_refuses_k0(source, requests, frames=None):  # e.g. AV1 on a GPU without AV1 decoding
+        if source == "bytes" and any(r.key == "k0" for r in requests):
+            raise RuntimeError("Error when executing Mixed operator decoders__Video: unsupported codec")
+        return run(source, requests, frames)
+
+    decoder._run = dali_refuses_k0
+    out, bad = decoder.decode(reqs)
+    assert not bad and [k for k, _ in decoder.fallbacks] == ["k0"] and "unsupported codec" in decoder.fallbacks[0][1]
+    assert torch.equal(out[0], reference[0])  # decoded by PyAV, same transforms
+    assert out[1] is not None
+    decoder.close()
 
 
 def test_every_randaugment_op_runs_on_dali():
@@ -161,6 +205,31 @@ def test_flip_mirrors_the_view_and_swaps_paired_labels(synthetic_data):
     assert flips_seen > 0
 
 
+def test_training_loader_applies_grayscale_as_drawn(synthetic_data):
+    """data.grayscale (K400's p=0.2) through the loader: grey views have equal channels before
+    normalisation, the others colour, and which views are grey follows the seeded draw."""
+    import numpy as np
+
+    from side4video.data import augment as A
+    from side4video.data.stream import seeded_rng, stable_hash
+
+    cfg = data_cfg_for(str(synthetic_data["train"]), None, "data.grayscale=0.5", "data.flip=false",
+                       "data.shuffle_buffer=0")
+    loader = build_loader(cfg, "train")
+    mean, std = torch.tensor(cfg.data.mean).view(3, 1, 1), torch.tensor(cfg.data.std).view(3, 1, 1)
+    grey_seen = colour_seen = 0
+    for batch in loader:
+        pixels = batch["video"] * std + mean  # back to 0-1 RGB
+        for clip, key in zip(pixels, batch["key"]):
+            grey = bool((clip[:, 0] - clip[:, 1]).abs().max() < 1e-3 and (clip[:, 1] - clip[:, 2]).abs().max() < 1e-3)
+            view = A.train_view(seeded_rng(int(cfg.data.seed), 0, stable_hash(key), 0, 1), 32, 32, cfg.data)
+            assert grey == view.grayscale, key
+            grey_seen += grey
+            colour_seen += not grey
+    loader.close()
+    assert grey_seen and colour_seen
+
+
 def test_clip_dtype(synthetic_data):
     spec = str(synthetic_data["val"])
     fp16 = build_loader(data_cfg_for(spec, spec, "data.dtype=fp16"), "val")
@@ -204,6 +273,27 @@ def test_corrupt_videos_are_skipped_and_counted(tmp_path):
     assert not {"s03", "s06"} & {k for b in batches for k in b["key"]}
     assert sorted(train.bad_samples) == ["s03", "s06"]
     train.close()
+
+
+def test_a_run_of_undecodable_samples_ends_with_one_line(tmp_path):
+    """Skipping is for the odd corrupt video: data.max_bad_in_row unusable samples in a row (bad
+    data, or a decoder that refuses everything) end the epoch with one line instead of skipping
+    forever; a usable sample resets the count."""
+    writer = ShardWriter(str(tmp_path / "bad"))
+    for i in range(12):
+        ok = i in (0, 4)  # two usable samples, then a run of eight garbage ones
+        writer.write(f"s{i:02d}", encode(i) if ok else b"\x1aE\xdf\xa3" + bytes([i]) * 600, "webm", {"label": i % 4})
+    writer.close([f"c{i}" for i in range(4)], [], "test")
+    spec = str(tmp_path / "bad")
+    loader = build_loader(data_cfg_for(spec, spec, "data.max_bad_in_row=5", "data.shuffle_buffer=0",
+                                       "train.batch_size=2"), "train")
+    with pytest.raises(UserError, match=r"5 samples in a row could not be used \(the last, s09: undecodable"):
+        list(loader)
+    loader.close()
+    lenient = build_loader(data_cfg_for(spec, spec, "data.max_bad_in_row=0", "data.shuffle_buffer=0",
+                                        "train.batch_size=2"), "train")
+    assert len(list(lenient)) == len(lenient)  # 0: never stop for bad samples
+    lenient.close()
 
 
 def test_pipeline_builds_for_gpu_layout_without_running():

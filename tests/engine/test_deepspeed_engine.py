@@ -4,7 +4,8 @@
   storage precision, for every storage x training precision x ZeRO stage (DeepSpeed casts every
   parameter to its training precision unless kept from it).
 - Under ZeRO-3 with parameter offload the CPU upcast hooks still run after ZeRO's gathers: the
-  same outputs as before DeepSpeed, the frozen weights released (local size 0) between forwards.
+  same outputs as before DeepSpeed, the frozen weights released (local size 0) between forwards;
+  and a backbone partitioned unit by unit while it is built holds the same weights.
 """
 
 import json
@@ -59,7 +60,15 @@ SCRIPT = textwrap.dedent("""
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
+        built_partitioned = None
+        if stage == 3:  # the way the runner builds: each unit partitioned as soon as it is loaded
+            place = deepspeed_engine.frozen_unit_placer(cfg, precision, 1, 10**9)
+            other = model_from_config(cfg, precision=precision, place_unit=place).backbone
+            held = sum(p.numel() for p in other.parameters() if not p.ds_persist)
+            with deepspeed.zero.GatheredParameters(list(other.parameters())):
+                built_partitioned = held == 0 and all(torch.equal(loaded[k], v) for k, v in other.state_dict().items())
         results.append({"case": [storage, train, stage], "same_bits": same_bits, "diff": diff, "losses": losses,
+                        "built_partitioned": built_partitioned,
                         "partitioned": sum(1 for p in params if not getattr(p, "ds_persist", True)),
                         "local": sum(p.numel() for p in params if not getattr(p, "ds_persist", True)),
                         "dtypes": sorted({str(p.dtype) for p in params}),
@@ -88,3 +97,5 @@ def test_frozen_backbone_untouched_by_deepspeed_for_every_precision_and_stage(tm
         assert all(abs(v) < 1e3 for v in r["losses"]), r
         if stage == 3:  # partitioned, and released again after each forward
             assert r["partitioned"] > 0 and r["local"] == 0, r
+            # built unit by unit straight into partitions: the same weights, never held whole
+            assert r["built_partitioned"] is True, r

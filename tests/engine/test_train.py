@@ -51,6 +51,7 @@ def test_train_writes_the_run_directory_then_eval_and_predict(motion_data, tmp_p
         video.write_bytes(tar.extractfile(member).read())
     out = run_cli(["predict", str(run / "export"), str(video), "--json", "--top-k", "3"])
     preds = json.loads(out.stdout)
+    assert preds["device"] == "cpu"  # the model's device; clip_views decodes onto it (no GPU here)
     classes = json.loads((run / "export" / "model.json").read_text())["class_names"]
     assert len(preds["top"]) == 3 and all(p["class"] in classes for p in preds["top"])
     probs = [p["probability"] for p in preds["top"]]

@@ -10,8 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from tests.support.engine import train_rows
 from tests.support.slurm import (REPO, WaitForStop, register_by_value, side4video, slurm_cluster, slurm_data,  # noqa: F401
-                            step_losses, train_overrides, wait_for)
+                            train_overrides, wait_for)
 
 from side4video.config import load_config
 from side4video.slurm import follow, submit_job
@@ -33,12 +34,19 @@ def job_id_from(text: str) -> str:
 
 
 def assert_same_run(run_dir, reference):
-    """Same number of steps and the same loss at every step as the uninterrupted reference."""
+    """Every step logged exactly once, in order (the requeued run resumed right after its
+    checkpoint instead of starting over), on the same clips and with the same loss at every step
+    as the uninterrupted reference."""
     assert summary(run_dir)["status"] == "finished"
     assert summary(run_dir)["steps"] == summary(reference)["steps"]
-    got, want = step_losses(run_dir), step_losses(reference)
-    assert sorted(got) == sorted(want) == list(range(1, summary(reference)["steps"] + 1))
-    assert [got[s] for s in sorted(got)] == pytest.approx([want[s] for s in sorted(want)], rel=1e-5, abs=1e-6)
+    got, want = train_rows(run_dir), train_rows(reference)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, summary(reference)["steps"] + 1))
+    assert [r["keys"] for r in got] == [r["keys"] for r in want]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5, abs=1e-6)
+
+
+def checkpoint_steps(run_dir) -> list:
+    return sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
 
 
 @pytest.fixture(scope="module")
@@ -160,30 +168,57 @@ def test_requeues_are_bounded_by_max_requeues(quick_job, slurm_cluster, capsys):
     assert not list(run_dir.glob("started-2-*"))
 
 
-@pytest.mark.timeout(400)
-def test_time_limit_warning_saves_and_requeues(quick_job, slurm_cluster, capsys):  # noqa: F811
-    """No signal from the test: the job's own `--signal=USR2@delay` before its 1-minute limit
-    stops it; rank 0 requeues it; the rerun meets the same limit and, with no requeue left,
+@pytest.fixture
+def long_training(slurm_cluster, slurm_data, monkeypatch, tmp_path):  # noqa: F811
+    """Submit a real training job (1 node x 2 tasks) long enough to be running when signalled;
+    it saves only when stopped (no periodic checkpoint)."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    run_dir = tmp_path / "run"
+
+    def submit(*overrides):
+        cfg = load_config(REPO / "configs" / "demo.yaml", train_overrides(
+            slurm_data, run_dir, *ONE_NODE_TWO_TASKS, "train.epochs=2000", "train.save_every=1000000",
+            "train.log_every=1", *overrides))
+        return submit_job(cfg, "train"), run_dir
+
+    return submit
+
+
+@pytest.mark.timeout(700)
+def test_time_limit_warning_saves_and_requeues(long_training, slurm_cluster, capsys):  # noqa: F811
+    """No signal from the test: the job's own `--signal=USR2@60` before its 2-minute limit stops
+    the training; every rank saves at the step it reached, rank 0 requeues; the rerun resumes
+    right after that checkpoint, meets the same limit, saves again and, with no requeue left,
     ends as preempted. Neither run reaches the limit itself (no TIMEOUT)."""
-    job, run_dir = quick_job("slurm.time_minutes=1", "slurm.signal_delay_s=30", "slurm.max_requeues=1")
-    assert follow(job.job_id, job.paths.folder, poll_s=0.5, timeout_s=360) == 1
+    job, run_dir = long_training("slurm.time_minutes=2", "slurm.signal_delay_s=60", "slurm.max_requeues=1")
+    assert follow(job.job_id, job.paths.folder, poll_s=0.5, timeout_s=600) == 1
     err = capsys.readouterr().err
+    assert "stop requested (SIGUSR2)" in err
     assert "requeued (restart 1 of at most 1)" in err
     assert "not requeued: it already ran 1 times more (slurm.max_requeues=1)" in err
-    assert all((run_dir / f"started-{restart}-{rank}").exists() for restart in (0, 1) for rank in (0, 1))
+    saved = checkpoint_steps(run_dir)
+    assert len(saved) == 2, (saved, err[-3000:])  # one checkpoint per signal, nothing else
+    first, second = saved
+    assert 0 < first < second
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{second:07d}"
+    # the rerun resumed right after the first checkpoint: each step logged exactly once
+    assert [r["step"] for r in train_rows(run_dir)] == list(range(1, second + 1))
     info = slurm_cluster.job_info(job.job_id)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1"
 
 
 @pytest.mark.timeout(300)
-def test_user_cancel_is_not_requeued(quick_job, slurm_cluster, capsys):  # noqa: F811
-    """Plain `scancel` also sends SIGTERM, but the job is being cancelled: save, do not requeue."""
-    job, run_dir = quick_job()
-    wait_for(lambda: all((run_dir / f"started-0-{rank}").exists() for rank in (0, 1)), 120, "the job to start")
+def test_user_cancel_saves_but_is_not_requeued(long_training, slurm_cluster, capsys):  # noqa: F811
+    """Plain `scancel` also sends SIGTERM, but the job is being cancelled: the ranks save at the
+    step they reached, and the job is not requeued."""
+    job, run_dir = long_training()
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(train_rows(run_dir)) >= 3, 180, "training steps")
     assert slurm_cluster.run("scancel", job.job_id).returncode == 0
     assert follow(job.job_id, job.paths.folder, poll_s=0.5, timeout_s=120) == 1
     err = capsys.readouterr().err
-    assert "not requeued: it is COMPLETING (cancelled?)" in err
+    assert "stop requested (SIGTERM)" in err and "not requeued: it is COMPLETING (cancelled?)" in err
+    (saved,) = checkpoint_steps(run_dir)
+    assert saved >= 3 and [r["step"] for r in train_rows(run_dir)] == list(range(1, saved + 1))
     info = slurm_cluster.job_info(job.job_id)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0"
 

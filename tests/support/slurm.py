@@ -116,7 +116,7 @@ def train_overrides(data: Path, output_dir: Path, *extra: str) -> List[str]:
         "data.num_classes=4", "data.frames=4", "data.size=32", "data.resize=[36]", "data.workers=1",
         "train.batch_size=2", "train.epochs=3", "train.eval_every=0", "train.save_every=3", "train.log_every=1",
         f"train.output_dir={output_dir}",
-        "logging.progress=false", "logging.plots=false", "logging.tensorboard=false",
+        "logging.progress=false", "logging.plots=false", "logging.tensorboard=false", "logging.sample_keys=true",
         "slurm.time_minutes=15", "slurm.cpus_per_task=1",
         *extra,
     ]
@@ -126,16 +126,6 @@ def side4video(cluster: LocalCluster, *args: str, timeout: float = 600, **kw) ->
     """Run the `side4video` CLI as a user would, against the test cluster."""
     return subprocess.run([sys.executable, "-m", "side4video.cli", *args], cwd=REPO, env=cluster.env,
                           capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def step_losses(run_dir: Path) -> Dict[int, float]:
-    """Per-step training loss from metrics.jsonl (a step logged twice keeps its last value)."""
-    losses = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row.get("kind") == "train":
-            losses[row["step"]] = row["loss"]
-    return losses
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
