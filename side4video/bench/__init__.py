@@ -14,6 +14,7 @@ from side4video.errors import UserError
 BENCHES = {
     "data": "side4video.bench.data",  # decode clips/s: DALI vs plain PyAV
     "memory": "side4video.bench.memory",  # methods x backbones peak memory
+    "vite": "side4video.bench.vite",  # EVA ViT-E/14 training steps: memory per rank, step times
 }
 
 

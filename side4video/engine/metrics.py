@@ -24,6 +24,26 @@ def peak_memory() -> Dict[str, int]:
     return peak
 
 
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux /proc), bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def held_bytes(params) -> int:
+    """Bytes of these parameters this process holds: its ZeRO-3 partitions (wherever they are
+    offloaded), or the whole tensors when not partitioned."""
+    total = 0
+    for p in params:
+        shard = getattr(p, "ds_tensor", None)
+        if shard is not None:
+            total += shard.numel() * shard.element_size()
+        # a ZeRO-3 parameter below the persistence threshold also keeps its whole tensor here
+        if shard is None or getattr(p, "ds_persist", False):
+            total += p.data.numel() * p.data.element_size()
+    return total
+
+
 class Throughput:
     """Clips/s and the fraction of step time spent waiting for data. Only time between steps
     counts: call `mark()` after an evaluation or a checkpoint so their time is left out."""

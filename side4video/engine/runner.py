@@ -18,6 +18,7 @@ from side4video.config import to_yaml
 from side4video.engine import checkpoint, deepspeed_engine, export
 from side4video.engine.collectives import barrier
 from side4video.engine.evaluate import evaluate, write_report
+from side4video.engine.metrics import held_bytes, rss_bytes
 from side4video.engine.factory import loader_from_config, model_from_config, model_on_meta, run_precision
 from side4video.engine.schedule import RunLength, run_length
 from side4video.engine.state import TrainerState
@@ -49,6 +50,7 @@ class Runner:
         self.model = model_from_config(cfg, device=self.device, precision=self.precision,
                                        place_unit=self._frozen_unit_placer())
         self.engine = None
+        self.built: Dict[str, int] = {}  # this rank's memory once the engine is built
         self.train_loader = None
         self.val_loader = self._build_loader("val") if cfg.data.val.shards else None
         self.class_names = list(getattr(self.val_loader, "class_names", None) or [])
@@ -77,7 +79,10 @@ class Runner:
             self.class_names = list(getattr(self.train_loader, "class_names", None) or [])
         length = run_length(cfg.train, len(self.train_loader))
         self.engine = deepspeed_engine.initialize(self.model, cfg, self.precision, self.dist.world_size)
-        log.info("run: %s; precision %s", length.as_dict(), self.precision.describe())
+        self.built = {"rss_after_build_bytes": rss_bytes(),
+                      "backbone_bytes_held": held_bytes(self.module.backbone.frozen_parameters())}
+        log.info("run: %s; precision %s; backbone held here %.2f GiB", length.as_dict(), self.precision.describe(),
+                 self.built["backbone_bytes_held"] / 2**30)
         return length
 
     def build_inference(self) -> None:

@@ -45,6 +45,7 @@ class StepResult:
     clips: int = 0
     keys: list = field(default_factory=list)  # this rank's clips, in order
     wait_s: float = 0.0
+    seconds: float = 0.0  # wall time of the step, data waits included
     nonfinite: bool = False  # a micro-batch's loss was not finite on some rank
     applied: bool = True  # DeepSpeed applied the optimizer step
     stopped: bool = False  # a stop was agreed before the step completed: it did not happen
@@ -74,6 +75,7 @@ def _raise_failure(failure: Optional[BaseException]) -> None:
 
 def train_step(run: Runner, batches: Iterator, step: int, length: RunLength, label_smoothing: float) -> StepResult:
     engine, cfg = run.engine, run.cfg
+    started = time.perf_counter()
     result = StepResult(lr=lr_at(step, length, cfg.train.lr, cfg.train.min_lr))
     for group in engine.optimizer.param_groups:  # the schedule is ours (engine/schedule.py)
         group["lr"] = result.lr
@@ -103,6 +105,7 @@ def train_step(run: Runner, batches: Iterator, step: int, length: RunLength, lab
         result.keys.extend(batch["key"])
         result.wait_s += run.train_loader.last_wait_s
     result.loss = sum(losses) / len(losses)
+    result.seconds = time.perf_counter() - started
     result.applied = engine.skipped_steps == skipped_before
     if engine.global_steps != step:
         raise RuntimeError(f"step counters disagree: the loop is at step {step}, DeepSpeed at {engine.global_steps}")
@@ -143,7 +146,8 @@ def train(cfg) -> Dict[str, Any]:
         saves, speed = SavePolicy(cfg, length, resumed_at=state.step), Throughput()
         try:
             status = _loop(run, cfg, length, state, metrics, saves, speed)
-            return _finish(run, cfg, length, state, metrics, saves, status, speed, started)
+            training_peak = peak_memory()  # before the final evaluation, save and export
+            return _finish(run, cfg, length, state, metrics, saves, status, speed, started, training_peak)
         finally:
             metrics.close()
 
@@ -214,7 +218,7 @@ def _log_step(cfg, length: RunLength, state: TrainerState, metrics: MetricsLogge
     metrics.step(state.step, {"loss": result.loss, "lr": result.lr, "clips/s": figures["clips_per_s"],
                               "wait": f"{100 * figures['data_wait_fraction']:.0f}%"})
     if state.step % cfg.train.log_every == 0 or state.step == 1 or not result.applied:
-        row = {"loss": result.loss, "lr": result.lr, "skipped": not result.applied, **figures,
+        row = {"loss": result.loss, "lr": result.lr, "skipped": not result.applied, "step_s": result.seconds, **figures,
                "epoch": round(state.step / length.steps_per_epoch, 4)}
         if cfg.logging.sample_keys:
             row["keys"] = result.keys
@@ -237,7 +241,7 @@ def _evaluate(run: Runner, state: TrainerState, metrics: MetricsLogger) -> Dict[
 
 
 def _finish(run: Runner, cfg, length: RunLength, state: TrainerState, metrics: MetricsLogger, saves: SavePolicy,
-            status: str, speed: Throughput, started: float) -> Dict[str, Any]:
+            status: str, speed: Throughput, started: float, training_peak: Dict[str, int]) -> Dict[str, Any]:
     """Final eval, checkpoint, export, summary.json and plots (stopped runs only checkpoint)."""
     summary: Dict[str, Any] = {"status": status, "steps": state.step, "total_steps": length.total_steps,
                                "epochs": round(state.step / length.steps_per_epoch, 3)}
@@ -255,7 +259,7 @@ def _finish(run: Runner, cfg, length: RunLength, state: TrainerState, metrics: M
         if cfg.train.export:
             export.export_model(run.engine.module, cfg, run.run_dir / "export", run.class_names,
                                 cfg.deepspeed.zero_stage, run.is_main, run.fingerprint())
-    summary.update(_run_figures(run, speed, started))
+    summary.update(_run_figures(run, speed, started, training_peak))
     summary.update(bad_steps=state.bad_total, skipped_steps=state.skipped_total)
     if run.is_main:
         if status == "finished":
@@ -266,11 +270,14 @@ def _finish(run: Runner, cfg, length: RunLength, state: TrainerState, metrics: M
     return summary
 
 
-def _run_figures(run: Runner, speed: Throughput, started: float) -> Dict[str, Any]:
-    """Throughput (all ranks together), peak memory (the largest rank) and bad samples (all ranks)."""
-    per_rank = all_gather_objects({"peak": peak_memory(), "bad": list(run.train_loader.bad_samples),
+def _run_figures(run: Runner, speed: Throughput, started: float, training_peak: Dict[str, int]) -> Dict[str, Any]:
+    """Throughput (all ranks together), peak memory (the largest rank, and each rank's), bad
+    samples and decoder fallbacks (all ranks)."""
+    memory = {"rank": run.dist.rank, **run.built, **{f"{k[:-6]}_training_bytes": v for k, v in training_peak.items()},
+              **peak_memory()}
+    per_rank = all_gather_objects({"memory": memory, "bad": list(run.train_loader.bad_samples),
                                    "fallbacks": run.train_loader.decoder_fallbacks})
-    peaks = {key: max(r["peak"][key] for r in per_rank) for key in per_rank[0]["peak"]}
+    peaks = {key: max(r["memory"][key] for r in per_rank) for key in peak_memory()}
     figures = speed.read()
     return {
         "clips_per_s": figures["clips_per_s"] * run.dist.world_size,
@@ -280,5 +287,6 @@ def _run_figures(run: Runner, speed: Throughput, started: float) -> Dict[str, An
         "decoder_fallbacks": sum(r["fallbacks"] for r in per_rank),  # DALI refused, PyAV decoded
         "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters() if p.requires_grad),
         "world_size": run.dist.world_size,
+        "memory_per_rank": [r["memory"] for r in per_rank],
         "wall_s": time.perf_counter() - started,
     }

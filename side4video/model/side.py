@@ -18,6 +18,7 @@ encoder's details (N + 1 position rows added to all tokens, full self-attention,
 from __future__ import annotations
 
 import math
+import threading
 from typing import List, Optional, Sequence
 
 import torch
@@ -30,6 +31,33 @@ def layer_norm_fp32(x: torch.Tensor, norm: nn.LayerNorm, out_dtype: Optional[tor
     """LayerNorm computed in fp32 whatever the input and parameter precision."""
     y = F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
     return y.to(out_dtype or x.dtype)
+
+
+class _Recomputation(threading.local):
+    active = False
+
+
+_RECOMPUTING = _Recomputation()
+
+
+def checkpointed(fn, *args):
+    """torch's (non-reentrant) activation checkpointing, with BatchNorm aware of it: the forward
+    runs again in backward, and that second run must not update the running statistics again
+    (BatchNorm would move them twice per step)."""
+    calls = 0
+
+    def run(*inputs):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return fn(*inputs)
+        _RECOMPUTING.active = True
+        try:
+            return fn(*inputs)
+        finally:
+            _RECOMPUTING.active = False
+
+    return checkpoint(run, *args, use_reentrant=False)
 
 
 class ChannelLastBatchNorm(nn.BatchNorm1d):
@@ -47,12 +75,18 @@ class ChannelLastBatchNorm(nn.BatchNorm1d):
             self.running_mean.data = self.running_mean.data.float()
             self.running_var.data = self.running_var.data.float()
         momentum = self.momentum
-        if self.training and self.track_running_stats:
+        update = self.training and self.track_running_stats and not _RECOMPUTING.active
+        if update:
             self.num_batches_tracked.add_(1)
             if momentum is None:  # cumulative moving average, as BatchNorm
                 momentum = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or self.running_mean is None
-        y = F.batch_norm(x.reshape(-1, x.shape[-1]).float(), self.running_mean, self.running_var,
+        running_mean, running_var = self.running_mean, self.running_var
+        if _RECOMPUTING.active and running_mean is not None:
+            # a recomputation updates throwaway copies: the same computation (and saved tensors)
+            # as the first run, the module's statistics moved once
+            running_mean, running_var = running_mean.clone(), running_var.clone()
+        y = F.batch_norm(x.reshape(-1, x.shape[-1]).float(), running_mean, running_var,
                          self.weight.float() if self.weight is not None else None,
                          self.bias.float() if self.bias is not None else None,
                          use_batch_stats, momentum or 0.0, self.eps)
@@ -307,7 +341,7 @@ class SideNetwork(nn.Module):
         if torch.is_grad_enabled() and self.recompute_taps and not self.checkpointing:
             # Recompute the projection in backward: only the half-precision tap stays saved,
             # not an fp32 copy of it (the LayerNorm/Linear inputs).
-            y = checkpoint(project, tap, use_reentrant=False)
+            y = checkpointed(project, tap)
         else:
             y = project(tap)
         y = y.view(B, T, N + 1, d)
@@ -320,7 +354,7 @@ class SideNetwork(nn.Module):
         x = self.embed(video)
         for k, tap in enumerate(taps):
             if self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(self.layer, k, x, tap, use_reentrant=False)
+                x = checkpointed(self.layer, k, x, tap)
             else:
                 x = self.layer(k, x, tap)
         if self.post_norm is not None:

@@ -196,6 +196,13 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.side.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
+    # the recomputation in backward leaves BatchNorm's running statistics alone: moved once per step
+    stats = [{k: v for k, v in m.side.state_dict().items() if "running" in k or "num_batches" in k}
+             for m in (plain, ckpt)]
+    assert stats[0].keys() == stats[1].keys() and stats[0]
+    for k in stats[0]:
+        assert torch.allclose(stats[0][k].float(), stats[1][k].float(), atol=1e-6), k
+    assert all(v.item() == 1 for k, v in stats[1].items() if "num_batches" in k)
 
 
 def test_eva_variant_on_a_small_eva02_e14_shaped_backbone():
