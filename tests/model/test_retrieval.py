@@ -188,3 +188,32 @@ def test_tiny_eva_retrieval_runs_forward_and_backward():
     assert out["video_features"].shape == (2, 3, 48)
     out["loss"].backward()
     assert model.side.blocks[0].attn.in_proj.weight.grad is not None
+
+
+def test_eva_checkpoint_in_open_clip_layout_loads_head_and_custom_text(tmp_path):
+    """open_clip's EVA02 layout (`visual.trunk.*` with timm's head as the projection, `text.*`):
+    the frozen baseline's frame embeddings are timm's own forward, the text tower's weights load."""
+    import timm
+
+    from side4video.model.text import resolve_text_spec, TextTower
+
+    arch = {"width": 64, "layers": 4, "heads": 1, "patch_size": 16}
+    torch.manual_seed(0)
+    trunk = timm.create_model("eva02_enormous_patch14_clip_224", pretrained=False, num_classes=48, img_size=32,
+                              embed_dim=64, depth=4, num_heads=1, patch_size=16).eval()
+    text = TextTower(resolve_text_spec("EVA02-E-14", 12, 48, width=32, layers=1, heads=1))
+    with torch.no_grad():
+        for p in [*trunk.parameters(), *text.parameters()]:
+            p.add_(0.02 * torch.randn_like(p))
+    sd = {**{f"visual.trunk.{k}": v for k, v in trunk.state_dict().items()},
+          **{f"text.{k}": v for k, v in text.state_dict().items()}, "logit_scale": torch.tensor(4.0)}
+    torch.save(sd, tmp_path / "eva.pt")
+    model = build_retrieval_model(tiny_args(backbone="EVA02-E-14", method="linear_probe", arch_overrides=arch,
+                                            text_overrides={"width": 32, "layers": 1, "heads": 1}, embed_dim=48,
+                                            weights=str(tmp_path / "eva.pt"), text_trainable=False)).eval()
+    video = torch.randn(2, 3, 3, 32, 32)
+    ids, _ = tokenize(["a red square drifting left", "up"], 12)
+    with torch.no_grad():
+        assert (model.encode_video(video) - trunk(video.flatten(0, 1)).view(2, 3, 48)).abs().max() < 1e-5
+        assert (model.encode_text(ids) - text.eval()(ids)).abs().max() < 1e-5
+    assert model.logit_scale.value.item() == 4.0
