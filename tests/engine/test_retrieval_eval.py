@@ -2,6 +2,7 @@
 dual-softmax apart, report files, and split encoding that keeps ranks in step (2 gloo ranks
 equal 1)."""
 
+import datetime
 import json
 import zlib
 
@@ -119,7 +120,7 @@ def test_report_files_and_flat_metrics(tmp_path):
 VIDEOS = {f"v{i}": [f"caption {j} of video {i}" for j in range(1 + i % 3)] for i in range(7)}
 
 
-def _loader(rank, world, batch=2):
+def _loader(rank, world, batch=1):
     """What the eval loader gives a rank: its share of the videos, each once, smaller last batch."""
     keys = sorted(VIDEOS)[rank::world]
     for i in range(0, len(keys), batch):
@@ -157,7 +158,8 @@ def _evaluate(rank, world):
 
 def _rank(rank, world, port, path):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # ranks out of step fail instead of hanging
     try:
         enc, split, sim, report = _evaluate(rank, world)
         torch.save({"calls": (enc.video_calls, enc.text_calls), "keys": split.keys, "captions": split.captions,
@@ -173,9 +175,9 @@ def test_two_ranks_encode_in_step_and_equal_one_rank(tmp_path):
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
     enc, split, sim, report = _evaluate(0, 1)
 
-    # ZeRO-3 safety: rank 0 has 4 videos (2 batches, 7 captions), rank 1 has 3 (2 batches, 5
-    # captions), yet both made the same forward calls (the short one on dummies)
-    assert ranks[0]["calls"] == ranks[1]["calls"]
+    # ZeRO-3 safety: rank 0 has 4 one-video batches needing 1, 2, 1, 1 caption batches, rank 1
+    # has 3 needing 1, 1, 2; both made the same forward calls (the short one on dummies)
+    assert ranks[0]["calls"] == ranks[1]["calls"] == (2 * 4, 2 * 6)  # encode_split + evaluate_retrieval
     assert split.keys == [f"v{i}" for i in range(7)] and len(split.captions) == 13
     assert split.video_of_caption.tolist() == [i for i in range(7) for _ in VIDEOS[f"v{i}"]]
     assert not split.one_caption_per_video
