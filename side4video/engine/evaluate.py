@@ -1,4 +1,6 @@
-"""Evaluation: multi-view testing, top-1/top-5/per-class accuracy, gathered across ranks.
+"""Evaluation: multi-view testing, top-1/top-5/per-class accuracy, gathered across ranks; and the
+text-video retrieval metrics (`retrieval_metrics`; the rest of retrieval evaluation is in
+engine/retrieval.py).
 
 Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively inside
 forward): a rank whose share of the split is exhausted keeps feeding a zero clip and discards the
