@@ -122,6 +122,7 @@ class BackboneConfig:
     layers: int = setting(0, "override: number of blocks (0: from the model name)")
     heads: int = setting(0, "override: attention heads (0: from the model name)")
     patch_size: int = setting(0, "override: patch size (0: from the model name)")
+    embed_dim: int = setting(0, "override: output projection width, retrieval's embedding (0: from the model name)")
 
 
 @dataclass
@@ -146,12 +147,31 @@ class HeadConfig:
 
 
 @dataclass
+class TextConfig:
+    trainable: bool = setting(True, "retrieval: train the text tower at train.lr * model.retrieval.coef_lr (as the reference); false: frozen, cheaper")
+    max_words: int = setting(32, "retrieval: tokens per caption, SOT and EOT included; longer captions are cut (the reference's 32)")
+    width: int = setting(0, "override: text transformer width (0: from the model name)")
+    layers: int = setting(0, "override: text transformer blocks (0: from the model name)")
+    heads: int = setting(0, "override: text attention heads (0: from the model name)")
+    vocab_size: int = setting(0, "override: vocabulary size (0: from the model name; open_clip's tokenizer needs 49408)")
+
+
+@dataclass
+class RetrievalConfig:
+    similarity: str = setting("wti", "text-video similarity: weighted token interaction (the reference's) or mean-pooled cosine (meanP)", ("wti", "meanp"))
+    coef_lr: float = setting(1e-3, "learning-rate factor of the CLIP towers and the logit scale (reference: 1e-4 x 1e-3 = 1e-7)")
+    logit_scale_max: float = setting(4.605170185988092, "upper bound of the logit scale parameter, ln(100), applied after every optimizer step")
+
+
+@dataclass
 class ModelConfig:
     method: str = setting("side4video", "what is trained", ("side4video", "adapter", "full", "linear_probe"))
     backbone: BackboneConfig = section(BackboneConfig, "frozen image backbone")
     side: SideConfig = section(SideConfig, "side network")
     adapter: AdapterConfig = section(AdapterConfig, "ST-Adapter baseline")
     head: HeadConfig = section(HeadConfig, "classification head")
+    text: TextConfig = section(TextConfig, "text tower (task: retrieval)")
+    retrieval: RetrievalConfig = section(RetrievalConfig, "text-video retrieval (task: retrieval)")
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -205,6 +225,9 @@ class EvalConfig:
     clips: int = setting(1, "temporal clips per video")
     batch_size: int = setting(0, "videos per process per step (0: train.batch_size)")
     max_batches: int = setting(0, "stop after this many batches (0: whole split)")
+    dual_softmax: bool = setting(False, "retrieval: also report metrics after dual-softmax re-ranking (separately, never mixed in)")
+    text_batch_size: int = setting(64, "retrieval: captions per text-tower forward pass in evaluation")
+    similarity_chunk: int = setting(1 << 26, "retrieval: largest texts x videos x tokens x frames block of the similarity computed at once (elements)")
 
 
 # ---------------------------------------------------------------------------------------- slurm
@@ -242,6 +265,7 @@ class LoggingConfig:
 
 @dataclass
 class Config:
+    task: str = setting("recognition", "what the run learns: video classification, or text-video retrieval (captions from the shards' json)", ("recognition", "retrieval"))
     data: DataConfig = section(DataConfig, "data")
     model: ModelConfig = section(ModelConfig, "model")
     train: TrainConfig = section(TrainConfig, "training")

@@ -14,6 +14,7 @@ def cmd_make_shards(args) -> int:
         list_file=args.list, fmt=args.format, root=args.root, out=args.out, labels=args.labels,
         split=args.split, shard_size=args.shard_size, workers=args.workers, validate=args.validate,
         transcode=args.transcode, short_side=args.short_side, progress=not args.no_progress,
+        captions=args.captions, allow_missing=args.allow_missing,
     )
     n = sum(s["samples"] for s in manifest["shards"])
     print(f"wrote {len(manifest['shards'])} shards, {n} samples, {len(manifest['quarantine'])} quarantined -> {args.out}")
@@ -26,8 +27,10 @@ def cmd_make_synthetic(args) -> int:
     report = make_synthetic(
         args.out, videos=args.videos, classes=args.classes, val_videos=args.val_videos, frames=args.frames,
         size=args.size, fps=args.fps, seed=args.seed, shard_samples=args.shard_samples, workers=args.workers,
+        captions=args.captions,
     )
-    print(f"wrote {report['train']} train and {report['val']} val videos of {args.classes} classes -> {args.out}")
+    kind = "captioned forwards/backwards pairs" if args.captions else "classes"
+    print(f"wrote {report['train']} train and {report['val']} val videos of {args.classes} {kind} -> {args.out}")
     return 0
 
 

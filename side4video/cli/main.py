@@ -73,12 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("make-shards", cmd_make_shards, "write WebDataset shards + manifest.json from videos and an annotation list",
             "side4video make-shards --list train.csv --format k400 --root /data/k400 --out s3://bucket/k400/train")
-    p.add_argument("--list", required=True, help="annotation file (CSV, JSON or 'path label' lines)")
+    p.add_argument("--list", required=True, help="annotation file (CSV, JSON or 'path label' lines; retrieval: "
+                                                 "also a split list such as MSRVTT_train.9k.csv or test_list.txt)")
     p.add_argument("--format", required=True, choices=["k400", "ssv2", "msrvtt", "msvd", "vatex", "list"])
     p.add_argument("--root", required=True, help="folder the annotation's video paths are relative to")
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     p.add_argument("--labels", default=None, help="class list: SSv2 labels.json, or a text file (one name per line)")
     p.add_argument("--split", default=None, help="keep only this split (Kinetics CSV 'split' column, MSR-VTT 'split')")
+    p.add_argument("--captions", default=None,
+                   help="retrieval caption file for a split list: MSRVTT_data.json, MSVD raw-captions.pkl "
+                        "(plain data only), VATEX vatex_data.json")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="retrieval formats: quarantine listed videos not found under --root instead of refusing")
     p.add_argument("--shard-size", default="1GB", help="target bytes per shard, e.g. 512MB (default 1GB)")
     p.add_argument("--workers", type=int, default=1, help="worker processes for probing/transcoding")
     p.add_argument("--validate", action="store_true", help="probe and decode every video; failures are quarantined")
@@ -98,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-samples", type=int, default=32, help="videos per shard")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--captions", action="store_true",
+                   help="retrieval data: forwards/backwards pairs of one shape, captioned with what moves and "
+                        "which way ('a red square drifting left'); val captions in held-apart sentence frames")
 
     p = add("inspect", cmd_inspect, "stream a shard spec and report samples, classes, sizes and bad samples",
             "side4video inspect 's3://bucket/k400/train/manifest.json' --decode --json")

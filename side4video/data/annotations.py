@@ -8,9 +8,15 @@ Formats:
           labels.json ({"class name": "index"}); files {root}/{id}.webm. Test lists without labels
           get label -1.
 - msrvtt: MSR-VTT JSON {"videos": [{"video_id", "category", "split"}], "sentences": [{"video_id",
-          "caption"}]}, or a list of {"video_id", "caption"}; files {root}/{video_id}.mp4.
-- msvd:   JSON {video_id: [captions]} or a list of {"video_id", "caption"}; files {root}/{video_id}.avi.
-- vatex:  JSON list of {"videoID", "enCap": [...]}; files {root}/{videoID}.mp4.
+          "caption"}]}, or a list of {"video_id", "caption"}; or, as the reference's retrieval
+          loaders read it, a split CSV with a `video_id` column: MSRVTT_train.9k.csv (captions
+          from --captions MSRVTT_data.json) or MSRVTT_JSFUSION_test.csv (its `sentence` column:
+          the 1k-A test, one caption per video); files {root}/{video_id}.mp4.
+- msvd:   JSON {video_id: [captions]} or a list of {"video_id", "caption"}; or the reference's
+          {train,val,test}_list.txt (one video id per line) with --captions raw-captions.pkl
+          ({video_id: [[word, ...], ...]}, read by a restricted unpickler); files {root}/{video_id}.avi.
+- vatex:  JSON list of {"videoID", "enCap": [...]}; or the reference's {train,val,test}_list.txt
+          with --captions vatex_data.json ({videoID: {"enCap": [...]}}); files {root}/{videoID}.mp4.
 - list:   lines `relative/path label` (label: an index, or a class name); `#` starts a comment.
 
 Keys are the file's path relative to root without its extension, with dots replaced (webdataset
@@ -20,8 +26,10 @@ splits a member name at its first dot); a key that would leave the dataset folde
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -30,6 +38,7 @@ from side4video.data.sample import VIDEO_EXTS, check_key
 from side4video.errors import UserError
 
 FORMATS = ("k400", "ssv2", "msrvtt", "msvd", "vatex", "list")
+CAPTION_FORMATS = ("msrvtt", "msvd", "vatex")  # retrieval: captions, no classes
 
 
 @dataclass
@@ -169,7 +178,9 @@ def _captions_by_video(items, id_key: str, cap_key: str) -> Dict[str, List[str]]
     return out
 
 
-def read_msrvtt(list_file: str, root: str, split: Optional[str]):
+def read_msrvtt(list_file: str, root: str, split: Optional[str], captions: Optional[str] = None):
+    if list_file.lower().endswith(".csv"):
+        return _caption_entries(_msrvtt_csv_rows(list_file, captions), root), None
     data = _read_json(list_file)
     if isinstance(data, dict) and "videos" in data:
         videos = [v for v in data["videos"] if not split or v.get("split") == split]
@@ -183,7 +194,42 @@ def read_msrvtt(list_file: str, root: str, split: Optional[str]):
     return _caption_entries(rows, root), None
 
 
-def read_msvd(list_file: str, root: str):
+def _msrvtt_csv_rows(list_file: str, captions: Optional[str]):
+    """A split CSV: its `sentence` column (JSFusion 1k-A test) or MSRVTT_data.json's sentences."""
+    with open(list_file, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        if "video_id" not in columns:
+            raise UserError(f"{list_file}: not an MSR-VTT split CSV (no 'video_id' column; columns: "
+                            f"{', '.join(columns) or 'none'})")
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+    order = list(dict.fromkeys(r["video_id"] for r in rows if r.get("video_id")))
+    if "sentence" in columns:
+        by_video: Dict[str, List[str]] = {}
+        for r in rows:
+            if r.get("video_id"):
+                by_video.setdefault(r["video_id"], []).append(r.get("sentence", ""))
+        return [(vid, -1, by_video[vid]) for vid in order]
+    if not captions:
+        raise UserError(f"{list_file} lists videos without captions: give --captions MSRVTT_data.json")
+    data = _read_json(captions)
+    if not (isinstance(data, dict) and isinstance(data.get("sentences"), list)):
+        raise UserError(f"{captions}: not MSRVTT_data.json (expected {{'videos', 'sentences'}})")
+    try:
+        caps = _captions_by_video(data["sentences"], "video_id", "caption")
+        category = {str(v["video_id"]): int(v.get("category", -1)) for v in data.get("videos", [])}
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{captions}: not MSRVTT_data.json (sentences need 'video_id' and 'caption')") from None
+    _check_captioned(order, caps, list_file, captions)
+    return [(vid, category.get(vid, -1), caps[vid]) for vid in order]
+
+
+def read_msvd(list_file: str, root: str, captions: Optional[str] = None):
+    if not list_file.lower().endswith(".json"):
+        order = _read_id_list(list_file)
+        caps = _msvd_captions(captions, list_file)
+        _check_captioned(order, caps, list_file, captions)
+        return _caption_entries([(vid, -1, caps[vid]) for vid in order], root), None
     data = _read_json(list_file)
     if isinstance(data, dict):
         rows = [(str(k), -1, [str(c) for c in (v if isinstance(v, list) else [v])]) for k, v in data.items()]
@@ -194,12 +240,112 @@ def read_msvd(list_file: str, root: str):
     return _caption_entries(rows, root), None
 
 
-def read_vatex(list_file: str, root: str):
+def _msvd_captions(path: Optional[str], list_file: str) -> Dict[str, List[str]]:
+    """raw-captions.pkl ({video_id: [[word, ...], ...]}) or the same as JSON -> {video_id: [caption]}."""
+    if not path:
+        raise UserError(f"{list_file} lists video ids only: give --captions raw-captions.pkl")
+    data = _read_json(path) if path.lower().endswith(".json") else read_plain_pickle(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected {{video_id: [captions]}}, found a {type(data).__name__}")
+    out = {}
+    for vid, caps in data.items():
+        if isinstance(caps, str) or not isinstance(caps, (list, tuple)):
+            raise UserError(f"{path}: video {vid!r}: expected a list of captions")
+        out[str(vid)] = [c if isinstance(c, str) else " ".join(str(w) for w in c) for c in caps]
+    return out
+
+
+def read_vatex(list_file: str, root: str, captions: Optional[str] = None):
+    if not list_file.lower().endswith(".json"):
+        order = _read_id_list(list_file)
+        if not captions:
+            raise UserError(f"{list_file} lists video ids only: give --captions vatex_data.json")
+        caps = _vatex_captions(_read_json(captions), captions)
+        _check_captioned(order, caps, list_file, captions)
+        return _caption_entries([(vid, -1, caps[vid]) for vid in order], root), None
     data = _read_json(list_file)
     if not isinstance(data, list):
         raise UserError(f"{list_file}: expected the VATEX list of {{'videoID', 'enCap'}}")
-    rows = [(str(d["videoID"]), -1, [str(c) for c in d.get("enCap", [])]) for d in data]
-    return _caption_entries(rows, root), None
+    return _caption_entries([(vid, -1, c) for vid, c in _vatex_captions(data, list_file).items()], root), None
+
+
+def _vatex_captions(data, path: str) -> Dict[str, List[str]]:
+    """VATEX's English captions: {videoID: {"enCap": [...]}} (the reference's vatex_data.json) or
+    the release's list of {"videoID", "enCap"}."""
+    items = data.items() if isinstance(data, dict) else (
+        ((d.get("videoID"), d) for d in data if isinstance(d, dict)) if isinstance(data, list) else None)
+    if items is None:
+        raise UserError(f"{path}: expected VATEX captions ({{videoID: {{'enCap': [...]}}}} or a list of "
+                        f"{{'videoID', 'enCap'}})")
+    out = {}
+    for vid, entry in items:
+        caps = entry.get("enCap") if isinstance(entry, dict) else None
+        if vid is None or not isinstance(caps, list):
+            raise UserError(f"{path}: every VATEX entry needs a videoID and an 'enCap' list of captions")
+        out[str(vid)] = [str(c) for c in caps]
+    return out
+
+
+def _read_id_list(path: str) -> List[str]:
+    """A split list: one video id per line (blank lines ignored)."""
+    with open(path, encoding="utf-8") as f:
+        ids = [line.strip() for line in f if line.strip()]
+    if any(len(i.split()) > 1 for i in ids):
+        raise UserError(f"{path}: expected one video id per line (the reference's split lists)")
+    return list(dict.fromkeys(ids))
+
+
+def _check_captioned(order: Sequence[str], caps: Dict[str, List[str]], list_file: str, captions) -> None:
+    missing = [vid for vid in order if not caps.get(vid)]
+    if missing:
+        raise UserError(f"{list_file} names {len(missing)} videos with no captions in {captions} "
+                        f"(e.g. {', '.join(repr(m) for m in missing[:3])})")
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Builds only what pickle's own opcodes build; anything needing an import (classes, functions,
+    and so every code-running payload) is refused."""
+
+    def find_class(self, module, name):
+        raise _Refused(f"refuses {module}.{name}")
+
+    def persistent_load(self, pid):
+        raise _Refused("refuses persistent ids")
+
+
+PLAIN_TYPES = (dict, list, str, tuple)
+
+
+def read_plain_pickle(path: str):
+    """A pickle holding only dict/list/str/tuple; anything else -> UserError, nothing executed.
+
+    Pickle is code: a caption file from elsewhere must not be able to run anything on load."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise UserError(f"captions file not found: {path}") from None
+    try:
+        data = _PlainDataUnpickler(io.BytesIO(raw)).load()
+    except _Refused as e:
+        raise UserError(f"{path}: not a plain-data pickle ({e}); only dict, list, str and tuple are accepted") from None
+    except Exception as e:  # truncated or not a pickle at all
+        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, PLAIN_TYPES):
+            raise UserError(f"{path}: holds a {type(item).__name__}; only dict, list, str and tuple are accepted")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif not isinstance(item, str):
+            stack.extend(item)
+    return data
 
 
 def _caption_entries(rows, root: str) -> List[Entry]:
@@ -248,25 +394,30 @@ def read_plain_list(list_file: str, root: str, classes: Optional[List[str]]):
 
 
 def read_annotations(fmt: str, list_file: str, root: str, labels: Optional[str] = None,
-                     split: Optional[str] = None) -> Tuple[List[Entry], Optional[List[str]]]:
-    """Entries and class names (None for caption-only datasets)."""
+                     split: Optional[str] = None, captions: Optional[str] = None) -> Tuple[List[Entry], Optional[List[str]]]:
+    """Entries and class names (None for caption-only datasets). `captions`: the caption file of
+    a caption dataset given as a split list (MSRVTT_data.json, raw-captions.pkl, vatex_data.json)."""
     if fmt not in FORMATS:
         raise UserError(f"annotation format {fmt!r}: allowed {', '.join(FORMATS)}")
     if not os.path.isfile(list_file):
         raise UserError(f"annotation file not found: {list_file}")
     if not os.path.isdir(root):
         raise UserError(f"video root is not a folder: {root}")
+    if captions and fmt not in CAPTION_FORMATS:
+        raise UserError(f"--captions applies to the caption formats ({', '.join(CAPTION_FORMATS)}), not {fmt}")
+    if captions and not os.path.isfile(captions):
+        raise UserError(f"captions file not found: {captions}")
     classes = read_class_list(labels)
     if fmt == "k400":
         entries, names = read_kinetics(list_file, root, classes, split)
     elif fmt == "ssv2":
         entries, names = read_ssv2(list_file, root, classes)
     elif fmt == "msrvtt":
-        entries, names = read_msrvtt(list_file, root, split)
+        entries, names = read_msrvtt(list_file, root, split, captions)
     elif fmt == "msvd":
-        entries, names = read_msvd(list_file, root)
+        entries, names = read_msvd(list_file, root, captions)
     elif fmt == "vatex":
-        entries, names = read_vatex(list_file, root)
+        entries, names = read_vatex(list_file, root, captions)
     else:
         entries, names = read_plain_list(list_file, root, classes)
     for e in entries:

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 from webdataset import TarWriter
 
 from side4video.data import sources, video
-from side4video.data.annotations import read_annotations
+from side4video.data.annotations import CAPTION_FORMATS, read_annotations
 from side4video.data.manifest import MANIFEST_NAME, build_manifest, dumps
 from side4video.data.sample import VIDEO_EXTS, check_key
 from side4video.errors import UserError
@@ -190,8 +190,14 @@ def _map(fn, items: Sequence, workers: int) -> Iterable:
 
 def make_shards(list_file: str, fmt: str, root: str, out: str, labels: Optional[str] = None,
                 split: Optional[str] = None, shard_size="1GB", workers: int = 1, validate: bool = False,
-                transcode: str = "none", short_side: int = 0, progress: bool = True, data_cfg=None) -> Dict[str, Any]:
-    """Annotation list + video root -> shards + manifest.json in `out` (folder or s3://)."""
+                transcode: str = "none", short_side: int = 0, progress: bool = True, data_cfg=None,
+                captions: Optional[str] = None, allow_missing: bool = False) -> Dict[str, Any]:
+    """Annotation list + video root -> shards + manifest.json in `out` (folder or s3://).
+
+    Caption datasets (retrieval) refuse a list naming videos that are not under `root`, since a
+    test set with videos left out ranks differently; `allow_missing` quarantines them instead, as
+    the other formats always do.
+    """
     from tqdm import tqdm
 
     if transcode not in ("none", "vp9", "h264"):
@@ -199,9 +205,13 @@ def make_shards(list_file: str, fmt: str, root: str, out: str, labels: Optional[
     if short_side and transcode == "none":
         raise UserError("--short-side needs --transcode vp9 or h264 (resizing re-encodes the video)")
     max_bytes = parse_size(shard_size)
-    entries, classes = read_annotations(fmt, list_file, root, labels, split)
+    entries, classes = read_annotations(fmt, list_file, root, labels, split, captions)
     if not entries:
         raise UserError(f"{list_file}: no videos listed" + (f" for split {split!r}" if split else ""))
+    missing = [e.rel for e in entries if e.path is None]
+    if missing and fmt in CAPTION_FORMATS and not allow_missing:
+        raise UserError(f"{list_file} names {len(missing)} videos not found under {root} (e.g. "
+                        f"{', '.join(missing[:3])}); pass --allow-missing to leave them out")
     writer = ShardWriter(out, max_bytes=max_bytes, prefix=split or "shard", data_cfg=data_cfg)
     quarantine: List[Dict[str, str]] = []
     jobs = [(e, validate, transcode, short_side) for e in entries]

@@ -38,3 +38,11 @@ def all_gather_objects(obj: Any) -> List[Any]:
 def barrier() -> None:
     if is_distributed():
         torch_dist.barrier()
+
+
+def max_over_ranks(*values: int) -> List[int]:
+    """For each integer: its largest value over all ranks. One all-reduce for all of them."""
+    tensor = torch.tensor([int(v) for v in values], dtype=torch.int64, device=_device())
+    if is_distributed():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return [int(v) for v in tensor.tolist()]

@@ -1,4 +1,6 @@
-"""Evaluation: multi-view testing, top-1/top-5/per-class accuracy, gathered across ranks.
+"""Evaluation: multi-view testing, top-1/top-5/per-class accuracy, gathered across ranks; and the
+text-video retrieval metrics (`retrieval_metrics`; the rest of retrieval evaluation is in
+engine/retrieval.py).
 
 Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively inside
 forward): a rank whose share of the split is exhausted keeps feeding a zero clip and discards the
@@ -111,3 +113,103 @@ def write_report(report: Dict[str, Any], out_dir: Path, class_names: Sequence[st
     if report.get("confusion"):
         plot_confusion(np.array(report["confusion"]), list(class_names), out_dir / f"{tag}_confusion.png",
                        title=f"{tag}: top-1 {100 * report['top1']:.1f}%")
+
+
+# ------------------------------------------------------------------------------------ retrieval
+# Text-video retrieval metrics, with the reference's rules (tests/fixtures/official/README.md,
+# "Retrieval metrics"); ranks are 1-based, R@k in percent.
+#  - One caption per video (`video_of_caption` None, a square matrix, text i <-> video i): each row
+#    is sorted in descending order and every sorted position equal to the row's correct value is
+#    an entry, so a tie adds several entries for one query; statistics run over the entries.
+#  - Several captions per video: text->video ranks each caption (the number of videos scoring
+#    strictly higher, + 1: the reference's argsort rank whenever the correct video is not tied;
+#    its order within ties is unspecified), median = the lower middle (torch.median); captions
+#    whose correct score is not finite are left out, as the reference's -inf padding mask does.
+#    Video->text scores each video against each caption group by the group's best caption and
+#    applies the one-caption rule (ties included).
+RETRIEVAL_KS = (1, 5, 10)
+
+
+def _tied_entries(sim: np.ndarray) -> np.ndarray:
+    """0-based sorted positions equal to each row's diagonal value (ties give several)."""
+    diff = np.sort(-sim, axis=1) - np.diag(-sim)[:, None]
+    return np.nonzero(diff == 0)[1]
+
+
+def _entry_metrics(entries: np.ndarray) -> Dict[str, float]:
+    n = len(entries)
+    out = {f"R{k}": float(np.sum(entries < k)) * 100 / n for k in RETRIEVAL_KS}
+    out.update(MedianR=float(np.median(entries) + 1), MeanR=float(np.mean(entries) + 1), entries=n)
+    return out
+
+
+def _grouped(sim: torch.Tensor, video_of_caption: torch.Tensor):
+    """Rows stable-sorted by video (the reference's layout), their videos, and the group sizes."""
+    n_videos = sim.shape[1]
+    video_of_caption = torch.as_tensor(video_of_caption, dtype=torch.long).flatten()
+    if video_of_caption.numel() != sim.shape[0]:
+        raise ValueError(f"video_of_caption has {video_of_caption.numel()} entries for {sim.shape[0]} captions")
+    if video_of_caption.numel() and (video_of_caption.min() < 0 or video_of_caption.max() >= n_videos):
+        raise ValueError(f"video_of_caption holds videos outside 0..{n_videos - 1}")
+    counts = torch.bincount(video_of_caption, minlength=n_videos)
+    if (counts == 0).any():
+        raise ValueError(f"video {int((counts == 0).nonzero()[0])} has no caption")
+    order = torch.sort(video_of_caption, stable=True).indices
+    return sim[order], video_of_caption[order], counts
+
+
+def text_to_video_ranks(sim, video_of_caption) -> torch.Tensor:
+    """Several captions per video: each caption's 1-based rank of its video (row order); captions
+    whose correct score is not finite get rank 0 (left out of the metrics)."""
+    sim = torch.as_tensor(sim)
+    video_of_caption = torch.as_tensor(video_of_caption, dtype=torch.long).flatten()
+    correct = sim.gather(1, video_of_caption[:, None])
+    ranks = (sim > correct).sum(dim=1) + 1
+    return torch.where(torch.isfinite(correct[:, 0]), ranks, torch.zeros_like(ranks))
+
+
+def video_to_text_similarity(sim, video_of_caption) -> torch.Tensor:
+    """(videos, caption groups): the best caption of group g against video v, NaN as -inf."""
+    sim = torch.as_tensor(sim)
+    sim = torch.where(torch.isnan(sim), torch.full_like(sim, float("-inf")), sim)
+    video_of_caption = torch.as_tensor(video_of_caption, dtype=torch.long).flatten()
+    n_videos = sim.shape[1]
+    best = torch.full((n_videos, n_videos), float("-inf"), dtype=sim.dtype)
+    best.scatter_reduce_(0, video_of_caption[:, None].expand(-1, n_videos), sim, reduce="amax")
+    return best.T  # best[g, v] -> [v, g]
+
+
+def retrieval_entries(sim, video_of_caption=None) -> Dict[str, np.ndarray]:
+    """The 0-based ranks the metrics run over: {'t2v': ..., 'v2t': ...} (recall curves)."""
+    sim = torch.as_tensor(sim)
+    if video_of_caption is None:
+        return {"t2v": _tied_entries(sim.numpy()), "v2t": _tied_entries(sim.T.numpy())}
+    sim, video_of_caption, _ = _grouped(sim, video_of_caption)
+    ranks = text_to_video_ranks(sim, video_of_caption)
+    return {"t2v": (ranks[ranks > 0] - 1).numpy(),
+            "v2t": _tied_entries(video_to_text_similarity(sim, video_of_caption).numpy())}
+
+
+def retrieval_metrics(sim, video_of_caption=None) -> Dict[str, Dict[str, float]]:
+    """Text->video and video->text R1, R5, R10 (percent), MedianR, MeanR (1-based), as the reference.
+
+    `sim`: (captions, videos), rows are texts. `video_of_caption`: None when caption i describes
+    video i (one caption per video, a square matrix), else the video of each row.
+    """
+    sim = torch.as_tensor(sim).detach().cpu()
+    if video_of_caption is None:
+        if sim.shape[0] != sim.shape[1]:
+            raise ValueError(f"one caption per video needs a square matrix, got {tuple(sim.shape)}; "
+                             f"pass video_of_caption")
+        return {"t2v": _entry_metrics(_tied_entries(sim.numpy())), "v2t": _entry_metrics(_tied_entries(sim.T.numpy()))}
+    sim, video_of_caption, _ = _grouped(sim, video_of_caption)
+    ranks = text_to_video_ranks(sim, video_of_caption)
+    valid = ranks[ranks > 0] - 1  # 0-based, as the reference's argsort ranks
+    n = len(valid)
+    # R@k as the reference computes it (an integer tensor divided: float32), the median with
+    # torch.median (lower middle), mean and population std with numpy.
+    t2v = {f"R{k}": float(torch.sum(valid < k) * 100 / n) for k in RETRIEVAL_KS}
+    t2v.update(MedianR=float(torch.median(valid + 1)), MeanR=float(np.mean(valid.numpy() + 1)),
+               Std_Rank=float(np.std(valid.numpy() + 1)), entries=n)
+    v2t = _entry_metrics(_tied_entries(video_to_text_similarity(sim, video_of_caption).numpy()))
+    return {"t2v": t2v, "v2t": v2t}

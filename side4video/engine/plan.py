@@ -12,7 +12,7 @@ from typing import Dict
 
 import torch
 
-from side4video.engine.factory import model_on_meta, run_precision
+from side4video.engine.factory import model_on_meta, retrieval_model_on_meta, run_precision
 from side4video.precision import dtype_name, itemsize
 
 
@@ -20,7 +20,8 @@ def plan(cfg) -> Dict:
     """One JSON-ready dict: architecture, tap layers, parameter counts, weight memory (bytes)."""
     t0 = time.perf_counter()
     precision = run_precision(cfg)
-    model = model_on_meta(cfg, precision)
+    retrieval = cfg.task == "retrieval"
+    model = retrieval_model_on_meta(cfg, precision) if retrieval else model_on_meta(cfg, precision)
     method = cfg.model.method
     storage, compute, train_dtype = precision.storage, precision.compute, precision.train
     backbone, spec = model.backbone, model.backbone.spec
@@ -39,18 +40,23 @@ def plan(cfg) -> Dict:
         "master_weights_bytes": trainable * 4 if train_dtype != torch.float32 else 0,
         "optimizer_state_bytes": trainable * (8 if cfg.train.optimizer == "adamw" else 4),
     }
-    if method == "side4video":
+    if model.side is not None:
         # The half-precision taps are what the side network keeps for its backward.
         tap_bytes = len(backbone.taps) * frames * (1 + spec.num_patches) * spec.width * itemsize(storage)
         memory["kept_taps_bytes_per_clip"] = tap_bytes
+    if retrieval:  # a frozen text tower is stored like the backbone (a trained one counts as trainable)
+        text = list(model.text.parameters())
+        frozen_text = 0 if text[0].requires_grad else counts["text_params"]
+        memory["frozen_text_weights_bytes"] = frozen_text * itemsize(text[0].dtype)
     memory["weights_total_bytes"] = (memory["backbone_weights_bytes"] + memory["trainable_weights_bytes"]
                                      + memory["gradients_bytes"] + memory["master_weights_bytes"]
-                                     + memory["optimizer_state_bytes"])
+                                     + memory["optimizer_state_bytes"] + memory.get("frozen_text_weights_bytes", 0))
     if method == "full":  # its trained weights are the backbone's: do not count them twice
         memory["weights_total_bytes"] -= memory["backbone_weights_bytes"]
 
     side = model.side
     report = {
+        "task": cfg.task,
         "method": method,
         "backbone": spec.name,
         "backbone_family": spec.family,

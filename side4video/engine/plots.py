@@ -1,4 +1,4 @@
-"""PNG plots of a run: loss/accuracy curves and the confusion matrix."""
+"""PNG plots of a run: loss/accuracy curves, the confusion matrix, retrieval recall@K curves."""
 
 from __future__ import annotations
 
@@ -72,6 +72,32 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], out: Path,
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
+def plot_recall_curves(report: dict, out: Path, title: str = "") -> Path:
+    """Retrieval recall@K curves, text->video and video->text (+ dual-softmax, dashed), K log-scaled."""
+    plt = pyplot()
+    curves = report["recall_at_k"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for direction, label in (("t2v", "text -> video"), ("v2t", "video -> text")):
+        ax.plot(curves["k"], curves[direction], marker=".", label=label)
+    for direction, label in (("t2v", "text -> video"), ("v2t", "video -> text")):
+        dsl = report.get("dual_softmax", {}).get(direction)
+        if dsl:  # only R@1/5/10 are computed after re-ranking
+            ax.plot([1, 5, 10], [dsl["R1"], dsl["R5"], dsl["R10"]], linestyle="--", marker="x",
+                    label=f"{label}, dual softmax")
+    chance = [100.0 * k / report["videos"] for k in curves["k"]]
+    ax.plot(curves["k"], chance, color="tab:gray", linestyle=":", label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("K")
+    ax.set_ylabel("recall@K (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "retrieval recall@K")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -37,8 +37,11 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def build_tower(spec: BackboneSpec) -> nn.Module:
-    """The library's vision tower (random init, no downloads); call under a device context."""
+def build_tower(spec: BackboneSpec, with_head: bool = False) -> nn.Module:
+    """The library's vision tower (random init, no downloads); call under a device context.
+
+    `with_head`: EVA towers get timm's head as the CLIP projection (open_clip's layout for them).
+    """
     if spec.family == "vit":
         from open_clip.model import _build_vision_tower
 
@@ -52,7 +55,8 @@ def build_tower(spec: BackboneSpec) -> nn.Module:
     arch = dict(embed_dim=spec.width, depth=spec.layers, num_heads=spec.heads, patch_size=spec.patch_size)
     if spec.timm_name.startswith("eva02_large") and spec.overridden:
         arch["ref_feat_shape"] = (spec.grid, spec.grid)  # rotary table of the (smaller) grid
-    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, img_size=spec.image_size, **arch)
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=embed_dim(spec) if with_head else 0,
+                             img_size=spec.image_size, **arch)
 
 
 def materialise(module: nn.Module, dtype: torch.dtype, buffer_dtype: torch.dtype, device) -> None:
@@ -103,7 +107,7 @@ def build_backbone(spec: BackboneSpec, taps: Sequence[int], *, storage_dtype: to
     partitioning, so that only one unit is ever whole in this process. `device="meta"` only
     sets the dtypes (planning)."""
     with parameters_on_meta():
-        tower = build_tower(spec)
+        tower = build_tower(spec, with_head=keep_proj)
     backbone = FrozenBackbone(spec, tower, taps, storage_dtype, compute_dtype, trainable=trainable,
                               grad_through=grad_through, keep_final_norm=keep_final_norm, keep_proj=keep_proj,
                               tap_dtype=tap_dtype)

@@ -38,7 +38,7 @@ _RULES: List[Tuple[str, str, Optional[Callable]]] = [
     (r"^visual\.side_conv1\.", "side.patch_embed.", None),
     (r"^visual\.side_pre_bn3d\.", "side.patch_norm.", None),
     (r"^visual\.side_post_bn\.", "side.post_norm.", None),
-    (r"^visual\.side_proj$", "side_proj", None),
+    (r"^visual\.side_proj$", "side_proj.weight", None),
     (r"^visual\.transformer\.side_spatial_position_embeddings$", "side.pos_embed.weight", None),
     (r"^visual\.transformer\.side_lns\.(\d+)\.", r"side.taps.\1.norm.", None),
     (r"^visual\.transformer\.side_linears\.(\d+)\.", r"side.taps.\1.linear.", None),
@@ -141,3 +141,76 @@ def from_official(state_dict: Dict[str, torch.Tensor], config: Dict) -> VideoMod
             raise UserError(f"reference tensor for {k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}")
     model.load_state_dict(ours, strict=True)
     return model.float().eval()
+
+
+# ------------------------------------------------------------------------ retrieval checkpoints
+# The reference's retrieval model (a CLIP4Clip layout): `clip.visual.*` is the video encoder (the
+# visual keys above under `clip.`), the CLIP text tower sits at `clip.*`, the temperature at
+# `clip.logit_scale`, and WTI's weight MLPs are `text_weight_fc.{0,2}` / `video_weight_fc.{0,2}`.
+# Its training checkpoints are the bare state dict (`pytorch_model.bin.N`).
+_TEXT_TOWER = r"(token_embedding\.|positional_embedding$|transformer\.|ln_final\.|text_projection$)"
+_RETRIEVAL_RULES = [
+    (r"^clip\.logit_scale$", "logit_scale.value"),
+    (r"^clip\." + _TEXT_TOWER, r"text.\1"),
+    (r"^(text|video)_weight_fc\.([02])\.", r"\1_weight_fc.\2."),
+]
+_RETRIEVAL_COMPILED = [(re.compile(p), r) for p, r in _RETRIEVAL_RULES]
+OFFICIAL_NAMES = _OFFICIAL_NAMES
+
+
+def is_official_retrieval(obj) -> bool:
+    """Does this reference checkpoint hold a retrieval model (rather than a recognition one)?"""
+    if not isinstance(obj, dict):
+        return False
+    sd = obj.get("model_state_dict", obj.get("state_dict", obj))
+    return isinstance(sd, dict) and any(str(k).startswith(("clip.visual.", "module.clip.visual.")) for k in sd)
+
+
+def unwrap_official_retrieval(obj) -> Dict[str, torch.Tensor]:
+    """A reference retrieval checkpoint or state dict -> one flat state dict in its names."""
+    if not isinstance(obj, dict):
+        raise UserError("not a Side4Video retrieval checkpoint: expected a dict of tensors")
+    sd = dict(obj.get("model_state_dict", obj.get("state_dict", obj)))
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items() if torch.is_tensor(v)}
+    if "clip.visual.side_conv1.weight" not in sd:
+        raise UserError("not a Side4Video retrieval checkpoint: no 'clip.visual.side_conv1.weight' "
+                        "(keys as in the reference's retrieval model)")
+    return sd
+
+
+def convert_official_retrieval_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Reference retrieval names -> RetrievalModel's (video encoder by the visual rules above)."""
+    sd = unwrap_official_retrieval(sd)
+    out = convert_official_state_dict({k[len("clip."):]: v for k, v in sd.items() if k.startswith("clip.visual.")})
+    dropped = []
+    for key, value in sd.items():
+        if key.startswith("clip.visual."):
+            continue
+        for pattern, repl in _RETRIEVAL_COMPILED:
+            if pattern.match(key):
+                out[pattern.sub(repl, key)] = value
+                break
+        else:
+            dropped.append(key)
+    if dropped:
+        log.debug("not converted (not part of the retrieval model): %d keys, e.g. %s", len(dropped), dropped[:3])
+    return out
+
+
+def official_retrieval_config(sd: Dict[str, torch.Tensor]) -> Dict:
+    """The WTI-fixture-style config (vision_*, text_*, side_dim, embed_dim, ...) of a reference
+    retrieval state dict. Head counts follow the reference's `width // 64`; `max_words` is the
+    reference scripts' 32 (or fewer if the tower has fewer positions)."""
+    sd = unwrap_official_retrieval(sd)
+    width, _, patch, _ = sd["clip.visual.conv1.weight"].shape
+    layers = len({k.split(".")[4] for k in sd if k.startswith("clip.visual.transformer.resblocks.")})
+    grid = round((sd["clip.visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    side_dim = sd["clip.visual.side_conv1.weight"].shape[0]
+    vocab, text_width = sd["clip.token_embedding.weight"].shape
+    context = sd["clip.positional_embedding"].shape[0]
+    return {"vision_width": width, "vision_layers": layers, "vision_heads": width // 64, "patch_size": patch,
+            "image_size": grid * patch, "side_dim": side_dim, "side_heads": max(1, side_dim // 64),
+            "embed_dim": sd["clip.text_projection"].shape[1], "text_width": text_width,
+            "text_layers": len({k.split(".")[3] for k in sd if k.startswith("clip.transformer.resblocks.")}),
+            "text_heads": max(1, text_width // 64), "vocab_size": vocab, "context_length": context,
+            "max_words": min(32, context), "interaction": "wti" if "text_weight_fc.0.weight" in sd else "meanp"}

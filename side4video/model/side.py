@@ -12,7 +12,9 @@ transposes of the stream: the reference's layout shuffles are not needed.
 
 Variants: 'clip' (pre-norm, side block after every tapped layer, post BN) and 'eva' (post-norm,
 projection LayerNorm after the linear, no post BN); `retrieval=True` gives the retrieval visual
-encoder's details (N + 1 position rows added to all tokens, full self-attention, per-frame pool).
+encoder's details: a per-frame pool after a post BN, and in the clip variant N + 1 position rows
+added to all tokens with full self-attention (the reference's EVA retrieval model keeps the
+recognition blocks).
 """
 
 from __future__ import annotations
@@ -300,11 +302,12 @@ class SideNetwork(nn.Module):
         self.num_patches = num_patches
         self.patch_embed = nn.Conv3d(3, dim, (3, patch_size, patch_size), (1, patch_size, patch_size), (1, 0, 0))
         self.patch_norm = ChannelLastBatchNorm(dim)
-        self.pos_embed = PositionEmbedding(num_patches + (1 if retrieval else 0), dim)
+        full_attention = retrieval and variant == "clip"
+        self.pos_embed = PositionEmbedding(num_patches + (1 if full_attention else 0), dim)
         rates = [drop_path * i / max(1, num_blocks - 1) for i in range(num_blocks)]  # linear, as timm
         self.taps = nn.ModuleList(TapProjection(in_dim, dim, variant) for _ in range(num_blocks))
-        self.blocks = nn.ModuleList(SideBlock(dim, heads, variant, retrieval, r) for r in rates)
-        self.post_norm = ChannelLastBatchNorm(dim) if variant == "clip" else None
+        self.blocks = nn.ModuleList(SideBlock(dim, heads, variant, full_attention, r) for r in rates)
+        self.post_norm = ChannelLastBatchNorm(dim) if variant == "clip" or retrieval else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -46,10 +46,14 @@ EVA_ARCH = {
 }
 
 
-# Tiny ViTs of our own (open_clip model-config layout) for tests and the CPU demo.
+# Tiny ViTs of our own (open_clip model-config layout) for tests and the CPU demo; their text
+# towers (retrieval) keep CLIP's vocabulary so open_clip's tokenizer applies.
+_TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
 LOCAL_MODELS = {
-    "ViT-T-16": {"embed_dim": 128, "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 16}},
-    "ViT-T-8": {"embed_dim": 128, "vision_cfg": {"image_size": 32, "layers": 3, "width": 128, "patch_size": 8}},
+    "ViT-T-16": {"embed_dim": 128, "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 16},
+                 "text_cfg": _TINY_TEXT},
+    "ViT-T-8": {"embed_dim": 128, "vision_cfg": {"image_size": 32, "layers": 3, "width": 128, "patch_size": 8},
+                "text_cfg": _TINY_TEXT},
 }
 
 

@@ -91,14 +91,18 @@ class FinalNorm(nn.Module):
 
 
 class Projection(nn.Module):
-    """The ViT's output projection (`x @ proj`), kept only where it is used (retrieval)."""
+    """The tower's output projection, kept only where it is used (retrieval): open_clip ViTs'
+    `x @ proj`, or timm EVA's `head` Linear (weight (E, D) and bias), cast on the fly."""
 
-    def __init__(self, weight: nn.Parameter):
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter] = None):
         super().__init__()
         self.weight = weight
+        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.to(x.dtype)
+        if self.bias is None:
+            return x @ self.weight.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
 
 
 # ------------------------------------------------------------------------------- the wrapper
@@ -130,7 +134,8 @@ class FrozenBackbone(nn.Module):
         else:
             self.stem = eva_stem(tower)
             self.blocks = tower.blocks
-            final_norm, proj = tower.norm, None
+            head = getattr(tower, "head", None)  # a Linear when built with the CLIP embedding width
+            final_norm, proj = tower.norm, (Projection(head.weight, head.bias) if isinstance(head, nn.Linear) else None)
         self.final_norm = FinalNorm(final_norm) if keep_final_norm else None
         if keep_proj and proj is None:
             raise UserError(f"backbone {spec.name}: no output projection to keep")

@@ -93,6 +93,8 @@ def backbone_key(key: str, family: str) -> Optional[str]:
         return key
     if key.startswith("norm."):
         return "final_norm." + key[len("norm."):]
+    if key.startswith("head."):  # open_clip's EVA projection (timm's head), kept for retrieval
+        return "proj." + key[len("head."):]
     return None
 
 
