@@ -125,12 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
-    p = add("predict", cmd_predict, "top-k classes for one video file with an exported model",
-            "side4video predict runs/demo/side4video/export clip.webm")
+    p = add("predict", cmd_predict, "top-k classes of one video file (retrieval exports: captions ranked against it)",
+            "side4video predict runs/demo/side4video/export clip.webm\n"
+            "         side4video predict runs/demo/retrieval/side4video/export clip.webm "
+            "--caption 'a red square drifting left' --caption 'a red square drifting right'")
     p.add_argument("export", help="export folder (model.safetensors + model.json)")
     p.add_argument("video", help="video file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. eval.crops=3)")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--caption", action="append", metavar="TEXT",
+                   help="retrieval exports: a caption to rank against the video (repeat for several)")
     p.add_argument("--json", action="store_true")
 
     p = add("submit", cmd_submit, "submit training (or evaluation) to SLURM through submitit",
@@ -154,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
     p.add_argument("--videos", type=int, default=1024, help="training videos to generate")
     p.add_argument("--fresh", action="store_true", help="delete earlier demo runs first")
+    p.add_argument("--task", choices=["recognition", "retrieval"], default="recognition",
+                   help="recognition (motion classes) or retrieval (captions naming the motion): OUT/retrieval/")
     return parser
 
 

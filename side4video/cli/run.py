@@ -52,7 +52,8 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from side4video.engine.predict import predict_video
 
-    preds = predict_video(args.export, args.video, top_k=args.top_k, overrides=args.overrides)
+    preds = predict_video(args.export, args.video, top_k=args.top_k, overrides=args.overrides,
+                          captions=args.caption or ())
     if args.json:
         print_json(preds)
     else:
@@ -62,6 +63,8 @@ def cmd_predict(args) -> int:
 
 def format_predictions(preds: Dict[str, Any]) -> str:
     lines = [f"{preds['video']} ({preds['views']} views)"]
-    for rank, row in enumerate(preds["top"], 1):
+    for rank, row in enumerate(preds.get("top", []), 1):
         lines.append(f"  {rank}. {row['class']:<28} {100 * row['probability']:6.2f}%")
+    for rank, row in enumerate(preds.get("captions", []), 1):
+        lines.append(f"  {rank}. {row['similarity']:+.4f}  {row['caption']}")
     return "\n".join(lines)

@@ -40,6 +40,7 @@ import torch
 
 from side4video import signals
 from side4video.data import augment as A
+from side4video.data.captions import training_caption
 from side4video.data.decode import ClipDecoder, ClipRequest
 from side4video.data.sample import Sample
 from side4video.data.sampling import eval_indices, train_indices
@@ -68,11 +69,14 @@ class VideoLoader:
     the rest are plain arguments: clips per batch, views per clip (training: repeated augmented
     views; evaluation: spatial crops), temporal clips per video (evaluation), rank layout, the
     dtype clips are handed over in and the device decoding runs on (a GPU: DALI 'mixed').
+    Training batches also carry each clip's caption for this epoch (`caption`, drawn from the
+    sample's captions as a function of the seeds: data/captions.py); evaluation batches all of
+    them (`captions`).
     """
 
     def __init__(self, data, split: str, *, batch_size: int, views: int = 1, clips: int = 1, rank: int = 0,
                  world_size: int = 1, dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
-                 shards: Optional[ShardSet] = None):
+                 check_labels: bool = True, shards: Optional[ShardSet] = None):
         if split not in ("train", "val"):
             raise UserError(f"loader split {split!r}: allowed train, val")
         self.data, self.split = data, split
@@ -81,6 +85,7 @@ class VideoLoader:
         if not 0 <= self.rank < self.world_size:
             raise UserError(f"rank {rank} is outside world size {world_size}")
         self.dtype = dtype
+        self.check_labels = check_labels  # recognition: a label outside 0..num_classes-1 is unusable
         self.batch_size = int(batch_size)
         self.frames = int(data.frames)
         self.views = int(views)
@@ -257,7 +262,7 @@ class VideoLoader:
 
     def prepare(self, sample: Sample, epoch: int) -> Union[ClipRequest, str]:
         """Probe a sample and draw its frame indices and views; a string says why it is unusable."""
-        if self.train and not 0 <= sample.label < int(self.data.num_classes):
+        if self.train and self.check_labels and not 0 <= sample.label < int(self.data.num_classes):
             return f"label {sample.label} outside 0..{int(self.data.num_classes) - 1}"
         try:
             info = probe(sample.video)
@@ -343,7 +348,7 @@ class VideoLoader:
                     self._unusable(sample.key, reasons.get(sample.key, "not decoded"))
         if not good:
             return None
-        return self._collate(good), end_pos
+        return self._collate(good, epoch), end_pos
 
     def _unusable(self, key: str, reason: str) -> None:
         """Skip and count a sample; a long run of them is no bad luck but bad data or a decoder
@@ -361,17 +366,19 @@ class VideoLoader:
         """Samples DALI refused and PyAV decoded instead."""
         return len(self._decoder.fallbacks) if self._decoder is not None else 0
 
-    def _collate(self, good: Sequence[Tuple[Sample, ClipRequest, torch.Tensor]]) -> Dict[str, Any]:
+    def _collate(self, good: Sequence[Tuple[Sample, ClipRequest, torch.Tensor]], epoch: int) -> Dict[str, Any]:
         video = torch.stack([t for _, _, t in good])  # (B, V, F, 3, S, S)
         if self.train:
             video = video.flatten(0, 1)  # (B*R, T, 3, S, S): the R views of a clip are adjacent
-            labels, keys, captions = [], [], []
+            labels, keys, captions, drawn = [], [], [], []
             for sample, req, _ in good:
+                caption = training_caption(sample.captions, int(self.data.seed), epoch, sample.key, sample.occurrence)
                 for view in req.views:
                     label = sample.label
                     labels.append(self.flip_map.get(label, label) if view.flip else label)
                     keys.append(sample.key)
                     captions.append(sample.captions)
+                    drawn.append(caption)
         else:
             video = eval_views_layout(video, self.clips, self.frames)
             labels = [s.label for s, _, _ in good]
@@ -379,7 +386,10 @@ class VideoLoader:
             captions = [s.captions for s, _, _ in good]
         if video.dtype != self.dtype:
             video = video.to(self.dtype)
-        return {"video": video, "label": torch.tensor(labels, dtype=torch.long), "key": keys, "captions": captions}
+        batch = {"video": video, "label": torch.tensor(labels, dtype=torch.long), "key": keys, "captions": captions}
+        if self.train:
+            batch["caption"] = drawn
+        return batch
 
 
 def eval_request(key: str, video: bytes, info, data_cfg, crops: int, clips: int) -> ClipRequest:

@@ -171,14 +171,20 @@ def build_optimizer(groups: List[Dict[str, Any]], cfg) -> torch.optim.Optimizer:
 
 
 def mark_backbone_units_as_leaves(model: nn.Module) -> None:
-    """ZeRO-3 gathers a whole frozen unit (stem, block, final norm) at once: one all-gather per
-    block, and attention modules that read child weights without calling them, like
-    nn.MultiheadAttention's out_proj, still see full tensors."""
+    """ZeRO-3 gathers a whole frozen unit (stem, block, final norm; the text tower's blocks) at
+    once: one all-gather per block, and attention modules that read child weights without calling
+    them, like nn.MultiheadAttention's out_proj, still see full tensors."""
     from deepspeed.utils import set_z3_leaf_modules
 
+    types = []
     backbone = getattr(model, "backbone", None)
     if backbone is not None:
-        set_z3_leaf_modules(model, backbone.leaf_module_types())
+        types += backbone.leaf_module_types()
+    text = getattr(model, "text", None)
+    if text is not None:
+        types += [type(block) for block in text.transformer.resblocks]
+    if types:
+        set_z3_leaf_modules(model, list(dict.fromkeys(types)))
 
 
 def check_trainable(cfg) -> None:
@@ -194,7 +200,7 @@ def check_trainable(cfg) -> None:
                         "are not finite: use deepspeed.zero_stage=1 (same memory on one process) or bf16")
 
 
-def initialize(model: nn.Module, cfg, precision: Precision, world_size: int):
+def initialize(model: nn.Module, cfg, precision: Precision, world_size: int, groups: List[Dict[str, Any]] = None):
     """DeepSpeed engine over the whole model; only trainable parameters reach the optimizer.
 
     The frozen backbone keeps its storage precision bit for bit: DeepSpeed casts every parameter
@@ -202,13 +208,14 @@ def initialize(model: nn.Module, cfg, precision: Precision, world_size: int):
     engine's view while it initialises (it is frozen: no optimizer, gradient or broadcast concerns
     it) and under ZeRO-3 it is partitioned beforehand in its own precision (`zero.Init`), which
     DeepSpeed takes as a model that needs no casting: the trained part is then cast here.
+    `groups`: the optimizer's parameter groups (default: `param_groups`).
     """
     check_trainable(cfg)
     ds_config = deepspeed_config(cfg, world_size, _largest_frozen_unit(model))
     if cfg.deepspeed.zero_stage == 3:
         mark_backbone_units_as_leaves(model)
-    optimizer = build_optimizer(param_groups(model, cfg), cfg)
-    with frozen_backbone_kept(model, cfg, precision, ds_config):
+    optimizer = build_optimizer(groups if groups is not None else param_groups(model, cfg), cfg)
+    with frozen_towers_kept(model, cfg, precision, ds_config):
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     _after_initialize(engine.module)
     return engine
@@ -220,7 +227,7 @@ def initialize_for_inference(model: nn.Module, cfg, precision: Precision, world_
     config = {"train_micro_batch_size_per_gpu": 1,
               "zero_optimization": deepspeed_config(cfg, world_size, _largest_frozen_unit(model))["zero_optimization"]}
     mark_backbone_units_as_leaves(model)
-    with frozen_backbone_kept(model, cfg, precision, config):
+    with frozen_towers_kept(model, cfg, precision, config):
         engine = deepspeed.initialize(model=model, config=config)[0]
     _after_initialize(engine.module)
     return engine
@@ -234,30 +241,33 @@ def _largest_frozen_unit(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def frozen_backbone_kept(model: nn.Module, cfg, precision: Precision, ds_config: Dict[str, Any]):
-    """Around deepspeed.initialize: keep a frozen backbone's weights in their storage precision
-    (see `initialize`). Methods that backpropagate through the backbone train it in DeepSpeed's
-    precision anyway (side4video/precision.py) and are left alone."""
-    backbone = getattr(model, "backbone", None)
-    if backbone is None or cfg.model.method not in FROZEN_METHODS:
+def frozen_towers_kept(model: nn.Module, cfg, precision: Precision, ds_config: Dict[str, Any]):
+    """Around deepspeed.initialize: keep the frozen towers' weights (the backbone; a frozen text
+    tower) in their storage precision (see `initialize`). Methods that backpropagate through the
+    backbone train it in DeepSpeed's precision anyway (side4video/precision.py)."""
+    towers = model.frozen_towers() if hasattr(model, "frozen_towers") else {}
+    if not towers:
         yield
         return
     if cfg.deepspeed.zero_stage == 3:
-        if not all(hasattr(p, "ds_id") for p in backbone.frozen_parameters()):  # not partitioned at build
-            partition_frozen_unit(backbone, cfg, precision, ds_config)
+        for tower in towers.values():
+            if not all(hasattr(p, "ds_id") for p in tower.parameters()):  # not partitioned at build
+                partition_frozen_unit(tower, cfg, precision, ds_config)
         for p in model.parameters():  # DeepSpeed casts nothing of a model it finds partitioned
             if p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(precision.train)
         yield
         return
-    del model._modules["backbone"]
+    for name in towers:
+        del model._modules[name]
     try:
         yield
     finally:
-        model._modules["backbone"] = backbone
+        model._modules.update(towers)
     device = next((p.device for p in model.parameters() if p.requires_grad), None)
     if device is not None:
-        backbone.to(device)  # a device move only: .to(device) keeps every dtype
+        for tower in towers.values():
+            tower.to(device)  # a device move only: .to(device) keeps every dtype
 
 
 def partition_frozen_unit(unit: nn.Module, cfg, precision: Precision, ds_config: Dict[str, Any]) -> None:

@@ -56,8 +56,9 @@ def export_model(module: torch.nn.Module, cfg, out_dir: Path, class_names: Seque
     """Collective: write OUT/model.safetensors + OUT/model.json."""
     state = gathered_trainable_state(module, zero_stage)
     with_backbone = not cfg.model.backbone.weights
-    if with_backbone:
-        state.update(_backbone_state(module, zero_stage))
+    if with_backbone:  # random-init frozen towers travel with the export: there is no file to load them from
+        for name, tower in module.frozen_towers().items():
+            state.update(_tower_state(name, tower, zero_stage))
     if not is_main:
         return
     out_dir = Path(out_dir)
@@ -69,13 +70,12 @@ def export_model(module: torch.nn.Module, cfg, out_dir: Path, class_names: Seque
     log.info("exported %s", out_dir)
 
 
-def _backbone_state(module: torch.nn.Module, zero_stage: int) -> Dict[str, torch.Tensor]:
-    if zero_stage == 3:
-        import deepspeed
+def _tower_state(name: str, tower: torch.nn.Module, zero_stage: int) -> Dict[str, torch.Tensor]:
+    """A frozen tower's full tensors under its attribute name (collective under ZeRO-3)."""
+    import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.backbone.parameters()), modifier_rank=None):
-            return {f"backbone.{k}": v.detach().cpu().clone() for k, v in module.backbone.state_dict().items()}
-    return {f"backbone.{k}": v.detach().cpu().clone() for k, v in module.backbone.state_dict().items()}
+    with deepspeed.zero.GatheredParameters(list(tower.parameters()), modifier_rank=None, enabled=zero_stage == 3):
+        return {f"{name}.{k}": v.detach().cpu().clone() for k, v in tower.state_dict().items()}
 
 
 def read_export_meta(export_dir: str | Path) -> Dict[str, Any]:
@@ -128,7 +128,7 @@ def apply_trained_state(model: torch.nn.Module, state: Dict[str, torch.Tensor]) 
         unexpected = sorted(k for k in frozen if k not in expected)
         if unexpected:
             raise UserError(f"trained weights do not fit this model: unexpected keys {unexpected[:3]}...")
-        params = [p for p in model.backbone.parameters() if hasattr(p, "ds_id")]
+        params = [p for tower in model.frozen_towers().values() for p in tower.parameters() if hasattr(p, "ds_id")]
         if params:  # ZeRO-3 partitioned at build: gather, let rank 0 write, partition again
             import deepspeed
 

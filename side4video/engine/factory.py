@@ -95,9 +95,10 @@ def retrieval_config_overrides(args: RetrievalArgs) -> List[str]:
             f"model.retrieval.similarity={args.similarity}"]
 
 
-def retrieval_model_from_config(cfg, device="cpu", precision: Precision = None) -> RetrievalModel:
-    """The config's retrieval model, materialised on `device` (towers loaded or randomly initialised)."""
-    return build_retrieval_model(retrieval_args(cfg, precision), device)
+def retrieval_model_from_config(cfg, device="cpu", precision: Precision = None, place_unit=None) -> RetrievalModel:
+    """The config's retrieval model, materialised on `device` (towers loaded or randomly initialised;
+    `place_unit`: see model/backbone.py `build_backbone`)."""
+    return build_retrieval_model(retrieval_args(cfg, precision), device, place_unit)
 
 
 def retrieval_model_on_meta(cfg, precision: Precision = None) -> RetrievalModel:
@@ -116,4 +117,4 @@ def loader_from_config(cfg, split: str, rank: int = 0, world_size: int = 1, dtyp
                        (cfg.eval.batch_size or cfg.train.batch_size),
                        views=cfg.data.repeated_views if train else cfg.eval.crops, clips=1 if train else cfg.eval.clips,
                        rank=rank, world_size=world_size, dtype=dtype or run_precision(cfg).clips,
-                       device=device or torch.device("cpu"))
+                       device=device or torch.device("cpu"), check_labels=cfg.task == "recognition")

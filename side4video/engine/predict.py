@@ -47,34 +47,43 @@ def clip_views(cfg, video_path: str | Path, dtype: torch.dtype, device: torch.de
 
 
 @torch.no_grad()
-def predict_video(export_dir: str, video_path: str, top_k: int = 5, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+def predict_video(export_dir: str, video_path: str, top_k: int = 5, overrides: Sequence[str] = (),
+                  captions: Sequence[str] = ()) -> Dict[str, Any]:
+    """Recognition exports: the top-k classes of the video. Retrieval exports: `captions` ranked
+    by their similarity to the video (the score evaluation ranks by)."""
     from side4video.distributed import select_device
-    from side4video.engine.factory import model_from_config, run_precision
+    from side4video.engine.factory import run_precision
+    from side4video.engine.tasks import task_for
 
     if not Path(video_path).is_file():
         raise UserError(f"video not found: {video_path}")
     meta = read_export_meta(export_dir)
     cfg = export_config(export_dir, overrides)
+    retrieval = cfg.task == "retrieval"
+    if retrieval and not captions:
+        raise UserError("this export is a retrieval model: give the captions to rank with --caption TEXT (repeatable)")
+    if captions and not retrieval:
+        raise UserError("--caption is for retrieval exports; this one classifies (its classes are ranked)")
     # model and clips on one device; the training host's train.device does not bind this one
     requested = cfg.train.device if any(o.startswith("train.device=") for o in overrides) else "auto"
     device = select_device(requested, 0, 1)
     precision = run_precision(cfg, device.type == "cuda")
-    model = model_from_config(cfg, device=device, precision=precision)
+    model = task_for(cfg).build_model(cfg, device, precision)
     apply_trained_state(model, load_trained_state(export_dir, model.backbone.fingerprint()))
     model.eval()
-    probs = view_probabilities(model, clip_views(cfg, video_path, precision.clips, device))[0].cpu()
+    views = clip_views(cfg, video_path, precision.clips, device)
+    result: Dict[str, Any] = {"video": str(video_path), "views": cfg.eval.crops * cfg.eval.clips, "device": str(device)}
+    if retrieval:
+        from side4video.data.captions import tokenize
+
+        ids, mask = tokenize(list(captions), cfg.model.text.max_words)
+        scores = model.similarity(model.embed_text(ids.to(device), mask.to(device)),
+                                  model.embed_video(views[:, 0]))[:, 0].float().cpu()
+        order = scores.argsort(descending=True)
+        result["captions"] = [{"caption": captions[i], "similarity": float(scores[i])} for i in order.tolist()]
+        return result
+    probs = view_probabilities(model, views)[0].cpu()
     names: List[str] = meta.get("class_names") or [str(i) for i in range(probs.numel())]
     top = probs.topk(min(top_k, probs.numel()))
-    return {
-        "video": str(video_path),
-        "views": cfg.eval.crops * cfg.eval.clips,
-        "device": str(device),
-        "top": [{"class": names[i], "index": int(i), "probability": float(p)} for p, i in zip(top.values, top.indices)],
-    }
-
-
-def format_predictions(preds: Dict[str, Any]) -> str:
-    lines = [f"{preds['video']} ({preds['views']} views)"]
-    for rank, row in enumerate(preds["top"], 1):
-        lines.append(f"  {rank}. {row['class']:<28} {100 * row['probability']:6.2f}%")
-    return "\n".join(lines)
+    result["top"] = [{"class": names[i], "index": int(i), "probability": float(p)} for p, i in zip(top.values, top.indices)]
+    return result

@@ -17,11 +17,11 @@ from side4video import distributed
 from side4video.config import to_yaml
 from side4video.engine import checkpoint, deepspeed_engine, export
 from side4video.engine.collectives import barrier
-from side4video.engine.evaluate import evaluate, write_report
 from side4video.engine.metrics import held_bytes, rss_bytes
-from side4video.engine.factory import loader_from_config, model_from_config, model_on_meta, run_precision
+from side4video.engine.factory import loader_from_config, run_precision
 from side4video.engine.schedule import RunLength, run_length
 from side4video.engine.state import TrainerState
+from side4video.engine.tasks import task_for
 from side4video.errors import UserError
 from side4video.logs import get_logger
 
@@ -47,8 +47,8 @@ class Runner:
         self.dtype = self.precision.clips
         self.run_dir = Path(cfg.train.output_dir)
         seed_everything(cfg.train.seed)
-        self.model = model_from_config(cfg, device=self.device, precision=self.precision,
-                                       place_unit=self._frozen_unit_placer())
+        self.task = task_for(cfg)
+        self.model = self.task.build_model(cfg, self.device, self.precision, self._frozen_unit_placer())
         self.engine = None
         self.built: Dict[str, int] = {}  # this rank's memory once the engine is built
         self.train_loader = None
@@ -62,7 +62,7 @@ class Runner:
         if self.cfg.deepspeed.zero_stage != 3:
             return None
         largest = max(sum(p.numel() for p in unit.parameters())
-                      for unit in model_on_meta(self.cfg, self.precision).backbone.units())
+                      for unit in self.task.model_on_meta(self.cfg, self.precision).backbone.units())
         return deepspeed_engine.frozen_unit_placer(self.cfg, self.precision, self.dist.world_size, largest)
 
     def _build_loader(self, split: str):
@@ -78,7 +78,11 @@ class Runner:
         if not self.class_names:
             self.class_names = list(getattr(self.train_loader, "class_names", None) or [])
         length = run_length(cfg.train, len(self.train_loader))
-        self.engine = deepspeed_engine.initialize(self.model, cfg, self.precision, self.dist.world_size)
+        groups = self.task.param_groups(self.model, cfg)
+        # each group's learning rate relative to train.lr (retrieval: the CLIP towers' coef_lr),
+        # kept by the loop when it sets every step's rate (engine/schedule.py)
+        self.lr_scales = [group.get("lr", cfg.train.lr) / cfg.train.lr if cfg.train.lr else 1.0 for group in groups]
+        self.engine = deepspeed_engine.initialize(self.model, cfg, self.precision, self.dist.world_size, groups)
         self.built = {"rss_after_build_bytes": rss_bytes(),
                       "backbone_bytes_held": held_bytes(self.module.backbone.frozen_parameters())}
         log.info("run: %s; precision %s; backbone held here %.2f GiB", length.as_dict(), self.precision.describe(),
@@ -154,15 +158,15 @@ class Runner:
             raise UserError("data.val.shards is empty: nothing to evaluate")
         was_training = self.module.training
         self.module.eval()
-        report = evaluate(self.forward, self.val_loader, self.cfg, self.device, self.dtype, self.class_names)
-        self.module.train(was_training)
-        return report
+        try:
+            return self.task.evaluate(self)
+        finally:
+            self.module.train(was_training)
 
     def write_eval_report(self, report: Dict[str, Any], tag: str = "eval") -> None:
         if self.is_main:
-            write_report(report, self.run_dir, self.class_names, tag)
-            log.info("%s: top-1 %.2f%%  top-5 %.2f%%  (%d samples, %d views)", tag, 100 * report["top1"],
-                     100 * report["top5"], report["samples"], report["views"])
+            self.task.write_report(report, self, tag)
+            log.info("%s: %s", tag, self.task.headline(report))
 
     # ------------------------------------------------------------------------------ teardown
     def close(self) -> None:

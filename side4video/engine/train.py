@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from side4video import signals
 from side4video.engine import export
@@ -73,12 +72,12 @@ def _raise_failure(failure: Optional[BaseException]) -> None:
     raise error(f"rank {rank} stopped the run: {kind}: {line}")
 
 
-def train_step(run: Runner, batches: Iterator, step: int, length: RunLength, label_smoothing: float) -> StepResult:
+def train_step(run: Runner, batches: Iterator, step: int, length: RunLength) -> StepResult:
     engine, cfg = run.engine, run.cfg
     started = time.perf_counter()
     result = StepResult(lr=lr_at(step, length, cfg.train.lr, cfg.train.min_lr))
-    for group in engine.optimizer.param_groups:  # the schedule is ours (engine/schedule.py)
-        group["lr"] = result.lr
+    for group, scale in zip(engine.optimizer.param_groups, run.lr_scales):  # the schedule is ours
+        group["lr"] = result.lr * scale
     skipped_before = engine.skipped_steps
     losses = []
     for _ in range(length.grad_accum):
@@ -90,10 +89,7 @@ def train_step(run: Runner, batches: Iterator, step: int, length: RunLength, lab
         if stop:
             result.stopped = True
             return result
-        video = batch["video"].to(run.device, run.dtype, non_blocking=True)
-        labels = batch["label"].to(run.device, non_blocking=True)
-        logits = engine(video)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        loss = run.task.loss(run, batch)  # forward: recognition or retrieval (engine/tasks.py)
         (nonfinite,) = any_rank(not torch.isfinite(loss).item())
         result.nonfinite |= nonfinite
         # Backward even a non-finite loss: its gradients make DeepSpeed skip the optimizer step
@@ -111,6 +107,8 @@ def train_step(run: Runner, batches: Iterator, step: int, length: RunLength, lab
         raise RuntimeError(f"step counters disagree: the loop is at step {step}, DeepSpeed at {engine.global_steps}")
     if result.nonfinite and result.applied:
         raise RuntimeError(f"step {step}: a loss was not finite but DeepSpeed applied the step")
+    if result.applied:
+        run.task.after_step(run.module)
     return result
 
 
@@ -158,7 +156,7 @@ def _loop(run: Runner, cfg, length: RunLength, state: TrainerState, metrics: Met
     run.engine.train()
     while state.step < length.total_steps:
         step = state.step + 1
-        result = train_step(run, batches, step, length, cfg.train.label_smoothing)
+        result = train_step(run, batches, step, length)
         if result.stopped:
             return _stop(run, state, metrics, saves)
         state.end_step(step)
@@ -232,18 +230,17 @@ def _end_of_epoch(run: Runner, cfg, state: TrainerState, metrics: MetricsLogger,
 
 def _evaluate(run: Runner, state: TrainerState, metrics: MetricsLogger) -> Dict[str, Any]:
     report = run.evaluate()
-    row = {"top1": report["top1"], "top5": report["top5"], "mean_class_accuracy": report["mean_class_accuracy"],
-           "samples": report["samples"]}
+    row = run.task.scalars(report)
     state.evals.append({"step": state.step, **row})
     metrics.log("eval", state.step, row)
-    metrics.write(f"eval @ step {state.step}: top-1 {100 * report['top1']:.2f}%  top-5 {100 * report['top5']:.2f}%")
+    metrics.write(f"eval @ step {state.step}: {run.task.headline(report)}")
     return report
 
 
 def _finish(run: Runner, cfg, length: RunLength, state: TrainerState, metrics: MetricsLogger, saves: SavePolicy,
             status: str, speed: Throughput, started: float, training_peak: Dict[str, int]) -> Dict[str, Any]:
     """Final eval, checkpoint, export, summary.json and plots (stopped runs only checkpoint)."""
-    summary: Dict[str, Any] = {"status": status, "steps": state.step, "total_steps": length.total_steps,
+    summary: Dict[str, Any] = {"status": status, "task": run.task.name, "steps": state.step, "total_steps": length.total_steps,
                                "epochs": round(state.step / length.steps_per_epoch, 3)}
     if status == "finished":
         try:
@@ -254,8 +251,9 @@ def _finish(run: Runner, cfg, length: RunLength, state: TrainerState, metrics: M
         saves.save(run, state)
         if report is not None:
             run.write_eval_report(report, tag="final_eval")
-            summary.update(top1=report["top1"], top5=report["top5"], mean_class_accuracy=report["mean_class_accuracy"],
-                           eval_samples=report["samples"])
+            summary.update(run.task.scalars(report))
+            if run.task.name == "retrieval":  # the recall dicts too, as the demo and README read them
+                summary.update(t2v=report["t2v"], v2t=report["v2t"])
         if cfg.train.export:
             export.export_model(run.engine.module, cfg, run.run_dir / "export", run.class_names,
                                 cfg.deepspeed.zero_stage, run.is_main, run.fingerprint())

@@ -81,6 +81,10 @@ class VideoModel(nn.Module):
         B, T = video.shape[:2]
         return self.backbone.class_token(taps[-1]).view(B, T, -1).mean(dim=1)
 
+    def frozen_towers(self) -> Dict[str, nn.Module]:
+        """Frozen modules by attribute name (the engine keeps them in their storage precision)."""
+        return {"backbone": self.backbone} if self.method in FROZEN_METHODS else {}
+
     # -- what is trained, and what a checkpoint holds
     def _is_trainable_entry(self, name: str, tensor: torch.Tensor) -> bool:
         if isinstance(tensor, nn.Parameter):

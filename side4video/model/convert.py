@@ -188,7 +188,8 @@ def convert_official_retrieval_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[s
             continue
         for pattern, repl in _RETRIEVAL_COMPILED:
             if pattern.match(key):
-                out[pattern.sub(repl, key)] = value
+                # the temperature is a 1-element tensor here (DeepSpeed cannot broadcast 0-dim ones)
+                out[pattern.sub(repl, key)] = value.reshape(1) if key == "clip.logit_scale" else value
                 break
         else:
             dropped.append(key)

@@ -58,15 +58,16 @@ class LogitScale(nn.Module):
 
     The bound is applied in forward too: under mixed precision the optimizer's master copy, not
     this parameter, is what the step updates, so a clamp of the parameter alone would not hold.
+    The value is a 1-element tensor, not a 0-dim one: DeepSpeed broadcasts parameters as bytes.
     """
 
     def __init__(self, value: float = CLIP_LOGIT_SCALE, max_value: float = MAX_LOGIT_SCALE):
         super().__init__()
-        self.value = nn.Parameter(torch.tensor(float(value)))
+        self.value = nn.Parameter(torch.tensor([float(value)]))
         self.max_value = float(max_value)
 
     def forward(self) -> torch.Tensor:
-        return self.value.float().clamp(max=self.max_value).exp()
+        return self.value.float().clamp(max=self.max_value).exp().reshape(())
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -187,6 +188,10 @@ class RetrievalModel(nn.Module):
         """Call after every optimizer step (the reference clamps to ln(100))."""
         self.logit_scale.clamp_()
 
+    def frozen_towers(self) -> Dict[str, nn.Module]:
+        """Frozen modules by attribute name (the engine keeps them in their storage precision)."""
+        return {prefix[:-1]: getattr(self, prefix[:-1]) for prefix in self._frozen_prefixes()}
+
     # -- what is trained, and what a checkpoint holds
     def _frozen_prefixes(self) -> List[str]:
         frozen = [] if self.backbone.trainable else ["backbone."]
@@ -276,7 +281,7 @@ class RetrievalArgs:
         return dataclasses.replace(spec, embed_dim=int(self.embed_dim)) if self.embed_dim else spec
 
 
-def _build(args: RetrievalArgs, device) -> RetrievalModel:
+def _build(args: RetrievalArgs, device, place_unit=None) -> RetrievalModel:
     if args.method not in RETRIEVAL_METHODS:
         raise UserError(f"config key 'model.method' is {args.method!r}; retrieval allows "
                         f"{', '.join(RETRIEVAL_METHODS)} (linear_probe: the frozen CLIP baseline)")
@@ -289,7 +294,7 @@ def _build(args: RetrievalArgs, device) -> RetrievalModel:
     p = args.precision
     backbone = build_backbone(spec, taps, storage_dtype=p.storage, compute_dtype=p.compute, weights=args.weights,
                               seed=args.seed, device=device, keep_final_norm=True, keep_proj=True,
-                              tap_dtype=p.storage)
+                              tap_dtype=p.storage, place_unit=place_unit)
     text_spec = resolve_text_spec(args.backbone, int(args.max_words), embed_dim(spec), quick_gelu=spec.quick_gelu,
                                   **args.text_overrides)
     # A frozen text tower computes in the backbone's compute precision; a trained one is fp32
@@ -312,9 +317,10 @@ def _build(args: RetrievalArgs, device) -> RetrievalModel:
     return model
 
 
-def build_retrieval_model(args: RetrievalArgs, device="cpu") -> RetrievalModel:
-    """The model: frozen parts materialised in their precision and loaded, the trained parts fp32."""
-    return _build(args, device)
+def build_retrieval_model(args: RetrievalArgs, device="cpu", place_unit=None) -> RetrievalModel:
+    """The model: frozen parts materialised in their precision and loaded, the trained parts fp32.
+    `place_unit(unit)` is called on each frozen backbone unit once it is loaded (ZeRO-3)."""
+    return _build(args, device, place_unit)
 
 
 def build_retrieval_model_on_meta(args: RetrievalArgs) -> RetrievalModel:

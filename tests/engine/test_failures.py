@@ -63,7 +63,7 @@ def test_one_ranks_loader_failing_ends_both_ranks(motion_data, tmp_path):
 NAN_ON_RANK_1 = textwrap.dedent("""
     import os, sys, types
     import torch.nn.functional as F
-    import side4video.engine.train as train
+    import side4video.engine.tasks as tasks
 
     calls = {"n": 0}
 
@@ -72,7 +72,7 @@ NAN_ON_RANK_1 = textwrap.dedent("""
         calls["n"] += 1
         return loss * float("nan") if os.environ["RANK"] == "1" and calls["n"] == 3 else loss
 
-    train.F = types.SimpleNamespace(cross_entropy=cross_entropy)
+    tasks.F = types.SimpleNamespace(cross_entropy=cross_entropy)
     from side4video.cli import main
     sys.exit(main(sys.argv[1:]))
 """)

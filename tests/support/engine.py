@@ -14,6 +14,7 @@ import pytest
 
 from tests.support import REPO
 DEMO = str(REPO / "configs" / "demo.yaml")
+DEMO_RETRIEVAL = str(REPO / "configs" / "demo_retrieval.yaml")
 TRAIN_VIDEOS, VAL_VIDEOS = 24, 13  # 13: an odd split, so two ranks get unequal shares
 
 
@@ -25,6 +26,24 @@ def motion_data(tmp_path_factory) -> Dict[str, str]:
     make_synthetic(str(out), videos=TRAIN_VIDEOS, classes=4, val_videos=VAL_VIDEOS, frames=8, size=32, seed=3,
                    shard_samples=6)
     return {"train": str(out / "train" / "manifest.json"), "val": str(out / "val" / "manifest.json"), "root": str(out)}
+
+
+@pytest.fixture(scope="session")
+def caption_data(tmp_path_factory) -> Dict[str, str]:
+    """Retrieval: 24 train and 13 val captioned motion clips (make-synthetic --captions)."""
+    from side4video.data.synthetic import make_synthetic
+
+    out = tmp_path_factory.mktemp("captions")
+    make_synthetic(str(out), videos=TRAIN_VIDEOS, classes=4, val_videos=VAL_VIDEOS, frames=8, size=32, seed=4,
+                   shard_samples=6, captions=True)
+    return {"train": str(out / "train" / "manifest.json"), "val": str(out / "val" / "manifest.json"), "root": str(out)}
+
+
+def retrieval_overrides(data: Dict[str, str], out_dir: Path, *extra: str) -> List[str]:
+    """The retrieval demo config made tiny: 32 px, 4 frames, ViT-T-8 with its tiny text tower."""
+    return [f"data.train.shards={data['train']}", f"data.val.shards={data['val']}", f"train.output_dir={out_dir}",
+            "data.frames=4", "model.side.dim=64", "model.text.max_words=12", "train.batch_size=4", "eval.batch_size=4",
+            "train.epochs=2", "train.log_every=1", "train.warmup_epochs=0.5", "logging.progress=false", *extra]
 
 
 def tiny_overrides(data: Dict[str, str], out_dir: Path, *extra: str) -> List[str]:
