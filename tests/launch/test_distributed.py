@@ -168,3 +168,32 @@ def test_launch_scripts_refuse_bad_arguments():
     for cmd in (["launch/local.sh", "two", "configs/demo.yaml"], ["launch/multinode.sh", "2", "2", "h", "1", "c.yaml"]):
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=30)
         assert done.returncode == 2 and done.stderr.strip()
+
+
+@pytest.mark.timeout(120)
+def test_train_device_cuda_without_a_gpu_is_refused_in_one_line(tmp_path):
+    """GPU expected, GPU required: train.device=cuda (or GPUs given by SLURM) on a host where torch
+    cannot use one stops with the reason instead of training on CPUs (the GPU recipes in
+    configs/experiments ask for it); `make test-gpu` is refused the same way."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is usable here: the refusal cannot happen")
+    out = subprocess.run([sys.executable, "-m", "side4video.cli", "train", "configs/demo.yaml", "train.device=cuda",
+                          f"train.output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "train.device=cuda, but torch cannot use a GPU here" in out.stderr.strip().splitlines()[-1]
+    slurm_gpus = subprocess.run([sys.executable, "-m", "side4video.cli", "train", "configs/demo.yaml",
+                                 f"train.output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=100,
+                                env={**os.environ, "SLURM_JOB_GPUS": "0,1"})
+    assert slurm_gpus.returncode == 2 and "SLURM gave this job GPUs (SLURM_JOB_GPUS=0,1)" in slurm_gpus.stderr
+    make = subprocess.run(["make", "test-gpu"], cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert make.returncode == 2 and "make test-gpu: no GPU torch can use here" in make.stdout
+
+
+def test_gpu_index_for_both_bindings():
+    from side4video.distributed import gpu_index
+
+    assert [gpu_index(r, 8, 8) for r in range(8)] == list(range(8))  # every task sees the node's 8 GPUs
+    assert [gpu_index(r, 8, 1) for r in range(8)] == [0] * 8  # --gpus-per-task=1: each sees its own
+    assert [gpu_index(r, 4, 2) for r in range(4)] == [0] * 4  # --gpus-per-task=2: the first of its own
