@@ -5,13 +5,15 @@
         train_step(...)          # grad_accum micro-batches, one optimizer step
         log, evaluate at epoch ends, save when due, stop when asked
 
-One training step, top to bottom, for each of its micro-batches: the next batch (a stop request
-or a loader failure ends the wait) -> all ranks agree nobody stops or failed -> clips to the
-device -> forward (frozen backbone under no_grad, side network, head) -> label-smoothed
-cross-entropy -> all ranks learn whether any loss is non-finite -> backward + DeepSpeed step
-(DeepSpeed accumulates, and steps the optimizer on the last micro-batch; a non-finite loss makes
-non-finite gradients, and DeepSpeed skips the whole optimizer step on every rank). Epochs only
-set the evaluation cadence and the data epoch; one place (`SavePolicy`) decides when to save.
+One training step, top to bottom: each group's learning rate for this step -> for each of its
+micro-batches: the next batch (a stop request or a loader failure ends the wait) -> all ranks
+agree nobody stops or failed -> the task's forward and loss (engine/tasks.py: recognition's
+label-smoothed cross-entropy, retrieval's contrastive loss over the gathered batch) -> all ranks
+learn whether any loss is non-finite -> backward + DeepSpeed step (DeepSpeed accumulates, and
+steps the optimizer on the last micro-batch; a non-finite loss makes non-finite gradients, and
+DeepSpeed skips the whole optimizer step on every rank) -> the task's after-step (retrieval's
+logit-scale bound). Epochs only set the evaluation cadence and the data epoch; one place
+(`SavePolicy`) decides when to save.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ def _next_batch(batches: Iterator) -> tuple:
 def _raise_failure(failure: Optional[BaseException]) -> None:
     """Collective, once some rank failed: the failing rank raises its own error, the others a
     one-line error naming it (UserError when the cause is bad input), so no rank waits forever."""
-    reports = all_gather_objects(None if failure is None else (type(failure).__name__, isinstance(failure, UserError),
-                                                               str(failure).strip().splitlines()[0] if str(failure).strip() else ""))
+    line = str(failure).strip().splitlines()[0] if failure is not None and str(failure).strip() else ""
+    reports = all_gather_objects(None if failure is None else (type(failure).__name__, isinstance(failure, UserError), line))
     if failure is not None:
         raise failure
     rank, (kind, bad_input, line) = next((r, rep) for r, rep in enumerate(reports) if rep is not None)
