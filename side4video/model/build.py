@@ -23,6 +23,7 @@ from side4video.model.backbone import build_backbone
 from side4video.model.heads import ClassificationHead
 from side4video.model.side import SideNetwork
 from side4video.model.spec import BackboneSpec, resolve_spec, resolve_taps, side_variant
+from side4video.model.trainable import TrainableState
 from side4video.model.tower import FrozenBackbone
 from side4video.precision import FROZEN_METHODS, Precision
 
@@ -56,7 +57,7 @@ class ModelArgs:
         return resolve_spec(self.backbone, int(self.image_size), quick_gelu=self.quick_gelu, **self.arch_overrides)
 
 
-class VideoModel(nn.Module):
+class VideoModel(TrainableState, nn.Module):
     """video (B, T, 3, H, W) -> logits (B, num_classes)."""
 
     def __init__(self, method: str, backbone: FrozenBackbone, side: Optional[SideNetwork], head: nn.Module):
@@ -95,15 +96,6 @@ class VideoModel(nn.Module):
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
         """Trained parameters + buffers outside the frozen backbone (e.g. BN statistics)."""
         return {k: v.detach() for k, v in self.state_dict(keep_vars=True).items() if self._is_trainable_entry(k, v)}
-
-    def load_trainable_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> None:
-        expected = set(self.trainable_state_dict())
-        if strict:
-            missing = sorted(expected - set(state_dict))
-            unexpected = sorted(set(state_dict) - expected)
-            if missing or unexpected:
-                raise KeyError(f"trainable state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
 
     def parameter_counts(self) -> Dict[str, int]:
         def count(params) -> int:

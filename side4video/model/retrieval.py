@@ -34,6 +34,7 @@ from side4video.model.similarity import (SIMILARITIES, SIMILARITY_FUNCTIONS, Tex
                                          VideoEmbedding, text_embedding, video_embedding)
 from side4video.model.spec import BackboneSpec, embed_dim, resolve_spec, resolve_taps, side_variant
 from side4video.model.text import TextTower, build_text_tower, resolve_text_spec
+from side4video.model.trainable import TrainableState
 from side4video.model.tower import FrozenBackbone
 from side4video.precision import Precision
 
@@ -108,7 +109,7 @@ def _check_backbone(backbone: FrozenBackbone) -> None:
         raise ValueError("retrieval encoder needs the last block tapped, the final norm and the projection")
 
 
-class RetrievalModel(nn.Module):
+class RetrievalModel(TrainableState, nn.Module):
     """Captions + videos -> embeddings -> similarity matrix -> symmetric contrastive loss."""
 
     def __init__(self, method: str, backbone: FrozenBackbone, side: Optional[SideNetwork], text: TextTower,
@@ -208,15 +209,6 @@ class RetrievalModel(nn.Module):
             if trained:
                 out[name] = tensor.detach()
         return out
-
-    def load_trainable_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> None:
-        expected = set(self.trainable_state_dict())
-        if strict:
-            missing = sorted(expected - set(state_dict))
-            unexpected = sorted(set(state_dict) - expected)
-            if missing or unexpected:
-                raise KeyError(f"trainable state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
 
     def parameter_counts(self) -> Dict[str, int]:
         def count(params) -> int:
