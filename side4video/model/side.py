@@ -381,10 +381,15 @@ class SideNetwork(nn.Module):
         self.taps = nn.ModuleList(TapProjection(in_dim, dim, variant) for _ in range(num_blocks))
         self.blocks = nn.ModuleList(SideBlock(dim, heads, variant, retrieval, r) for r in rates)
         self.post_norm = ChannelLastBatchNorm(dim) if variant == "clip" else None
+        self.set_checkpointing(checkpointing)
+        self.reset_parameters()
+
+    def set_checkpointing(self, on: bool) -> None:
+        """Activation checkpointing of the side layers on or off."""
+        self.checkpointing = bool(on)
         for m in self.blocks.modules():  # a checkpointed layer keeps nothing: no rebuilding inside it
             if hasattr(m, "lean"):
-                m.lean = not checkpointing
-        self.reset_parameters()
+                m.lean = not on
 
     def reset_parameters(self) -> None:
         """The initialisation in effect in the reference (docs/model.md)."""
