@@ -10,11 +10,12 @@ pointwise convs are plain matmuls, BatchNorm runs over the flattened `(B*T*N, d)
 statistics as the reference's BatchNorm3d over `(B, d, T, h, w)`) and attention needs no
 transposes of the stream: the reference's layout shuffles are not needed.
 
-Memory: autograd keeps only what a matmul or the attention needs for its backward (a Linear's
-input, the q/k/v projection, the attention output, the MLP's hidden pre-activation) and the stream
-the norms normalise. Outputs of norms, GELU and the depthwise temporal conv, and fp32 copies of
-half-precision inputs, are rebuilt in backward from tensors kept anyway (`recompute_in_backward`):
-about 40% less kept per block at no extra matmul, the forward unchanged bit for bit.
+Memory: per block autograd keeps the stream the norms normalise, the pointwise conv's output, the
+q/k/v projection and the attention output. Outputs of norms and of the depthwise temporal conv,
+and fp32 copies of half-precision inputs, are rebuilt in backward from tensors kept anyway
+(`recompute_in_backward`), and the MLP branch is checkpointed (its 4d-wide hidden layer costs one
+extra fc1 matmul in backward): about 60% less kept per block, forward and gradients unchanged bit
+for bit.
 
 Variants: 'clip' (pre-norm, side block after every tapped layer, post BN) and 'eva' (post-norm,
 projection LayerNorm after the linear, no post BN); `retrieval=True` gives the retrieval visual
@@ -120,17 +121,19 @@ class ChannelLastBatchNorm(nn.BatchNorm1d):
             self.running_var.data = self.running_var.data.float()
         momentum = self.momentum
         use_batch_stats = self.training or self.running_mean is None
-        running = (self.running_mean, self.running_var)
         if self.training and self.track_running_stats:
             if not self.update_statistics:
-                running = (None, None)  # batch statistics only, as in the forward
+                # Same batch statistics and the same saved tensors as the forward (checkpoint checks
+                # them); momentum 0 leaves the running statistics as they are.
+                momentum = 0.0
             else:
                 self.num_batches_tracked.add_(1)
                 if momentum is None:  # cumulative moving average, as BatchNorm
                     momentum = 1.0 / float(self.num_batches_tracked)
         xf, keep_x = fp32_input(x.reshape(-1, x.shape[-1]), self.lean)
         with keep_x:
-            y = F.batch_norm(xf, *running, self.weight.float() if self.weight is not None else None,
+            y = F.batch_norm(xf, self.running_mean, self.running_var,
+                             self.weight.float() if self.weight is not None else None,
                              self.bias.float() if self.bias is not None else None,
                              use_batch_stats, momentum or 0.0, self.eps)
         return y.view(x.shape).to(x.dtype)
@@ -227,14 +230,9 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, dim * ratio)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(dim * ratio, dim)
-        self.lean = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        g = self.act(h)
-        # fc2 would keep GELU's output beside its input h (GELU's backward needs h): 4d wide each
-        with recompute_in_backward(g, lambda: F.gelu(h, approximate=self.act.approximate), self.lean):
-            return self.fc2(g)
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class DropPath(nn.Module):
@@ -280,7 +278,13 @@ class SideBlock(nn.Module):
         self.mlp_norm = ChannelLastBatchNorm(dim)
         self.mlp = Mlp(dim)
         self.drop_path = DropPath(drop_path)
-        self.lean = True  # recompute_in_backward allowed (False inside checkpointed regions)
+        self.set_lean(True)
+
+    def set_lean(self, lean: bool) -> None:
+        """lean: keep only what backward cannot cheaply rebuild (off inside a checkpointed layer,
+        which keeps nothing)."""
+        self.lean = self.conv.lean = self.conv_norm.lean = self.attn_norm.lean = lean
+        self.mlp_norm.lean = lean and self.variant != "clip"  # the pre-norm MLP branch is checkpointed whole
 
     def forward(self, x: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         B, T, N, d = x.shape
@@ -304,11 +308,29 @@ class SideBlock(nn.Module):
             a = a[:, 1:]
         x = x + self.drop_path(a.reshape(B, T, N, d))
 
-        if pre:
-            x = x + self.drop_path(self._pre_norm(self.mlp, self.mlp_norm, x))
+        if self.lean and torch.is_grad_enabled():
+            m = self._mlp_branch(x)
         else:
-            x = x + self.drop_path(self.mlp_norm(self.mlp(x)))
-        return x
+            m = self.mlp(self.mlp_norm(x)) if pre else self.mlp_norm(self.mlp(x))
+        return x + self.drop_path(m)
+
+    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP branch keeping only its input: its 4d-wide hidden layer (kept twice otherwise,
+        before and after GELU) is recomputed in backward, one extra fc1 matmul (checkpoint stops
+        before fc2). The pre-norm BatchNorm is recomputed with it, without a second update of its
+        running statistics; the post-norm one stays outside (it needs fc2's output)."""
+        if self.variant != "clip":
+            return self.mlp_norm(checkpoint(self.mlp, x, use_reentrant=False, preserve_rng_state=False))
+        calls = []
+
+        def branch(x: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            if len(calls) == 1:
+                return self.mlp(self.mlp_norm(x))
+            with self.mlp_norm.recomputing():  # checkpoint's recomputation in backward
+                return self.mlp(self.mlp_norm(x))
+
+        return checkpoint(branch, x, use_reentrant=False, preserve_rng_state=False)
 
     def _pre_norm(self, branch: nn.Module, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """branch(norm(x)) keeping x only: the branch's first Linear would keep norm(x) beside the
@@ -387,9 +409,8 @@ class SideNetwork(nn.Module):
     def set_checkpointing(self, on: bool) -> None:
         """Activation checkpointing of the side layers on or off."""
         self.checkpointing = bool(on)
-        for m in self.blocks.modules():  # a checkpointed layer keeps nothing: no rebuilding inside it
-            if hasattr(m, "lean"):
-                m.lean = not on
+        for block in self.blocks:
+            block.set_lean(not on)
 
     def reset_parameters(self) -> None:
         """The initialisation in effect in the reference (docs/model.md)."""

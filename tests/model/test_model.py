@@ -292,14 +292,13 @@ def _kept_after_forward(side, video, taps):
 
 @pytest.mark.parametrize("variant", ["clip", "eva"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_side_network_rebuilds_norm_gelu_and_depthwise_outputs_in_backward(variant, dtype):
+def test_side_network_rebuilds_norm_depthwise_and_mlp_hidden_outputs_in_backward(variant, dtype):
     results = []
     for lean in (True, False):
         torch.manual_seed(0)
         side = SideNetwork(64, 64, 2, 16, 4, variant=variant).train().to(dtype)
-        for m in side.modules():  # lean=False: autograd keeps everything (the plain modules)
-            if hasattr(m, "lean"):
-                m.lean = lean
+        for block in side.blocks:  # lean=False: autograd keeps everything (the plain modules)
+            block.set_lean(lean)
         g = torch.Generator().manual_seed(1)
         video = torch.randn(2, 3, 3, 32, 32, generator=g).to(dtype)
         taps = [torch.randn(6, 5, 64, generator=g).half() for _ in range(2)]
@@ -308,4 +307,4 @@ def test_side_network_rebuilds_norm_gelu_and_depthwise_outputs_in_backward(varia
     assert torch.equal(out, out_all)  # the forward is unchanged bit for bit ...
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_all))  # ... and so are the gradients
     assert all(torch.equal(a, b) for a, b in zip(buffers, buffers_all))  # BN statistics updated once
-    assert kept < (0.65 if variant == "clip" else 0.85) * kept_all
+    assert kept < (0.5 if variant == "clip" else 0.7) * kept_all
