@@ -51,7 +51,7 @@ def recompute_in_backward(tensor: torch.Tensor, recipe: Callable[[], torch.Tenso
     `recipe` instead and calls it in backward to rebuild the tensor.
 
     For a tensor that is cheap to compute again from tensors kept anyway (a norm's output from its
-    input, GELU's output from its pre-activation) and is saved only by the op that consumes it
+    input, the depthwise conv's output from its input) and is saved only by the op that consumes it
     (a Linear, for its weight gradient): what torch.utils.checkpoint would give around the pair,
     without running the consumer's matmul again. Written by hand because checkpoint recomputes
     whole regions. The recipe must give the same values bit for bit, and reads parameters only
