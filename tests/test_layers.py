@@ -12,6 +12,7 @@ PACKAGE = REPO / "side4video"
 # Lower number = lower layer; a module may import its own layer's package and any lower layer.
 LAYERS = {  # the base modules use each other freely; above them, siblings stay apart
     "errors": 0, "logs": 0, "patterns": 0, "precision": 0, "signals": 0, "config": 0, "distributed": 0,
+    "allocator": 0,
     "data": 1, "model": 1,
     "engine": 2,
     "slurm": 3, "bench": 3,

@@ -60,9 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     p.add_argument("--schema", action="store_true", help="list every key with its type, default and meaning")
 
-    p = add("plan", cmd_plan, "parameter counts and memory plan for a config (no memory allocated)",
-            "side4video plan configs/experiments/ssv2_vitb16.yaml --json")
+    p = add("plan", cmd_plan, "per-GPU memory plan of a config and whether it fits (no memory allocated)",
+            "side4video plan configs/experiments/ssv2_eva02e14.yaml --gpus 32 --gpu-mem 80")
     _add_config_args(p)
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs in the job (default: slurm.nodes x slurm.gpus_per_node; 0 there: a CPU job); "
+                        "8 per node unless slurm.gpus_per_node says")
+    p.add_argument("--gpu-mem", type=float, default=None, metavar="GB",
+                   help="memory per GPU in GiB (e.g. 80): gives a fits / does-not-fit verdict")
+    p.add_argument("--link-gbs", type=float, default=None, metavar="GB/S",
+                   help="host link bandwidth for offload traffic (default 25 GB/s, PCIe 4.0 x16)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     p = add("convert-official", cmd_convert_official, "convert a reference Side4Video checkpoint to ours",

@@ -85,19 +85,23 @@ def _offload(device: str, nvme_path: str, pin: bool) -> Dict[str, Any]:
     return block
 
 
-def deepspeed_config(cfg, world_size: int, largest_frozen_unit: int = 0) -> Dict[str, Any]:
+def deepspeed_config(cfg, world_size: int, largest_frozen_unit: int = 0, trainable_params: int = 0) -> Dict[str, Any]:
     """The DeepSpeed JSON config for training the side network (+ head) under ZeRO.
 
     No scheduler: the loop sets each step's learning rate (engine/schedule.py). DeepSpeed owns
     gradient accumulation (`gradient_accumulation_steps`: the loss is scaled by 1/accum and the
     optimizer steps on every accum-th micro-batch) and the skipping of steps whose gradients are
     not finite (its ZeRO optimizers check under every precision, bf16 when asked to).
-    `largest_frozen_unit`: parameters of the largest frozen block (sizes NVMe swap buffers).
+    `largest_frozen_unit`: parameters of the largest frozen block (sizes NVMe swap buffers);
+    `trainable_params`: the trained parameters (caps the gradient reduce bucket: DeepSpeed's
+    5e8-element default would be a GiB-sized buffer for a 183 M-parameter side network).
     """
     engine_cfg = cfg.deepspeed
     tr = cfg.train
     micro = tr.batch_size * cfg.data.repeated_views
     zero: Dict[str, Any] = {"stage": engine_cfg.zero_stage}
+    if trainable_params and engine_cfg.zero_stage >= 1:
+        zero["reduce_bucket_size"] = int(min(5e8, max(trainable_params, 1e6)))
     if engine_cfg.zero_stage >= 1 and engine_cfg.offload_optimizer != "none":
         zero["offload_optimizer"] = _offload(engine_cfg.offload_optimizer, engine_cfg.nvme_path, has_cuda())
     if engine_cfg.zero_stage == 3:
@@ -211,7 +215,8 @@ def initialize(model: nn.Module, cfg, precision: Precision, world_size: int, gro
     `groups`: the optimizer's parameter groups (default: `param_groups`).
     """
     check_trainable(cfg)
-    ds_config = deepspeed_config(cfg, world_size, _largest_frozen_unit(model))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ds_config = deepspeed_config(cfg, world_size, _largest_frozen_unit(model), trainable)
     if cfg.deepspeed.zero_stage == 3:
         mark_backbone_units_as_leaves(model)
     optimizer = build_optimizer(groups if groups is not None else param_groups(model, cfg), cfg)

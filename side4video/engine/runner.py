@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from side4video import distributed
+from side4video.allocator import release_freed_memory
 from side4video.config import to_yaml
 from side4video.engine import checkpoint, deepspeed_engine, export
 from side4video.engine.collectives import barrier
@@ -40,6 +41,7 @@ class Runner:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        release_freed_memory()  # freed activations go back to the OS (side4video/allocator.py)
         self.dist = distributed.detect()
         self.device = distributed.select_device(cfg.train.device, self.dist.local_rank, self.dist.local_world_size)
         deepspeed_engine.init_distributed(self.dist, self.device, cfg.deepspeed.timeout_minutes)

@@ -1,9 +1,11 @@
-"""Reference Side4Video checkpoints (recognition, CLIP variant) -> our model.
+"""Reference Side4Video checkpoints (recognition: CLIP and EVA variants) -> our model.
 
-The reference keeps everything under `visual.*` in OpenAI-CLIP names (frozen ViT and side network
-side by side) plus the classifier `fc.*`; training checkpoints wrap it in `model_state_dict` (the
-classifier in `fusion_model_state_dict`) and DDP adds `module.`. Its pointwise/depthwise Conv3d
-weights become our Linear / (C, k) temporal conv weights.
+The reference keeps everything under `visual.*` (frozen backbone and side network side by side)
+plus the classifier `fc.*`; training checkpoints wrap it in `model_state_dict` (the classifier in
+`fusion_model_state_dict`) and DDP adds `module.`. Its pointwise/depthwise Conv3d weights become
+our Linear / (C, k) temporal conv weights. The CLIP variant uses OpenAI-CLIP names; the EVA
+variant (ViT-E backbone in timm's Eva names, `side_blocks.K`) has its own section below, chosen
+by `is_official_eva`.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ def unwrap_official(obj) -> Dict[str, torch.Tensor]:
 
 def convert_official_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Reference names -> our names; keys of no use to the visual model (text tower, ...) dropped."""
+    if is_official_eva(sd):
+        return convert_official_eva_state_dict(sd)
     out, dropped = {}, []
     for key, value in unwrap_official(sd).items():
         for pattern, repl, transform in _COMPILED:
@@ -88,6 +92,8 @@ def convert_official_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.
 def official_config(sd: Dict[str, torch.Tensor]) -> Dict:
     """The fixture-style config dict (width, layers, heads, ...) read off a reference state dict."""
     sd = unwrap_official(sd)
+    if is_official_eva(sd):
+        return official_eva_config(sd)
     width, _, patch, _ = sd["visual.conv1.weight"].shape
     layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
@@ -104,6 +110,8 @@ _OFFICIAL_NAMES = {(768, 12, 32): "ViT-B-32", (768, 12, 16): "ViT-B-16", (1024, 
 
 def official_model_args(config: Dict, sd: Optional[Dict[str, torch.Tensor]] = None) -> ModelArgs:
     """Our model arguments for a reference recognition model of `config` (fixture keys): fp32 throughout."""
+    if sd is not None and is_official_eva(sd):
+        return official_eva_model_args(config, sd)
     width, layers, patch, heads = (int(config[k]) for k in ("width", "layers", "patch_size", "heads"))
     name = _OFFICIAL_NAMES.get((width, layers, patch))
     named = name is not None and heads == width // 64
@@ -122,7 +130,7 @@ def official_model_args(config: Dict, sd: Optional[Dict[str, torch.Tensor]] = No
 
 
 def from_official(state_dict: Dict[str, torch.Tensor], config: Dict) -> VideoModel:
-    """The reference recognition model (CLIP variant) as our VideoModel: fp32, eval mode.
+    """The reference recognition model (CLIP or EVA variant) as our VideoModel: fp32, eval mode.
 
     `config` has the reference fixture's keys (width, layers, heads, patch_size, image_size,
     num_frames, side_dim, side_heads, num_classes, ...). model(x) on (B, T, 3, H, W) gives logits
@@ -215,3 +223,112 @@ def official_retrieval_config(sd: Dict[str, torch.Tensor]) -> Dict:
             "text_layers": len({k.split(".")[3] for k in sd if k.startswith("clip.transformer.resblocks.")}),
             "text_heads": max(1, text_width // 64), "vocab_size": vocab, "context_length": context,
             "max_words": min(32, context), "interaction": "wti" if "text_weight_fc.0.weight" in sd else "meanp"}
+
+
+# ------------------------------------------------------------------------------------------------
+# EVA variant (tests/fixtures/official/README.md, "EVA variant"): the frozen EVA02-CLIP-bigE-14
+# backbone in timm's Eva names (which our backbone keeps: blocks.N.{norm1, attn.qkv, attn.q_bias,
+# attn.v_bias, attn.proj, norm2, mlp.fc1, mlp.fc2}), post-norm side blocks `side_blocks.K` after
+# blocks 1, 3, 5, ..., their attention with separate q/k/v projections (fused into our in_proj).
+
+_EVA_SIDE_BLOCK = r"^visual\.side_blocks\.(\d+)\."
+_EVA_RULES: List[Tuple[str, str, Optional[Callable]]] = [
+    (r"^visual\.patch_embed\.proj\.weight$", "backbone.stem.patch_weight", None),
+    (r"^visual\.patch_embed\.proj\.bias$", "backbone.stem.patch_bias", None),
+    (r"^visual\.cls_token$", "backbone.stem.class_embedding", None),
+    (r"^visual\.pos_embed$", "backbone.stem.positional_embedding", None),
+    (r"^visual\.blocks\.(\d+)\.", r"backbone.blocks.\1.", None),
+    (r"^visual\.side_conv1\.", "side.patch_embed.", None),
+    (r"^visual\.side_pre_bn3d\.", "side.patch_norm.", None),
+    (r"^visual\.side_spatial_position_embeddings$", "side.pos_embed.weight", None),
+    (r"^visual\.side_lns\.(\d+)\.", r"side.taps.\1.norm.", None),
+    (r"^visual\.side_linears\.(\d+)\.", r"side.taps.\1.linear.", None),
+    (_EVA_SIDE_BLOCK + r"bn_1\.", r"side.blocks.\1.conv_norm.", None),
+    (_EVA_SIDE_BLOCK + r"conv\.0\.(weight|bias)$", r"side.blocks.\1.conv.pw1.\2", _squeeze_conv),
+    (_EVA_SIDE_BLOCK + r"conv\.1\.(weight|bias)$", r"side.blocks.\1.conv.dw.\2", _squeeze_conv),
+    (_EVA_SIDE_BLOCK + r"conv\.2\.(weight|bias)$", r"side.blocks.\1.conv.pw2.\2", _squeeze_conv),
+    (_EVA_SIDE_BLOCK + r"bn_2\.", r"side.blocks.\1.mlp_norm.", None),
+    (_EVA_SIDE_BLOCK + r"ln_1\.", r"side.blocks.\1.attn_norm.", None),
+    (_EVA_SIDE_BLOCK + r"attn\.proj\.", r"side.blocks.\1.attn.out_proj.", None),
+    (_EVA_SIDE_BLOCK + r"mlp\.0\.", r"side.blocks.\1.mlp.fc1.", None),
+    (_EVA_SIDE_BLOCK + r"mlp\.2\.", r"side.blocks.\1.mlp.fc2.", None),
+    (r"^fc\.", "head.fc.", None),
+]
+_EVA_COMPILED = [(re.compile(p), r, f) for p, r, f in _EVA_RULES]
+_EVA_QKV = re.compile(_EVA_SIDE_BLOCK + r"attn\.([qkv])_proj\.(weight|bias)$")
+# Unused by the reference's forward (final norm, CLIP head) or not part of our model.
+_EVA_UNUSED = re.compile(r"^visual\.(norm|head|rope)\.")
+
+# EVA02-CLIP-bigE-14 (width, layers, patch) -> (open_clip name, heads): its heads are 112 wide,
+# so they cannot be read off the width as the reference's other towers (64-wide heads).
+_OFFICIAL_EVA_NAMES = {(1792, 64, 14): ("EVA02-E-14", 16)}
+
+
+def is_official_eva(sd: Dict[str, torch.Tensor]) -> bool:
+    """A reference state dict (flat or wrapped) of the EVA recognition model."""
+    return "visual.patch_embed.proj.weight" in unwrap_official(sd)
+
+
+def convert_official_eva_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """EVA reference names -> ours; each side block's q/k/v projections -> one in_proj (q, k, v rows)."""
+    out, qkv, dropped = {}, {}, []
+    for key, value in unwrap_official(sd).items():
+        fused = _EVA_QKV.match(key)
+        if fused:
+            block, which, kind = fused.groups()
+            qkv.setdefault((block, kind), {})[which] = value
+            continue
+        for pattern, repl, transform in _EVA_COMPILED:
+            if pattern.match(key):
+                out[pattern.sub(repl, key)] = transform(value) if transform else value
+                break
+        else:
+            dropped.append(key)
+    for (block, kind), parts in sorted(qkv.items()):
+        if sorted(parts) != ["k", "q", "v"]:
+            raise UserError(f"reference EVA side block {block}: attention {kind} lacks "
+                            f"{', '.join(sorted(set('qkv') - set(parts)))}_proj")
+        out[f"side.blocks.{block}.attn.in_proj.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    unknown = [k for k in dropped if k.startswith("visual.") and not _EVA_UNUSED.match(k)]
+    if unknown:  # a backbone or side tensor we would silently ignore: another architecture
+        raise UserError(f"reference EVA checkpoint: {len(unknown)} tensors have no place in the model "
+                        f"(e.g. {unknown[0]}); only the post-norm EVA02-CLIP-bigE-14 layout is supported")
+    log.debug("EVA: not converted (not part of the visual model): %d keys", len(dropped))
+    return out
+
+
+def official_eva_config(sd: Dict[str, torch.Tensor]) -> Dict:
+    """The fixture-style config of a reference EVA recognition state dict."""
+    sd = unwrap_official(sd)
+    width, _, patch, _ = sd["visual.patch_embed.proj.weight"].shape
+    layers = len({k.split(".")[2] for k in sd if k.startswith("visual.blocks.")})
+    grid = round((sd["visual.pos_embed"].shape[-2] - 1) ** 0.5)
+    side_dim = sd["visual.side_conv1.weight"].shape[0]
+    heads = _OFFICIAL_EVA_NAMES.get((width, layers, patch), (None, width // 64))[1]
+    config = {"width": width, "layers": layers, "heads": heads, "patch_size": patch, "image_size": grid * patch,
+              "side_dim": side_dim, "side_heads": max(1, side_dim // 64),
+              "mlp_hidden": sd["visual.blocks.0.mlp.fc1.weight"].shape[0]}
+    if "fc.weight" in sd:
+        config["num_classes"] = sd["fc.weight"].shape[0]
+    return config
+
+
+def official_eva_model_args(config: Dict, sd: Dict[str, torch.Tensor]) -> ModelArgs:
+    """Our model arguments for the reference EVA recognition model: EVA02-E-14 (timm's post-norm
+    Eva, no RoPE, MLP ratio 15360/1792) with the given architecture, side blocks after every other
+    block, the 'eva' side variant; fp32 throughout."""
+    width, layers, patch, heads = (int(config[k]) for k in ("width", "layers", "patch_size", "heads"))
+    named = _OFFICIAL_EVA_NAMES.get((width, layers, patch))
+    overrides = {} if named and named[1] == heads else {"width": width, "layers": layers, "heads": heads,
+                                                         "patch_size": patch}
+    sd = unwrap_official(sd)
+    taps = len({k.split(".")[2] for k in sd if k.startswith("visual.side_linears.")})
+    if taps != layers // 2:
+        raise UserError(f"reference EVA checkpoint has {taps} side taps; the reference taps after every other "
+                        f"of its {layers} blocks ({layers // 2})")
+    fp32 = torch.float32
+    return ModelArgs(
+        num_classes=int(config.get("num_classes", 400)), precision=Precision(fp32, fp32, fp32, fp32),
+        method="side4video", backbone="EVA02-E-14", arch_overrides=overrides, image_size=int(config["image_size"]),
+        side_dim=int(config["side_dim"]), side_layers="every_other", side_variant="eva",
+        side_heads=int(config.get("side_heads", 0)))

@@ -10,18 +10,23 @@ pointwise convs are plain matmuls, BatchNorm runs over the flattened `(B*T*N, d)
 statistics as the reference's BatchNorm3d over `(B, d, T, h, w)`) and attention needs no
 transposes of the stream: the reference's layout shuffles are not needed.
 
+Memory: per block autograd keeps the stream the norms normalise, the pointwise conv's output, the
+q/k/v projection and the attention output. Outputs of norms and of the depthwise temporal conv,
+and fp32 copies of half-precision inputs, are rebuilt in backward from tensors kept anyway
+(`recompute_in_backward`), and the MLP branch is checkpointed (its 4d-wide hidden layer costs one
+extra fc1 matmul in backward): about 60% less kept per block, forward and gradients unchanged bit
+for bit.
+
 Variants: 'clip' (pre-norm, side block after every tapped layer, post BN) and 'eva' (post-norm,
 projection LayerNorm after the linear, no post BN); `retrieval=True` gives the retrieval visual
-encoder's details: a per-frame pool after a post BN, and in the clip variant N + 1 position rows
-added to all tokens with full self-attention (the reference's EVA retrieval model keeps the
-recognition blocks).
+encoder's details (N + 1 position rows added to all tokens, full self-attention, per-frame pool).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import threading
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,37 +34,63 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def layer_norm_fp32(x: torch.Tensor, norm: nn.LayerNorm, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """LayerNorm computed in fp32 whatever the input and parameter precision."""
-    y = F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
-    return y.to(out_dtype or x.dtype)
+class _Rebuild:
+    """What autograd keeps instead of a tensor: how to compute it again, and the view it saved."""
+
+    def __init__(self, recipe: Callable[[], torch.Tensor], saved: torch.Tensor):
+        self.recipe = recipe
+        self.view = (saved.size(), saved.stride(), saved.storage_offset())
+
+    def __call__(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.recipe().as_strided(*self.view)
 
 
-class _Recomputation(threading.local):
-    active = False
+def recompute_in_backward(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor], enabled: bool = True):
+    """Context: where an op inside it saves `tensor` (or a view of it) for backward, autograd keeps
+    `recipe` instead and calls it in backward to rebuild the tensor.
+
+    For a tensor that is cheap to compute again from tensors kept anyway (a norm's output from its
+    input, the depthwise conv's output from its input) and is saved only by the op that consumes it
+    (a Linear, for its weight gradient): what torch.utils.checkpoint would give around the pair,
+    without running the consumer's matmul again. Written by hand because checkpoint recomputes
+    whole regions. The recipe must give the same values bit for bit, and reads parameters only
+    through module calls (under ZeRO-3 a module call is what gathers its parameters, in backward
+    as in a checkpoint's recomputation). Disabled (`enabled=False`) inside checkpointed regions:
+    the recipe would hold on to tensors that checkpointing drops.
+    """
+    if not (enabled and torch.is_grad_enabled() and tensor.requires_grad):
+        return contextlib.nullcontext()
+    storage = tensor.untyped_storage()._cdata  # views of it share the storage
+
+    def pack(saved: torch.Tensor):
+        return _Rebuild(recipe, saved) if saved.untyped_storage()._cdata == storage else saved
+
+    def unpack(packed):
+        return packed() if isinstance(packed, _Rebuild) else packed
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-_RECOMPUTING = _Recomputation()
+def fp32_input(x: torch.Tensor, lean: bool = True) -> Tuple[torch.Tensor, contextlib.AbstractContextManager]:
+    """x in fp32 and a context in which ops saving that fp32 copy keep the (smaller) x instead."""
+    if x.dtype == torch.float32:
+        return x, contextlib.nullcontext()
+    xf = x.float()
+    return xf, recompute_in_backward(xf, lambda: x.float(), lean)
 
 
-def checkpointed(fn, *args):
-    """torch's (non-reentrant) activation checkpointing, with BatchNorm aware of it: the forward
-    runs again in backward, and that second run must not update the running statistics again
-    (BatchNorm would move them twice per step)."""
-    calls = 0
+class LayerNormFp32(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input and parameter precision; output in
+    `out_dtype` (default: the input's). State-dict keys are LayerNorm's."""
 
-    def run(*inputs):
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            return fn(*inputs)
-        _RECOMPUTING.active = True
-        try:
-            return fn(*inputs)
-        finally:
-            _RECOMPUTING.active = False
+    lean = True  # recompute_in_backward allowed (False inside checkpointed regions)
 
-    return checkpoint(run, *args, use_reentrant=False)
+    def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        xf, keep_x = fp32_input(x, self.lean)
+        with keep_x:
+            y = F.layer_norm(xf, self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return y.to(out_dtype or x.dtype)
 
 
 class ChannelLastBatchNorm(nn.BatchNorm1d):
@@ -69,6 +100,18 @@ class ChannelLastBatchNorm(nn.BatchNorm1d):
     keys are BatchNorm's (weight, bias, running_mean, running_var, num_batches_tracked).
     """
 
+    lean = True  # recompute_in_backward allowed (False inside checkpointed regions)
+    update_statistics = True  # False while its output is recomputed in backward
+
+    @contextlib.contextmanager
+    def recomputing(self):
+        """Calls inside give the forward's output again: batch statistics, running ones left alone."""
+        before, self.update_statistics = self.update_statistics, False
+        try:
+            yield
+        finally:
+            self.update_statistics = before
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in fp32 whatever the training precision: DeepSpeed casts the parameters to
         # bf16/fp16 but leaves the running statistics in fp32, and half-precision variances are
@@ -77,21 +120,22 @@ class ChannelLastBatchNorm(nn.BatchNorm1d):
             self.running_mean.data = self.running_mean.data.float()
             self.running_var.data = self.running_var.data.float()
         momentum = self.momentum
-        update = self.training and self.track_running_stats and not _RECOMPUTING.active
-        if update:
-            self.num_batches_tracked.add_(1)
-            if momentum is None:  # cumulative moving average, as BatchNorm
-                momentum = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or self.running_mean is None
-        running_mean, running_var = self.running_mean, self.running_var
-        if _RECOMPUTING.active and running_mean is not None:
-            # a recomputation updates throwaway copies: the same computation (and saved tensors)
-            # as the first run, the module's statistics moved once
-            running_mean, running_var = running_mean.clone(), running_var.clone()
-        y = F.batch_norm(x.reshape(-1, x.shape[-1]).float(), running_mean, running_var,
-                         self.weight.float() if self.weight is not None else None,
-                         self.bias.float() if self.bias is not None else None,
-                         use_batch_stats, momentum or 0.0, self.eps)
+        if self.training and self.track_running_stats:
+            if not self.update_statistics:
+                # Same batch statistics and the same saved tensors as the forward (checkpoint checks
+                # them); momentum 0 leaves the running statistics as they are.
+                momentum = 0.0
+            else:
+                self.num_batches_tracked.add_(1)
+                if momentum is None:  # cumulative moving average, as BatchNorm
+                    momentum = 1.0 / float(self.num_batches_tracked)
+        xf, keep_x = fp32_input(x.reshape(-1, x.shape[-1]), self.lean)
+        with keep_x:
+            y = F.batch_norm(xf, self.running_mean, self.running_var,
+                             self.weight.float() if self.weight is not None else None,
+                             self.bias.float() if self.bias is not None else None,
+                             use_batch_stats, momentum or 0.0, self.eps)
         return y.view(x.shape).to(x.dtype)
 
 
@@ -145,9 +189,13 @@ class TemporalConv(nn.Module):
         self.pw1 = nn.Linear(dim, dim)
         self.dw = TemporalDepthwiseConv(dim, kernel)
         self.pw2 = nn.Linear(dim, dim)
+        self.lean = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pw2(self.dw(self.pw1(x)))
+        p = self.pw1(x)
+        d = self.dw(p)
+        with recompute_in_backward(d, lambda: self.dw(p), self.lean):  # pw2 would keep d beside p
+            return self.pw2(d)
 
 
 class SideAttention(nn.Module):
@@ -225,16 +273,26 @@ class SideBlock(nn.Module):
         self.retrieval = retrieval
         self.conv_norm = ChannelLastBatchNorm(dim)
         self.conv = TemporalConv(dim)
-        self.attn_norm = nn.LayerNorm(dim)
+        self.attn_norm = LayerNormFp32(dim)
         self.attn = SideAttention(dim, heads, patch_queries=not retrieval)
         self.mlp_norm = ChannelLastBatchNorm(dim)
         self.mlp = Mlp(dim)
         self.drop_path = DropPath(drop_path)
+        self.set_lean(True)
+
+    def set_lean(self, lean: bool) -> None:
+        """lean: keep only what backward cannot cheaply rebuild (off inside a checkpointed layer,
+        which keeps nothing)."""
+        self.lean = self.conv.lean = self.conv_norm.lean = self.attn_norm.lean = lean
+        self.mlp_norm.lean = lean and self.variant != "clip"  # the pre-norm MLP branch is checkpointed whole
 
     def forward(self, x: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         B, T, N, d = x.shape
         pre = self.variant == "clip"
-        x = x + self.drop_path(self.conv(self.conv_norm(x)) if pre else self.conv_norm(self.conv(x)))
+        if pre:
+            x = x + self.drop_path(self._pre_norm(self.conv, self.conv_norm, x))
+        else:
+            x = x + self.drop_path(self.conv_norm(self.conv(x)))
 
         cls = shift_class_token(cls).unsqueeze(2)
         if self.retrieval:
@@ -242,13 +300,51 @@ class SideBlock(nn.Module):
         else:
             z = torch.cat([cls, x + pos], dim=2)
         z = z.view(B * T, N + 1, d)
-        a = self.attn(layer_norm_fp32(z, self.attn_norm)) if pre else layer_norm_fp32(self.attn(z), self.attn_norm)
+        if pre:
+            a = self._pre_norm(self.attn, self.attn_norm, z)
+        else:
+            a = self.attn_norm(self.attn(z))
         if self.retrieval:
             a = a[:, 1:]
         x = x + self.drop_path(a.reshape(B, T, N, d))
 
-        x = x + self.drop_path(self.mlp(self.mlp_norm(x)) if pre else self.mlp_norm(self.mlp(x)))
-        return x
+        if self.lean and torch.is_grad_enabled():
+            m = self._mlp_branch(x)
+        else:
+            m = self.mlp(self.mlp_norm(x)) if pre else self.mlp_norm(self.mlp(x))
+        return x + self.drop_path(m)
+
+    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP branch keeping only its input: its 4d-wide hidden layer (kept twice otherwise,
+        before and after GELU) is recomputed in backward, one extra fc1 matmul (checkpoint stops
+        before fc2). The pre-norm BatchNorm is recomputed with it, without a second update of its
+        running statistics; the post-norm one stays outside (it needs fc2's output)."""
+        if self.variant != "clip":
+            return self.mlp_norm(checkpoint(self.mlp, x, use_reentrant=False, preserve_rng_state=False))
+        calls = []
+
+        def branch(x: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            if len(calls) == 1:
+                return self.mlp(self.mlp_norm(x))
+            with self.mlp_norm.recomputing():  # checkpoint's recomputation in backward
+                return self.mlp(self.mlp_norm(x))
+
+        return checkpoint(branch, x, use_reentrant=False, preserve_rng_state=False)
+
+    def _pre_norm(self, branch: nn.Module, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """branch(norm(x)) keeping x only: the branch's first Linear would keep norm(x) beside the
+        x the norm keeps, so norm(x) is rebuilt from x in backward."""
+        n = norm(x)
+
+        def rebuild():
+            if isinstance(norm, ChannelLastBatchNorm):
+                with norm.recomputing():
+                    return norm(x)
+            return norm(x)
+
+        with recompute_in_backward(n, rebuild, self.lean):
+            return branch(n)
 
 
 class TapProjection(nn.Module):
@@ -260,14 +356,14 @@ class TapProjection(nn.Module):
     def __init__(self, in_dim: int, dim: int, variant: str = "clip"):
         super().__init__()
         self.variant = variant
-        self.norm = nn.LayerNorm(in_dim if variant == "clip" else dim)
+        self.norm = LayerNormFp32(in_dim if variant == "clip" else dim)
         self.linear = nn.Linear(in_dim, dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         dtype = self.linear.weight.dtype
         if self.variant == "clip":
-            return self.linear(layer_norm_fp32(tokens, self.norm, dtype))
-        return layer_norm_fp32(self.linear(tokens.to(dtype)), self.norm, dtype)
+            return self.linear(self.norm(tokens, dtype))
+        return self.norm(self.linear(tokens.to(dtype)), dtype)
 
 
 class PositionEmbedding(nn.Module):
@@ -308,7 +404,14 @@ class SideNetwork(nn.Module):
         self.taps = nn.ModuleList(TapProjection(in_dim, dim, variant) for _ in range(num_blocks))
         self.blocks = nn.ModuleList(SideBlock(dim, heads, variant, full_attention, r) for r in rates)
         self.post_norm = ChannelLastBatchNorm(dim) if variant == "clip" or retrieval else None
+        self.set_checkpointing(checkpointing)
         self.reset_parameters()
+
+    def set_checkpointing(self, on: bool) -> None:
+        """Activation checkpointing of the side layers on or off."""
+        self.checkpointing = bool(on)
+        for block in self.blocks:
+            block.set_lean(not on)
 
     def reset_parameters(self) -> None:
         """The initialisation in effect in the reference (docs/model.md)."""
@@ -344,12 +447,29 @@ class SideNetwork(nn.Module):
         if torch.is_grad_enabled() and self.recompute_taps and not self.checkpointing:
             # Recompute the projection in backward: only the half-precision tap stays saved,
             # not an fp32 copy of it (the LayerNorm/Linear inputs).
-            y = checkpointed(project, tap)
+            y = checkpoint(project, tap, use_reentrant=False)
         else:
             y = project(tap)
         y = y.view(B, T, N + 1, d)
         x = 0.5 * x + 0.5 * y[:, :, 1:]
         return self.blocks[k](x, y[:, :, 0], self.pos_embed(x.dtype))
+
+    def _checkpointed_layer(self, k: int, x: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
+        """Layer k under activation checkpointing: its forward runs again in backward, and that
+        second run leaves the BatchNorm statistics alone (they move once per step)."""
+        calls = []
+
+        def run(x: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            if len(calls) == 1:
+                return self.layer(k, x, tap)
+            with contextlib.ExitStack() as stack:
+                for norm in self.blocks[k].modules():
+                    if isinstance(norm, ChannelLastBatchNorm):
+                        stack.enter_context(norm.recomputing())
+                return self.layer(k, x, tap)
+
+        return checkpoint(run, x, tap, use_reentrant=False)
 
     def forward(self, video: torch.Tensor, taps: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(taps) != len(self.blocks):
@@ -357,7 +477,7 @@ class SideNetwork(nn.Module):
         x = self.embed(video)
         for k, tap in enumerate(taps):
             if self.checkpointing and torch.is_grad_enabled():
-                x = checkpointed(self.layer, k, x, tap)
+                x = self._checkpointed_layer(k, x, tap)
             else:
                 x = self.layer(k, x, tap)
         if self.post_norm is not None:

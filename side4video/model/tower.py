@@ -206,12 +206,15 @@ class FrozenBackbone(nn.Module):
         saved = []
         for t in (*module.parameters(), *module.buffers()):
             if t.is_floating_point() and t.dtype != self.compute_dtype:
-                saved.append((t, t.data))
-                t.data = t.data.to(self.compute_dtype)
+                copy = t.data.to(self.compute_dtype)
+                # The copy's tensor is kept with the stored data until the restore (it lives as
+                # long anyway, in the parameter): memory accounting that follows tensors sees it.
+                saved.append((t, t.data, copy))
+                t.data = copy
         self._saved[id(module)] = saved
 
     def _restore(self, module: nn.Module, args, output) -> None:
-        for t, data in self._saved.pop(id(module), ()):
+        for t, data, _ in self._saved.pop(id(module), ()):
             t.data = data
 
     # -- forward

@@ -9,7 +9,7 @@ from side4video.engine.factory import model_from_config as build_model
 from side4video.model import from_official
 from side4video.cli.convert import FORMAT
 
-from tests.support.official import RECOGNITION, RETRIEVAL_VISUAL, load_official
+from tests.support.official import EVA, RECOGNITION, RETRIEVAL_VISUAL, load_official
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +69,46 @@ def test_retrieval_video_encoder_reproduces_the_reference():
         # the side path shows in the output: without side_proj the embeddings differ
         model.side_proj.weight.zero_()
         assert (model(ref["input"]) - ref["frame_embeddings"]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------ EVA variant
+@pytest.fixture(scope="module")
+def eva_reference():
+    return load_official(EVA)
+
+
+def test_from_official_reproduces_the_eva_reference(eva_reference):
+    ref = eva_reference
+    model = from_official(ref["state_dict"], ref["config"])
+    assert model.backbone.spec.family == "eva" and model.side.variant == "eva"
+    assert model.backbone.taps == [1, 3] and model.side.post_norm is None
+    with torch.no_grad():
+        features = model.features(ref["input"])
+        logits = model(ref["input"])
+    assert features.shape == ref["pooled_side_features"].shape == (2, 128)
+    assert logits.shape == ref["logits"].shape == (2, 7)
+    assert (features - ref["pooled_side_features"]).abs().max() <= 1e-5
+    assert (logits - ref["logits"]).abs().max() <= 1e-5
+
+
+def test_convert_official_cli_on_an_eva_checkpoint(eva_reference, tmp_path):
+    sd = eva_reference["state_dict"]
+    src, out = tmp_path / "ref_eva.pt", tmp_path / "ours_eva.pt"
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in sd.items()}}, src)
+    assert main(["convert-official", str(src), str(out), "--frames", "4"]) == 0
+
+    saved = torch.load(out, weights_only=True)
+    assert "model.side.variant=eva" in saved["overrides"] and "model.backbone.name=EVA02-E-14" in saved["overrides"]
+    cfg = load_config(None, [*saved["overrides"], f"model.backbone.weights={out}"])
+    model = build_model(cfg).eval()
+    model.load_trainable_state_dict({k: v for k, v in saved["state_dict"].items() if not k.startswith("backbone.")})
+    with torch.no_grad():
+        assert (model(eva_reference["input"]) - eva_reference["logits"]).abs().max() <= 1e-5
+
+
+def test_convert_official_eva_refuses_an_unknown_layout(eva_reference, tmp_path):
+    sd = dict(eva_reference["state_dict"])
+    sd["visual.blocks.0.attn.inner_attn_ln.weight"] = torch.ones(128)  # sub-LN EVA: not this architecture
+    src = tmp_path / "sub_ln.pt"
+    torch.save(sd, src)
+    assert main(["convert-official", str(src), str(tmp_path / "out.pt")]) == 2

@@ -283,3 +283,35 @@ def test_side_network_saves_no_fp32_copy_of_the_taps():
     assert saved_fp32_taps() == []  # projections are recomputed from the fp16 taps in backward
     model.side.recompute_taps = False
     assert len(saved_fp32_taps()) == 3  # otherwise each LayerNorm keeps an fp32 copy of its tap
+
+
+def _kept_after_forward(side, video, taps):
+    """Bytes alive after the forward (what autograd keeps for the backward) and the gradients."""
+    from side4video.engine.activations import LiveBytes
+
+    with LiveBytes() as live:
+        out = side(video, taps)
+        kept = live.current
+    out.float().pow(2).sum().backward()
+    grads = [p.grad.clone() for p in side.parameters()]
+    return out.detach(), kept, grads
+
+
+@pytest.mark.parametrize("variant", ["clip", "eva"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_side_network_rebuilds_norm_depthwise_and_mlp_hidden_outputs_in_backward(variant, dtype):
+    results = []
+    for lean in (True, False):
+        torch.manual_seed(0)
+        side = SideNetwork(64, 64, 2, 16, 4, variant=variant).train().to(dtype)
+        for block in side.blocks:  # lean=False: autograd keeps everything (the plain modules)
+            block.set_lean(lean)
+        g = torch.Generator().manual_seed(1)
+        video = torch.randn(2, 3, 3, 32, 32, generator=g).to(dtype)
+        taps = [torch.randn(6, 5, 64, generator=g).half() for _ in range(2)]
+        results.append((*_kept_after_forward(side, video, taps), [b.clone() for b in side.buffers()]))
+    (out, kept, grads, buffers), (out_all, kept_all, grads_all, buffers_all) = results
+    assert torch.equal(out, out_all)  # the forward is unchanged bit for bit ...
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_all))  # ... and so are the gradients
+    assert all(torch.equal(a, b) for a, b in zip(buffers, buffers_all))  # BN statistics updated once
+    assert kept < (0.5 if variant == "clip" else 0.7) * kept_all
