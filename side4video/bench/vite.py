@@ -12,7 +12,8 @@ On CPU hosts the blocks compute in fp32 (upcast one at a time) and the side netw
 fp32 (bf16 matmuls are 10-400x slower there); on GPUs the configured precision. Per rank the run
 reports (summary.json, `memory_per_rank`): resident memory once the engine is built, the peak
 while training (before the final save), the backbone bytes it holds, and the step times. The
-weights' own size is computed beside them, so the peak reads as a ratio to the weights.
+weights' own size is computed beside them, so the peak reads as a ratio to the weights, and so is
+`side4video plan`'s prediction for the same case.
 Writes OUT/vite.json, OUT/vite.md and OUT/vite.png.
 """
 
@@ -95,6 +96,17 @@ def _weights(config: Path, overrides: Sequence[str]) -> Dict[str, int]:
             "trainable_state_bytes": trainable * (2 * train + master + 8)}
 
 
+def planned_peak_bytes(config: Path, overrides: Sequence[str], ranks: int, cuda: bool) -> int:
+    """`side4video plan`'s predicted peak per rank for a case (GPU memory on GPUs; on CPU hosts the
+    same sum, which excludes the process's own baseline: interpreter, libraries, allocator slack)."""
+    from side4video.config import load_config
+    from side4video.engine.plan import plan
+
+    placement = [] if cuda else ["slurm.gpus_per_node=0", f"slurm.tasks_per_node={ranks}"]
+    cfg = load_config(config, [*overrides, "slurm.nodes=1", *placement])
+    return int(plan(cfg, gpus=ranks if cuda else None)["plan"]["peak_per_rank"])
+
+
 def _run_case(config: Path, name: str, ranks: int, size: int, frames: int, steps: int, work: Path, cuda: bool,
               quick: bool) -> Dict:
     run_dir = work / name.split(":")[0]
@@ -112,7 +124,7 @@ def _run_case(config: Path, name: str, ranks: int, size: int, frames: int, steps
     return {"case": name, "ranks": ranks, "size": size, "frames": frames, "steps": len(step_s),
             "step_s": step_s, "steady_step_s": min(step_s[1:] or step_s),
             "per_rank": sorted(summary["memory_per_rank"], key=lambda m: m["rank"]),
-            **_weights(config, overrides)}
+            "planned_peak_per_rank": planned_peak_bytes(config, overrides, ranks, cuda), **_weights(config, overrides)}
 
 
 def run(out: str, config: Optional[str] = None, overrides: Sequence[str] = (), quick: bool = False) -> Dict:
@@ -164,12 +176,12 @@ def _write_markdown(r: Dict, path: Path) -> None:
     lines = [f"# EVA ViT-E/14 training steps ({'GPU' if r['cuda'] else 'CPU'}: {h['gpu'] or h['cpu']}, {h['cores']} cores)",
              "", f"Config {r['config']}: random-init EVA02-E-14 stored in bf16, ZeRO-3 + offload_param cpu"
              + ("" if r["cuda"] else ", blocks computed in fp32, side network trained in fp32 (CPU host)") + ".", "",
-             "| case | rank | built (GiB) | peak training (GiB) | backbone held (GiB) | weights (GiB) | peak / weights | step (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| case | rank | built (GiB) | peak training (GiB) | planned (GiB) | backbone held (GiB) | weights (GiB) | peak / weights | step (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in r["cases"]:
         for m in row["per_rank"]:
             lines.append(f"| {row['case']} | {m['rank']} | {_gib(m['rss_after_build_bytes'])} | "
-                         f"{_gib(m['peak_rss_training_bytes'])} | {_gib(m['backbone_bytes_held'])} | "
+                         f"{_gib(m['peak_rss_training_bytes'])} | {_gib(row['planned_peak_per_rank'])} | {_gib(m['backbone_bytes_held'])} | "
                          f"{_gib(row['weights_bytes'])} | {row['peak_over_weights']:.2f} | {row['steady_step_s']:.1f} |")
     if "two_ranks_sum_minus_one_rank_bytes" in r:
         lines += ["", f"2 ranks together peak {_gib(r['two_ranks_sum_minus_one_rank_bytes'])} GiB above 1 rank."]

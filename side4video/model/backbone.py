@@ -4,6 +4,8 @@ local checkpoint or randomly initialised."""
 
 from __future__ import annotations
 
+import math
+
 import contextlib
 import os
 from typing import Callable, Iterator, Optional, Sequence
@@ -71,12 +73,31 @@ def materialise(module: nn.Module, dtype: torch.dtype, buffer_dtype: torch.dtype
                 m._buffers[name] = b.to(device=device, dtype=buffer_dtype if b.is_floating_point() else b.dtype)
 
 
+def sincos_position_embedding(rows: int, dim: int, temperature: float = 100.0) -> torch.Tensor:
+    """(rows, dim) fixed 2-D sine-cosine position codes for a class token (row 0, zeros) and a square
+    grid of rows - 1 patches (the MAE/timm form; a low temperature so a small grid's codes differ)."""
+    grid = int(round(math.sqrt(rows - 1)))
+    if grid * grid != rows - 1 or dim % 4:
+        raise ValueError(f"no 2-D position code for {rows} rows x {dim} channels")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                          indexing="ij")
+    ay, ax = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
+    codes = torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), codes]).float()
+
+
 @torch.no_grad()
-def random_init(module: nn.Module, std: float = 0.02) -> None:
+def random_init(module: nn.Module, std: float = 0.02, grid_positions: bool = False) -> None:
     """Random init in place from the global RNG, in the storage precision (no fp32 copy).
 
     Modules with a `reset_parameters` get PyTorch's default init; other parameters: biases zero,
     everything else N(0, std). Random backbones only serve tests, demos and benchmarks.
+
+    With `grid_positions` (image towers) the patch position embedding gets 2-D sine-cosine codes
+    at the scale of the patch tokens instead: a pretrained ViT's tokens say where they are, and
+    N(0, 0.02) codes drown under the patch content, so a side network over a random backbone could
+    hardly learn position-dependent motion (rotation, zoom). The RNG stream is drawn the same.
     """
     done = set()
     for m in module.modules():
@@ -94,6 +115,8 @@ def random_init(module: nn.Module, std: float = 0.02) -> None:
             p.zero_()
         else:
             p.normal_(0.0, std)
+            if grid_positions and name.split(".")[-1] in ("positional_embedding", "pos_embed"):
+                p.copy_(sincos_position_embedding(p.shape[-2], p.shape[-1]).view(p.shape))
 
 
 def build_backbone(spec: BackboneSpec, taps: Sequence[int], *, storage_dtype: torch.dtype, compute_dtype: torch.dtype,
@@ -123,7 +146,7 @@ def build_backbone(spec: BackboneSpec, taps: Sequence[int], *, storage_dtype: to
                 if source is not None:
                     source.load(name, unit)
                 else:
-                    random_init(unit)
+                    random_init(unit, grid_positions=True)
                 for p in unit.parameters():
                     p.requires_grad_(trainable)
                 if place_unit is not None:

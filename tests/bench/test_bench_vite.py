@@ -20,6 +20,7 @@ def test_bench_vite_quick_writes_json_markdown_png(tmp_path):
         assert row["steps"] == 2 and all(s > 0 for s in row["step_s"])
         for m in row["per_rank"]:
             assert m["peak_rss_training_bytes"] >= m["rss_after_build_bytes"] > 0
+        assert row["planned_peak_per_rank"] > 0
     # the backbone is partitioned: one rank holds all of it; each of two ranks half of it, plus the
     # small tensors ZeRO-3 keeps whole (below its persistence threshold; a large part of this tiny model)
     assert one["backbone_held_fraction"] == [pytest.approx(1.0, abs=0.02)]

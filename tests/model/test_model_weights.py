@@ -101,3 +101,20 @@ def test_timm_eva_checkpoint_in_open_clip_layout(tmp_path):
         expected = eva.forward_features(FRAMES)[:, 0]
     # bf16 storage of the weights: close, not equal
     assert torch.allclose(ours, expected, atol=5e-2), (ours - expected).abs().max()
+
+
+def test_random_backbone_tokens_carry_their_position():
+    """A random backbone (demo, tests, benchmarks) gets 2-D sine-cosine position codes at the
+    scale of its patch tokens, as a pretrained ViT's tokens carry where they are; N(0, 0.02)
+    codes would drown under the patch content (the demo then needed ~3x the steps)."""
+    model = build_model(load_config(REPO / "configs/demo.yaml", []))
+    codes = model.backbone.stem.positional_embedding.detach()
+    assert torch.equal(codes[0], torch.zeros_like(codes[0]))  # the class token: no grid position
+    patches = codes[1:]
+    assert 0.3 < float(patches.std()) < 1.0
+    distances = torch.cdist(patches, patches) + torch.eye(len(patches)) * 1e9
+    assert float(distances.min()) > 0.5  # every patch position has its own code
+    # neighbours are closer than far corners: a smooth grid code, not noise
+    grid = int(len(patches) ** 0.5)
+    assert float(distances[0, 1]) < float(distances[0, len(patches) - 1])
+    assert grid * grid == len(patches)
