@@ -97,14 +97,17 @@ def _weights(config: Path, overrides: Sequence[str]) -> Dict[str, int]:
 
 
 def planned_peak_bytes(config: Path, overrides: Sequence[str], ranks: int, cuda: bool) -> int:
-    """`side4video plan`'s predicted peak per rank for a case (GPU memory on GPUs; on CPU hosts the
-    same sum, which excludes the process's own baseline: interpreter, libraries, allocator slack)."""
+    """`side4video plan`'s predicted peak per rank for a case: GPU memory on GPUs; on CPU hosts the
+    device total plus what it offloads to host memory (the same memory there). Neither counts the
+    process's own baseline (interpreter, libraries), which the measured RSS includes."""
     from side4video.config import load_config
     from side4video.engine.plan import plan
 
     placement = [] if cuda else ["slurm.gpus_per_node=0", f"slurm.tasks_per_node={ranks}"]
     cfg = load_config(config, [*overrides, "slurm.nodes=1", *placement])
-    return int(plan(cfg, gpus=ranks if cuda else None)["plan"]["peak_per_rank"])
+    rank_plan = plan(cfg, gpus=ranks if cuda else None)["plan"]
+    offloaded = 0 if cuda else rank_plan["frozen_weights"]["host"] + rank_plan["trained_state"]["host"]
+    return int(rank_plan["peak_per_rank"] + offloaded)
 
 
 def _run_case(config: Path, name: str, ranks: int, size: int, frames: int, steps: int, work: Path, cuda: bool,

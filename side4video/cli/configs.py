@@ -122,6 +122,7 @@ def format_rank_plan(p: Dict) -> str:
         ("fp32 master copies", _gib(st["master"])),
         ("optimizer state", _gib(st["optimizer_state"]) + (" (offloaded)" if z["offload_optimizer"] != "none" else "")),
         ("reduce bucket", f"{_gib(st['reduce_bucket'])} (reduce_bucket_size {z['reduce_bucket_size']:,} elements)"),
+        ("optimizer step", f"{_gib(st['step_temporaries'])} of temporaries (after the backward)"),
         ("activations, step peak", f"{_gib(act['step_peak'])} (kept for backward {_gib(act['kept'])}, "
                                    f"{_gib(act['kept_per_clip'])} per clip)"),
     ]

@@ -93,7 +93,7 @@ class VideoLoader:
         self.shardset = shards if shards is not None else resolve_shards(data[split].shards, data,
                                                                        what=f"data.{split}.shards")
         self.class_names: List[str] = list(self.shardset.classes or [])
-        if self.class_names and len(self.class_names) != int(data.num_classes):
+        if check_labels and self.class_names and len(self.class_names) != int(data.num_classes):
             log.warning("data.%s: the manifest lists %d classes but data.num_classes is %d", split,
                         len(self.class_names), data.num_classes)
         self.flip_map = A.flip_label_map(data.flip_label_pairs)

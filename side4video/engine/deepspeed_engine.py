@@ -85,6 +85,9 @@ def _offload(device: str, nvme_path: str, pin: bool) -> Dict[str, Any]:
     return block
 
 
+OPTIMIZER_SUB_GROUP = int(2e7)  # ZeRO-3 sub-group (elements) the optimizer steps at once
+
+
 def deepspeed_config(cfg, world_size: int, largest_frozen_unit: int = 0, trainable_params: int = 0) -> Dict[str, Any]:
     """The DeepSpeed JSON config for training the side network (+ head) under ZeRO.
 
@@ -115,6 +118,10 @@ def deepspeed_config(cfg, world_size: int, largest_frozen_unit: int = 0, trainab
         # 4.4B backbone does not materialise several blocks at once.
         zero["stage3_prefetch_bucket_size"] = int(5e7)
         zero["stage3_param_persistence_threshold"] = int(1e5)
+        # The optimizer steps one sub-group of the flat partition at a time, and torch's AdamW makes
+        # two temporaries of its size (sqrt, then the division): DeepSpeed's 1e9-element default
+        # is one group for a 183 M side network on few ranks, 1.4 GiB of fp32 temporaries per step.
+        zero["sub_group_size"] = OPTIMIZER_SUB_GROUP
     config: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": tr.grad_accum,

@@ -51,6 +51,7 @@ class ZeroSettings:
     prefetch_bucket_size: int
     param_persistence_threshold: int
     max_live_parameters: int
+    sub_group_size: int
 
 
 def zero_settings(cfg, world_size: int, trainable_params: int = 0) -> ZeroSettings:
@@ -65,7 +66,8 @@ def zero_settings(cfg, world_size: int, trainable_params: int = 0) -> ZeroSettin
         offload_optimizer=cfg.deepspeed.offload_optimizer if z.stage >= 1 else "none",
         reduce_bucket_size=int(z.reduce_bucket_size), overlap_comm=bool(z.overlap_comm),
         contiguous_gradients=bool(z.contiguous_gradients), prefetch_bucket_size=int(z.prefetch_bucket_size),
-        param_persistence_threshold=int(z.param_persistence_threshold), max_live_parameters=int(z.max_live_parameters))
+        param_persistence_threshold=int(z.param_persistence_threshold), max_live_parameters=int(z.max_live_parameters),
+        sub_group_size=int(z.sub_group_size))
 
 
 # ------------------------------------------------------------------------------------ weights
@@ -121,8 +123,13 @@ def trained_state(trainable: int, train: torch.dtype, optimizer: str, zero: Zero
     if zero.offload_optimizer != "none":  # master copies, optimizer state and fp32 gradients move to the host
         host += master + states + shard(trainable) * 4
         master = states = 0
+    # torch's AdamW makes two fp32 temporaries the size of what it steps at once (sqrt, division):
+    # ZeRO-3 steps one sub-group of the flat partition at a time, ZeRO-1/2 the flat partition;
+    # DeepSpeed's CPU Adam (optimizer offloaded) makes none
+    stepped = min(zero.sub_group_size, shard(trainable)) if stage == 3 else shard(trainable)
+    temporaries = 2 * 4 * stepped if optimizer == "adamw" and zero.offload_optimizer == "none" and stage >= 1 else 0
     return {"weights": weights, "gathered": gathered, "gradients": grads, "master": master,
-            "optimizer_state": states, "reduce_bucket": bucket, "host": host}
+            "optimizer_state": states, "reduce_bucket": bucket, "host": host, "step_temporaries": temporaries}
 
 
 # -------------------------------------------------------------------------------- activations
@@ -303,7 +310,9 @@ def _rank_plan(cfg, model, precision: Precision, world: int, per_node: int, cuda
 def _device_total(frozen: Dict[str, int], state: Dict[str, int], activation_peak: int, zero: ZeroSettings) -> int:
     working = frozen["gathered_unit"] + frozen["prefetch"]
     trained = state["weights"] + state["gathered"] + state["gradients"] + state["master"] + state["optimizer_state"]
-    return frozen["resident"] + working + trained + state["reduce_bucket"] + activation_peak
+    # the optimizer's temporaries come after the backward, when the activations are gone
+    return frozen["resident"] + working + trained + state["reduce_bucket"] + max(activation_peak,
+                                                                               state["step_temporaries"])
 
 
 def offload_traffic(frozen: Dict[str, int], state: Dict[str, int], zero: ZeroSettings, cfg, trainable: int,
@@ -349,16 +358,24 @@ def _alternatives(cfg, model, precision: Precision, world: int, budget: int, ste
                                checkpointed if "model.side.checkpointing" in changes else step, cuda)
         if peak <= usable:
             found.append({"change": label, "peak_per_rank": peak})
-    # The largest batch that fits as configured (the activation peak grows linearly per clip).
-    fixed = _predicted_peak(cfg, model, precision, world, {"peak": 0}, cuda)
+    # The largest batch that fits as configured (the activation peak grows linearly per clip; the
+    # optimizer's temporaries come after the backward, so a peak is the larger of the two).
+    temporaries = _predicted_peak(cfg, model, precision, world, {"peak": 0}, cuda)
+    fixed = temporaries - _step_temporaries(cfg, model, world, cuda)
     per_clip = (step["peak"] - one["peak"]) / (batch - 1) if batch > 1 else step["peak"]
-    if fixed + one["peak"] <= usable and per_clip > 0:
+    if max(fixed + one["peak"], temporaries) <= usable and per_clip > 0:
         fitting = 1 + int((usable - fixed - one["peak"]) // per_clip)
         if fitting < batch:
             found.append({"change": f"train.batch_size={max(1, fitting // max(int(cfg.data.repeated_views), 1))} "
                                     f"(micro-batch {fitting} clips, with train.grad_accum to keep the global batch)",
-                          "peak_per_rank": int(fixed + one["peak"] + (fitting - 1) * per_clip)})
+                          "peak_per_rank": int(max(fixed + one["peak"] + (fitting - 1) * per_clip, temporaries))})
     return found
+
+
+def _step_temporaries(cfg, model, world: int, cuda: bool) -> int:
+    trainable = model.parameter_counts()["trainable_params"]
+    zero = zero_settings(cfg, world, trainable)
+    return trained_state(trainable, torch.float32, cfg.train.optimizer, zero, world, 0, cuda)["step_temporaries"]
 
 
 def _predicted_peak(cfg, model, precision: Precision, world: int, step: Dict, cuda: bool) -> int:

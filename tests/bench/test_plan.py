@@ -15,7 +15,7 @@ from side4video.cli.configs import format_plan
 from side4video.config import load_config
 from side4video.engine.activations import LiveBytes, gradients_dropped, step_memory
 from side4video.engine.factory import model_from_config, model_on_meta, run_precision
-from side4video.engine.plan import ZeroSettings, frozen_weights, plan, trained_state
+from side4video.engine.plan import ZeroSettings, _with, frozen_weights, plan, trained_state
 
 from tests.support import REPO
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -105,7 +105,7 @@ TINY = ["model.backbone.name=ViT-T-16", "data.size=32", "data.frames=4", "data.n
 def zero(stage, **changes):
     settings = dict(stage=stage, offload_param="none", offload_optimizer="none", reduce_bucket_size=100,
                     overlap_comm=False, contiguous_gradients=True, prefetch_bucket_size=50,
-                    param_persistence_threshold=10, max_live_parameters=10**9)
+                    param_persistence_threshold=10, max_live_parameters=10**9, sub_group_size=10**9)
     return ZeroSettings(**{**settings, **changes})
 
 
@@ -113,7 +113,7 @@ def test_trained_state_by_zero_stage():
     P, N, bf16 = 1000, 4, torch.bfloat16  # 1000 trained parameters in bf16 over 4 ranks, AdamW
     assert trained_state(P, bf16, "adamw", zero(0), N) == {
         "weights": 2000, "gathered": 0, "gradients": 2000, "master": 4000, "optimizer_state": 8000,
-        "reduce_bucket": 0, "host": 0}
+        "reduce_bucket": 0, "host": 0, "step_temporaries": 0}
     # ZeRO-1: fp32 master copies and AdamW's two fp32 moments partitioned; the reduce bucket
     s1 = trained_state(P, bf16, "adamw", zero(1), N)
     assert (s1["master"], s1["optimizer_state"], s1["gradients"], s1["reduce_bucket"]) == (1000, 2000, 2000, 200)
@@ -129,6 +129,11 @@ def test_trained_state_by_zero_stage():
     assert off["host"] == 240 * 2 + 1000 + 2000 + 250 * 4  # parameter partition, master, moments, fp32 gradients
     fp32_sgd = trained_state(P, torch.float32, "sgd", zero(0), 1)
     assert (fp32_sgd["master"], fp32_sgd["optimizer_state"], fp32_sgd["gradients"]) == (0, 4000, 4000)
+    # torch AdamW's two fp32 temporaries: of the flat partition (ZeRO-1/2), of one sub-group (ZeRO-3),
+    # none with DeepSpeed's CPU Adam (optimizer offloaded)
+    assert s2["step_temporaries"] == 2 * 4 * 250
+    assert trained_state(P, bf16, "adamw", zero(3, sub_group_size=100), N)["step_temporaries"] == 2 * 4 * 100
+    assert off["step_temporaries"] == 0
     # on a CPU host only the touched part of the (uninitialised) reduce bucket is resident
     assert trained_state(50, bf16, "adamw", zero(2), N, cuda=False)["reduce_bucket"] == 50 * 2
 
@@ -175,16 +180,21 @@ def test_plan_per_gpu_adds_up_and_says_what_would_fit():
     assert p["device"] == "cuda" and p["ranks"] == 2 and "verdict" not in p
     assert p["peak_per_rank"] == (fz["resident"] + fz["gathered_unit"] + fz["prefetch"] + st["weights"] + st["gathered"]
                                   + st["gradients"] + st["master"] + st["optimizer_state"] + st["reduce_bucket"]
-                                  + act["step_peak"])
+                                  + max(act["step_peak"], st["step_temporaries"]))
     # the engine caps DeepSpeed's 5e8-element default bucket at the trained parameters (fp32 here)
     assert st["reduce_bucket"] == max(report["trainable_params"], 10**6) * 4
     assert act["side_kept_per_clip_checkpointed"] < act["side_kept_per_clip"]
     assert act["step_peak_checkpointed"] < act["step_peak_not_checkpointed"] == act["step_peak"]
     # a GPU between the checkpointed and the plain peak: does not fit as configured, would with checkpointing
-    saving = act["step_peak_not_checkpointed"] - act["step_peak_checkpointed"]
-    gib = (p["peak_per_rank"] - saving / 2) / 0.9 / 2**30
-    verdict = plan(cfg, gpus=2, gpu_mem_gib=gib)["plan"]["verdict"]
+    # (a batch whose activations outweigh the optimizer's temporaries, so checkpointing pays)
+    big = load_config(DEMO, [*TINY, "deepspeed.zero_stage=2", "train.batch_size=32"])
+    plain = plan(big, gpus=2)["plan"]["peak_per_rank"]
+    checkpointed = plan(_with(big, "model.side.checkpointing", True), gpus=2)["plan"]["peak_per_rank"]
+    assert checkpointed < plain
+    gib = (plain + checkpointed) / 2 / 0.9 / 2**30
+    verdict = plan(big, gpus=2, gpu_mem_gib=gib)["plan"]["verdict"]
     assert not verdict["fits"]
     changes = [o["change"] for o in verdict["what_would_fit"]]
     assert changes[0] == "model.side.checkpointing=true" and any(c.startswith("train.batch_size=") for c in changes)
-    assert plan(cfg, gpus=2, gpu_mem_gib=2 * gib)["plan"]["verdict"]["fits"]
+    assert all(o["peak_per_rank"] <= gib * 0.9 * 2**30 for o in verdict["what_would_fit"])
+    assert plan(big, gpus=2, gpu_mem_gib=2 * gib)["plan"]["verdict"]["fits"]
