@@ -20,6 +20,16 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _source_size(text: str):
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        width = height = 0
+    if width <= 0 or height <= 0:
+        raise UserError(f"plan: --source {text!r}: give the largest source video as WIDTHxHEIGHT, e.g. 1920x1080")
+    return width, height
+
+
 def cmd_plan(args) -> int:
     from side4video.engine.plan import DEFAULT_LINK_GBS, plan
 
@@ -30,7 +40,7 @@ def cmd_plan(args) -> int:
     if args.link_gbs is not None and args.link_gbs <= 0:
         raise UserError(f"plan: --link-gbs {args.link_gbs}: give a bandwidth in GB/s, e.g. 25")
     report = plan(load_run_config(args), gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
-                  link_gbs=args.link_gbs or DEFAULT_LINK_GBS)
+                  link_gbs=args.link_gbs or DEFAULT_LINK_GBS, source=_source_size(args.source))
     if args.json:
         print_json(report)
     else:
@@ -132,6 +142,9 @@ def format_rank_plan(p: Dict) -> str:
                  ("  kept taps per clip", _gib(act["kept_taps_per_clip"]))]
     rows.append(("  one backbone block", f"{_gib(act['backbone_block_working_set'])} working set at "
                                          f"{p['micro_batch']} clips"))
+    dali = p["dali_buffers"]
+    rows.append(("DALI decode buffers", f"{_gib(dali['train'] + dali['val'])} (train {_gib(dali['train'])}, val "
+                                        f"{_gib(dali['val'])}; {dali['source']} sources, outside torch)"))
     rows.append((f"peak per {unit}", _gib(p["peak_per_rank"])))
     traffic = p["offload_traffic_per_step"]
     rows += [("host memory per node", f"{_gib(p['host_per_node_offloaded'])} offloaded"),

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory per GPU in GiB (e.g. 80): gives a fits / does-not-fit verdict")
     p.add_argument("--link-gbs", type=float, default=None, metavar="GB/S",
                    help="host link bandwidth for offload traffic (default 25 GB/s, PCIe 4.0 x16)")
+    p.add_argument("--source", default="1920x1080", metavar="WxH",
+                   help="largest source video: DALI's decode buffers grow to it (default 1920x1080; "
+                        "make-shards --short-side bounds it)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     p = add("convert-official", cmd_convert_official, "convert a reference Side4Video checkpoint to ours",

@@ -35,6 +35,7 @@ from side4video.precision import Precision, dtype_name, itemsize
 GiB = 2**30
 HEADROOM = 0.10  # share of the GPU kept free for the CUDA context, cuDNN workspaces, fragmentation
 DEFAULT_LINK_GBS = 25.0  # host link (PCIe 4.0 x16, about 25 GB/s in practice) for offload traffic
+DEFAULT_SOURCE = (1920, 1080)  # the largest source video DALI decodes (its buffers grow to it)
 
 
 # ----------------------------------------------------------------------------------- DeepSpeed
@@ -181,8 +182,20 @@ def _with(cfg, key: str, value):
 
 
 # ------------------------------------------------------------------------------------- the plan
+def dali_buffer_bytes(cfg, source: Tuple[int, int] = DEFAULT_SOURCE) -> Dict[str, int]:
+    """DALI's decode buffers (outside torch's allocator, on the GPU with 'mixed' decoding): each
+    pipeline holds a batch of decoded frames at the source resolution, and they grow to the largest
+    video seen (`make-shards --short-side` bounds it). Train and validation have a pipeline each."""
+    width, height = source
+    frame = width * height * 3  # decoded RGB, uint8
+    frames = int(cfg.data.frames)
+    train = int(cfg.train.batch_size) * frames * frame
+    val = (int(cfg.eval.batch_size) or int(cfg.train.batch_size)) * frames * int(cfg.eval.clips) * frame
+    return {"train": train, "val": val if cfg.data.val.shards else 0, "source": f"{width}x{height}"}
+
+
 def plan(cfg, gpus: Optional[int] = None, gpu_mem_gib: Optional[float] = None,
-         link_gbs: float = DEFAULT_LINK_GBS) -> Dict:
+         link_gbs: float = DEFAULT_LINK_GBS, source: Tuple[int, int] = DEFAULT_SOURCE) -> Dict:
     """One JSON-ready dict: the model (counts), the weights, and the per-rank memory plan."""
     t0 = time.perf_counter()
     nodes = max(int(cfg.slurm.nodes), 1)
@@ -198,7 +211,7 @@ def plan(cfg, gpus: Optional[int] = None, gpu_mem_gib: Optional[float] = None,
     model = meta_model(cfg, precision)
     report = _model_report(cfg, model, precision)
     # the per-rank plan counts a recognition step's activations; retrieval plans its weights
-    report["plan"] = (_rank_plan(cfg, model, precision, world, per_node, cuda, gpu_mem_gib, link_gbs)
+    report["plan"] = (_rank_plan(cfg, model, precision, world, per_node, cuda, gpu_mem_gib, link_gbs, source)
                       if cfg.task == "recognition" else None)
     report["plan_seconds"] = round(time.perf_counter() - t0, 2)
     return report
@@ -253,7 +266,7 @@ def kept_taps_bytes(model, frames: int, storage: torch.dtype) -> int:
 
 
 def _rank_plan(cfg, model, precision: Precision, world: int, per_node: int, cuda: bool,
-               gpu_mem_gib: Optional[float], link_gbs: float) -> Dict:
+               gpu_mem_gib: Optional[float], link_gbs: float, source: Tuple[int, int] = DEFAULT_SOURCE) -> Dict:
     trainable = model.parameter_counts()["trainable_params"]
     zero = zero_settings(cfg, world, trainable)
     batch = int(cfg.train.batch_size) * int(cfg.data.repeated_views)
@@ -284,7 +297,8 @@ def _rank_plan(cfg, model, precision: Precision, world: int, per_node: int, cuda
             "step_peak_checkpointed": with_ckpt["peak"], "step_peak_not_checkpointed": without["peak"],
             "kept_taps_per_clip": kept_taps_bytes(model, frames, precision.storage)})
 
-    device = _device_total(frozen, state, activations["step_peak"], zero)
+    dali = dali_buffer_bytes(cfg, source)
+    device = _device_total(frozen, state, activations["step_peak"], zero) + dali["train"] + dali["val"]
     budget = int(gpu_mem_gib * GiB) if gpu_mem_gib else None
     host_per_node = (frozen["host"] + state["host"]) * per_node
     traffic = offload_traffic(frozen, state, zero, cfg, trainable, world, precision.train)
@@ -292,7 +306,7 @@ def _rank_plan(cfg, model, precision: Precision, world: int, per_node: int, cuda
         "device": "cuda" if cuda else "cpu", "ranks": world, "ranks_per_node": per_node,
         "nodes": math.ceil(world / per_node), "micro_batch": batch, "grad_accum": int(cfg.train.grad_accum),
         "zero": zero.__dict__, "frozen_weights": frozen, "trained_state": state, "activations": activations,
-        "peak_per_rank": device, "host_per_node_offloaded": host_per_node,
+        "dali_buffers": dali, "peak_per_rank": device, "host_per_node_offloaded": host_per_node,
         "offload_traffic_per_step": dict(traffic, link_gbs=link_gbs,
                                          seconds=round(traffic["bytes"] / (link_gbs * 1e9), 3)),
     }
@@ -303,7 +317,7 @@ def _rank_plan(cfg, model, precision: Precision, world: int, per_node: int, cuda
         if not fits:
             checkpointed = {"peak": activations.get("step_peak_checkpointed", step["peak"])}
             plan["verdict"]["what_would_fit"] = _alternatives(cfg, model, precision, world, budget, step, one, batch,
-                                                              checkpointed, cuda)
+                                                              checkpointed, cuda, dali["train"] + dali["val"])
     return plan
 
 
@@ -336,9 +350,10 @@ def offload_traffic(frozen: Dict[str, int], state: Dict[str, int], zero: ZeroSet
 
 
 def _alternatives(cfg, model, precision: Precision, world: int, budget: int, step: Dict, one: Dict,
-                  batch: int, checkpointed: Dict, cuda: bool) -> List[Dict]:
-    """Changes that would fit, each with its predicted peak (the first is the least disruptive)."""
-    usable = budget * (1 - HEADROOM)
+                  batch: int, checkpointed: Dict, cuda: bool, outside: int = 0) -> List[Dict]:
+    """Changes that would fit, each with its predicted peak (the first is the least disruptive).
+    `outside`: memory the changes leave as it is (DALI's buffers)."""
+    usable = budget * (1 - HEADROOM) - outside
     options: List[Tuple[str, object, Dict]] = []
     if cfg.model.method == "side4video" and not cfg.model.side.checkpointing:
         options.append(("model.side.checkpointing=true", None, {"model.side.checkpointing": True}))
@@ -357,7 +372,7 @@ def _alternatives(cfg, model, precision: Precision, world: int, budget: int, ste
         peak = _predicted_peak(alt, model, precision, world,
                                checkpointed if "model.side.checkpointing" in changes else step, cuda)
         if peak <= usable:
-            found.append({"change": label, "peak_per_rank": peak})
+            found.append({"change": label, "peak_per_rank": peak + outside})
     # The largest batch that fits as configured (the activation peak grows linearly per clip; the
     # optimizer's temporaries come after the backward, so a peak is the larger of the two).
     temporaries = _predicted_peak(cfg, model, precision, world, {"peak": 0}, cuda)
@@ -368,7 +383,8 @@ def _alternatives(cfg, model, precision: Precision, world: int, budget: int, ste
         if fitting < batch:
             found.append({"change": f"train.batch_size={max(1, fitting // max(int(cfg.data.repeated_views), 1))} "
                                     f"(micro-batch {fitting} clips, with train.grad_accum to keep the global batch)",
-                          "peak_per_rank": int(max(fixed + one["peak"] + (fitting - 1) * per_clip, temporaries))})
+                          "peak_per_rank": int(max(fixed + one["peak"] + (fitting - 1) * per_clip, temporaries))
+                          + outside})
     return found
 
 

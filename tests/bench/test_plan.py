@@ -69,10 +69,11 @@ def test_eva02_e14_experiment_on_32_gpus_of_80_gib(capsys):
     text = format_plan(report)
     assert "per GPU: 32 GPUs (8 per node), ZeRO-3, offload_param cpu" in text
     for row in ("frozen weights", "optimizer state", "side network per clip", "one backbone block",
-                "host memory per node", "offload traffic per step", "peak per GPU"):
+                "host memory per node", "offload traffic per step", "DALI decode buffers", "peak per GPU"):
         assert row in text
     assert "verdict                   fits" in text
     assert main(["plan", config, "--gpus", "0"]) == 2 and "--gpus" in capsys.readouterr().err
+    assert main(["plan", config, "--source", "1080p"]) == 2 and "--source" in capsys.readouterr().err
 
 
 def test_baselines_count_what_they_train():
@@ -180,7 +181,13 @@ def test_plan_per_gpu_adds_up_and_says_what_would_fit():
     assert p["device"] == "cuda" and p["ranks"] == 2 and "verdict" not in p
     assert p["peak_per_rank"] == (fz["resident"] + fz["gathered_unit"] + fz["prefetch"] + st["weights"] + st["gathered"]
                                   + st["gradients"] + st["master"] + st["optimizer_state"] + st["reduce_bucket"]
-                                  + max(act["step_peak"], st["step_temporaries"]))
+                                  + max(act["step_peak"], st["step_temporaries"])
+                                  + p["dali_buffers"]["train"] + p["dali_buffers"]["val"])
+    # DALI's decode buffers: a batch of decoded frames per pipeline at the source resolution
+    frames = int(cfg.data.frames)
+    assert p["dali_buffers"]["train"] == 4 * frames * 1920 * 1080 * 3
+    small = plan(cfg, gpus=2, source=(320, 240))["plan"]["dali_buffers"]
+    assert small["train"] == 4 * frames * 320 * 240 * 3
     # the engine caps DeepSpeed's 5e8-element default bucket at the trained parameters (fp32 here)
     assert st["reduce_bucket"] == max(report["trainable_params"], 10**6) * 4
     assert act["side_kept_per_clip_checkpointed"] < act["side_kept_per_clip"]
