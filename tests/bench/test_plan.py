@@ -58,6 +58,8 @@ def test_eva02_e14_experiment_on_32_gpus_of_80_gib(capsys):
     assert mem["backbone_weights_bytes_by_precision"]["fp32"] == 4 * report["backbone_params"]
     p = report["plan"]
     assert (p["ranks"], p["ranks_per_node"], p["zero"]["stage"], p["zero"]["offload_param"]) == (32, 8, 3, "cpu")
+    # a bounded reduce bucket and optimizer sub-group (each cost GiBs of peak for ViT-E: README, Measured)
+    assert (p["zero"]["reduce_bucket_size"], p["zero"]["sub_group_size"]) == (5 * 10**7, 2 * 10**7)
     frozen = p["frozen_weights"]
     assert frozen["partition"] == -(-(mem["backbone_weights_bytes"] - frozen["persistent"]) // 32)
     assert frozen["host"] == frozen["partition"] and frozen["resident"] == frozen["persistent"]
