@@ -375,20 +375,21 @@ def _alternatives(cfg, model, precision: Precision, world: int, budget: int, ste
             found.append({"change": label, "peak_per_rank": peak + outside})
     # The largest batch that fits as configured (the activation peak grows linearly per clip; the
     # optimizer's temporaries come after the backward, so a peak is the larger of the two).
-    temporaries = _predicted_peak(cfg, model, precision, world, {"peak": 0}, cuda)
-    fixed = temporaries - _step_temporaries(cfg, model, world, cuda)
+    temporaries = _step_temporaries(cfg, model, world, cuda)
+    fixed = _predicted_peak(cfg, model, precision, world, {"peak": 0}, cuda) - temporaries  # neither of them
     per_clip = (step["peak"] - one["peak"]) / (batch - 1) if batch > 1 else step["peak"]
-    if max(fixed + one["peak"], temporaries) <= usable and per_clip > 0:
+    if fixed + max(one["peak"], temporaries) <= usable and per_clip > 0:
         fitting = 1 + int((usable - fixed - one["peak"]) // per_clip)
         if fitting < batch:
+            activations = one["peak"] + (fitting - 1) * per_clip
             found.append({"change": f"train.batch_size={max(1, fitting // max(int(cfg.data.repeated_views), 1))} "
                                     f"(micro-batch {fitting} clips, with train.grad_accum to keep the global batch)",
-                          "peak_per_rank": int(max(fixed + one["peak"] + (fitting - 1) * per_clip, temporaries))
-                          + outside})
+                          "peak_per_rank": int(fixed + max(activations, temporaries)) + outside})
     return found
 
 
 def _step_temporaries(cfg, model, world: int, cuda: bool) -> int:
+    """The optimizer step's temporaries (fp32 whatever the training precision)."""
     trainable = model.parameter_counts()["trainable_params"]
     zero = zero_settings(cfg, world, trainable)
     return trained_state(trainable, torch.float32, cfg.train.optimizer, zero, world, 0, cuda)["step_temporaries"]

@@ -4,9 +4,8 @@ local checkpoint or randomly initialised."""
 
 from __future__ import annotations
 
-import math
-
 import contextlib
+import math
 import os
 from typing import Callable, Iterator, Optional, Sequence
 
