@@ -17,7 +17,7 @@ METHODS = ("side4video", "linear_probe", "adapter", "full")
 NAMES = ("fp32", "bf16", "fp16")
 
 
-@pytest.mark.parametrize("method, cuda, storage, train", itertools.product(METHODS, (False, True), NAMES, NAMES))
+@pytest.mark.parametrize("method, cuda, storage, train", list(itertools.product(METHODS, (False, True), NAMES, NAMES)))
 def test_policy(method, cuda, storage, train):
     p = resolve_precision(method, backbone=storage, train=train, cuda=cuda)
     assert p.train == DTYPES[train]
