@@ -190,7 +190,7 @@ def test_plan_per_gpu_adds_up_and_says_what_would_fit():
     assert p["dali_buffers"]["train"] == 4 * frames * 1920 * 1080 * 3
     small = plan(cfg, gpus=2, source=(320, 240))["plan"]["dali_buffers"]
     assert small["train"] == 4 * frames * 320 * 240 * 3
-    # the engine caps DeepSpeed's 5e8-element default bucket at the trained parameters (fp32 here)
+    # a side network smaller than the 5e7-element cap gets a reduce bucket of its own size (fp32 here)
     assert st["reduce_bucket"] == max(report["trainable_params"], 10**6) * 4
     assert act["side_kept_per_clip_checkpointed"] < act["side_kept_per_clip"]
     assert act["step_peak_checkpointed"] < act["step_peak_not_checkpointed"] == act["step_peak"]
