@@ -297,9 +297,7 @@ def test_a_run_of_undecodable_samples_ends_with_one_line(tmp_path):
 
 
 def test_pipeline_builds_for_gpu_layout_without_running():
-    """The 'mixed' graph is only run on GPU hosts; here it must at least be constructible."""
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the CUDA path runs in the other tests")
+    """The 'mixed' graph is only run on GPU hosts; on every host it must at least be constructible."""
     from nvidia.dali import fn, types  # noqa: F401
 
     pipe = build_pipeline("bytes", batch_size=2, views=1, ra_steps=0, size=32, mean=[0.5] * 3, std=[0.5] * 3,

@@ -175,12 +175,10 @@ def test_train_device_cuda_without_a_gpu_is_refused_in_one_line(tmp_path):
     """GPU expected, GPU required: train.device=cuda (or GPUs given by SLURM) on a host where torch
     cannot use one stops with the reason instead of training on CPUs (the GPU recipes in
     configs/experiments ask for it); `make test-gpu` is refused the same way."""
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is usable here: the refusal cannot happen")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # on a GPU host too: torch then sees none
     out = subprocess.run([sys.executable, "-m", "side4video.cli", "train", "configs/demo.yaml", "train.device=cuda",
-                          f"train.output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=100)
+                          f"train.output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=100,
+                         env=env)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "train.device=cuda, but torch cannot use a GPU here" in out.stderr.strip().splitlines()[-1]
     slurm_gpus = subprocess.run([sys.executable, "-m", "side4video.cli", "train", "configs/demo.yaml",

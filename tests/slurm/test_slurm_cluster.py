@@ -7,7 +7,7 @@ import os
 import socket
 
 import pytest
-from tests.support.slurm import LocalCluster, missing_slurm, skip_or_fail
+from tests.support.slurm import LocalCluster, missing_slurm, require_slurm
 
 pytestmark = [pytest.mark.slurm]
 
@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slurm]
 def one_node(tmp_path):
     reason = missing_slurm()
     if reason:
-        skip_or_fail(reason)
+        require_slurm(reason)
     cluster = LocalCluster(tmp_path / "cluster", nodes=1, cpus=None, port=6947, prefix="s4vu", subnet="10.203.0")
     yield cluster
     cluster.stop()
