@@ -18,14 +18,14 @@ from side4video.engine.retrieval import (chunk_sizes, dual_softmax, encode_split
                                          retrieval_report, similarity_matrix, write_retrieval_report)
 from side4video.model.similarity import TextEmbedding, VideoEmbedding, unit, wti_similarity
 
-from tests.support.official import RETRIEVAL_METRICS, load_official
+from tests.support.reference import RETRIEVAL_METRICS, load_reference
 
 KEYS = ("R1", "R5", "R10", "MedianR", "MeanR")
 
 
 @pytest.fixture(scope="module")
 def ref():
-    return load_official(RETRIEVAL_METRICS)
+    return load_reference(RETRIEVAL_METRICS)
 
 
 def test_one_caption_per_video_metrics_equal_the_reference(ref):

@@ -1,4 +1,4 @@
-"""The reference implementation's outputs, reproduced from its state dict (tests/fixtures/official)."""
+"""The reference implementation's outputs, reproduced from its state dict (tests/fixtures/reference)."""
 
 import pytest
 import torch
@@ -9,12 +9,12 @@ from side4video.engine.factory import model_from_config as build_model
 from side4video.model import from_official
 from side4video.cli.convert import FORMAT
 
-from tests.support.official import EVA, RECOGNITION, RETRIEVAL_VISUAL, load_official
+from tests.support.reference import EVA, RECOGNITION, RETRIEVAL_VISUAL, load_reference
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return load_official(RECOGNITION)
+    return load_reference(RECOGNITION)
 
 
 def test_from_official_reproduces_the_reference(reference):
@@ -60,7 +60,7 @@ def test_convert_official_refuses_other_files(tmp_path):
 def test_retrieval_video_encoder_reproduces_the_reference():
     from side4video.model.retrieval import retrieval_encoder_from_official
 
-    ref = load_official(RETRIEVAL_VISUAL)
+    ref = load_reference(RETRIEVAL_VISUAL)
     model = retrieval_encoder_from_official(ref["state_dict"], ref["config"])
     with torch.no_grad():
         out = model(ref["input"])
@@ -74,7 +74,7 @@ def test_retrieval_video_encoder_reproduces_the_reference():
 # ------------------------------------------------------------------------------ EVA variant
 @pytest.fixture(scope="module")
 def eva_reference():
-    return load_official(EVA)
+    return load_reference(EVA)
 
 
 def test_from_official_reproduces_the_eva_reference(eva_reference):

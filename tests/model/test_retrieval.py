@@ -18,7 +18,7 @@ from side4video.model.similarity import meanp_similarity, text_embedding, video_
 from side4video.precision import Precision
 
 from tests.support import REPO
-from tests.support.official import RETRIEVAL_WTI, load_official
+from tests.support.reference import RETRIEVAL_WTI, load_reference
 
 FP32 = Precision(torch.float32, torch.float32, torch.float32, torch.float32)
 COMPARED = ("text_features", "video_features", "text_weight_logits", "video_weight_logits", "logits_unscaled",
@@ -27,7 +27,7 @@ COMPARED = ("text_features", "video_features", "text_weight_logits", "video_weig
 
 @pytest.fixture(scope="module")
 def reference():
-    return load_official(RETRIEVAL_WTI)
+    return load_reference(RETRIEVAL_WTI)
 
 
 def tiny_args(**kw) -> RetrievalArgs:
