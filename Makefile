@@ -5,7 +5,12 @@ PIP    := $(PY) -m pip install --quiet
 STAMP  := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-retrieval test test-gpu clean-runs
+# Debian packages of the servers the tests start: a real SLURM cluster (slurm-wlm, munge) whose
+# nodes live in network namespaces (iproute2). SeaweedFS comes from PyPI with the test extras.
+TEST_PACKAGES := slurm-wlm munge iproute2
+TEST_TOOLS    := slurmctld slurmd munged sbatch ip
+
+.PHONY: setup test-system demo demo-retrieval test test-gpu clean-runs
 
 setup: $(STAMP)
 
@@ -28,7 +33,21 @@ demo: setup
 demo-retrieval: setup
 	$(VENV)/bin/side4video demo --task retrieval
 
-test: setup
+# Installed when missing (as root, with apt); otherwise one line says what to install.
+test-system:
+	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "make test: installing $(TEST_PACKAGES) (missing:$$missing)"; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get update -qq && apt-get install -y -qq $(TEST_PACKAGES) >/dev/null || exit 2; \
+		else \
+			echo "make test: the SLURM tests need$$missing: run 'sudo apt-get install $(TEST_PACKAGES)', or make test as root"; \
+			exit 2; \
+		fi; \
+	fi
+
+test: setup test-system
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) --ignore=tests/gpu tests
 
 # The checks only a GPU can make (DALI 'mixed' decode, fp16 with loss scaling, NCCL ZeRO-3,

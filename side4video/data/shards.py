@@ -60,6 +60,7 @@ class ShardWriter:
             self.staging = sources.local_path(self.out)
             self._tmp = None
         else:
+            sources.check_s3_output(self.out, data_cfg)
             self._tmp = tempfile.TemporaryDirectory(prefix="side4video-shards-")
             self.staging = self._tmp.name
         self.shards: List[Dict[str, Any]] = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import io
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -112,6 +113,31 @@ def s3_filesystem(data_cfg):
 
 def _s3_path(url: str) -> str:
     return url.split("://", 1)[1]
+
+
+# S3's bucket naming rules (AWS and every compatible store): 3-63 characters of lowercase
+# letters, digits, dots and hyphens, starting and ending with a letter or digit.
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def check_s3_output(url: str, data_cfg) -> None:
+    """Before any work is done for an s3:// output: a valid bucket name, and a bucket that exists
+    and takes our credentials (s3fs would create a missing bucket on the first upload: a typo
+    would silently make a new one)."""
+    bucket = _s3_path(url).split("/", 1)[0]
+    if not _BUCKET_NAME.match(bucket) or ".." in bucket:
+        raise UserError(f"output {url!r}: {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, "
+                        f"digits, '.' or '-', starting and ending with a letter or digit)")
+    endpoint = s3_settings(data_cfg)["endpoint_url"] or "AWS"
+    try:
+        s3_filesystem(data_cfg).call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise UserError(f"output {url!r}: bucket {bucket!r} does not exist at {endpoint} (create it first)") from None
+    except PermissionError:
+        raise UserError(f"output {url!r}: access to bucket {bucket!r} at {endpoint} denied (check the S3 "
+                        f"credentials)") from None
+    except Exception as e:
+        raise UserError(f"output {url!r}: cannot reach bucket {bucket!r} at {endpoint}: {_first_line(e)}") from None
 
 
 class _S3Body:

@@ -191,19 +191,15 @@ def test_cli_make_shards(tmp_path, capsys):
 
 
 @pytest.mark.timeout(120)
-def test_make_shards_uploads_to_s3(tmp_path, moto_s3, monkeypatch):
+def test_make_shards_uploads_to_s3(tmp_path, s3_server, monkeypatch):
     """Output s3://bucket/prefix: each finished shard is uploaded, the manifest last; credentials
     and endpoint from the standard AWS environment variables."""
-    from tests.support.data import BUCKET, S3_KEYS
+    from tests.support.data import BUCKET
     from side4video.data.inspect import inspect_shards
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEYS["access_key_id"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_KEYS["secret_access_key"])
-    monkeypatch.setenv("AWS_DEFAULT_REGION", S3_KEYS["region"])
-    client = moto_s3.client()
-    if BUCKET not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:  # moto's state is per process
-        client.create_bucket(Bucket=BUCKET)
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    client = s3_server.client()
     root = tmp_path / "videos"
     rels = video_folder(root, n=4, h264=1)
     listf = tmp_path / "list.txt"
@@ -215,6 +211,30 @@ def test_make_shards_uploads_to_s3(tmp_path, moto_s3, monkeypatch):
                             progress=False)
     assert report["samples"] == 4 and report["bad_samples"] == []
     assert report["codecs"] == {"vp9": 3, "h264": 1}
+
+
+@pytest.mark.timeout(120)
+def test_make_shards_refuses_a_bad_or_missing_bucket_before_any_work(tmp_path, s3_server, monkeypatch, capsys):
+    """What a real server refuses is refused up front, in one line: a name S3 does not allow, a
+    bucket that does not exist (never created by the upload), credentials the server rejects."""
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    root = tmp_path / "videos"
+    rels = video_folder(root, n=2, h264=0)
+    listf = tmp_path / "list.txt"
+    listf.write_text("".join(f"{r} {i}\n" for i, r in enumerate(rels)))
+    cases = {"s3://ab/ds": "'ab' is not a valid S3 bucket name", "s3://Side4Video_Test/ds": "not a valid S3 bucket",
+             "s3://no-such-bucket/ds": "bucket 'no-such-bucket' does not exist"}
+    for out, message in cases.items():
+        assert cli_main(["make-shards", "--list", str(listf), "--format", "list", "--root", str(root), "--out", out,
+                         "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert "no-such-bucket" not in [b["Name"] for b in s3_server.client().list_buckets()["Buckets"]]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key")
+    assert cli_main(["make-shards", "--list", str(listf), "--format", "list", "--root", str(root), "--out",
+                     "s3://side4video-test/denied", "--no-progress"]) == 2
+    assert "denied" in capsys.readouterr().err
 
 
 def test_cli_make_synthetic(tmp_path, capsys):

@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from tests.support.data import FaultyProxy, data_cfg_for, encode, load_cfg
+from tests.support.data import BUCKET, FaultyProxy, data_cfg_for, encode, load_cfg
 from side4video.data import sources
 from side4video.engine.factory import loader_from_config as build_loader
 from side4video.data.shards import ShardWriter
@@ -39,11 +39,11 @@ class _RetryLog(logging.Handler):
 
 # ------------------------------------------------------------------------------- URL kinds
 @pytest.mark.timeout(120)
-def test_same_pipeline_from_folder_http_and_s3(synthetic_data, http_server, moto_s3):
+def test_same_pipeline_from_folder_http_and_s3(synthetic_data, http_server, s3_server):
     root = synthetic_data["root"]
     base = http_server(root)
-    s3_val = moto_s3.upload_folder(synthetic_data["val"], "synth/val")
-    s3_train = moto_s3.upload_folder(synthetic_data["train"], "synth/train")
+    s3_val = s3_server.upload_folder(synthetic_data["val"], BUCKET, "synth/val")
+    s3_train = s3_server.upload_folder(synthetic_data["train"], BUCKET, "synth/train")
     specs = {
         "folder": (str(synthetic_data["train"] / "manifest.json"), str(synthetic_data["val"])),
         "http": (f"{base}/train/manifest.json", f"{base}/val/manifest.json"),
@@ -51,7 +51,7 @@ def test_same_pipeline_from_folder_http_and_s3(synthetic_data, http_server, moto
     }
     results = {}
     for name, (train_spec, val_spec) in specs.items():
-        cfg = data_cfg_for(train_spec, val_spec, "eval.batch_size=3", *moto_s3.overrides())
+        cfg = data_cfg_for(train_spec, val_spec, "eval.batch_size=3", *s3_server.overrides())
         val = build_loader(cfg, "val")
         train = build_loader(cfg, "train")
         try:
@@ -61,6 +61,9 @@ def test_same_pipeline_from_folder_http_and_s3(synthetic_data, http_server, moto
         finally:
             val.close()
             train.close()
+    # the S3 reads went to the SeaweedFS server: its log has the ranged GETs of every shard
+    served = {path for method, path, status in s3_server.logged_requests() if method == "GET" and status == 206}
+    assert {f"/{BUCKET}/synth/train/train-00000{i}.tar" for i in range(4)} <= served
     ref_val, ref_train = results["folder"]
     assert sum(len(k) for k, _, _ in ref_val) == 8
     for name in ("http", "s3"):
@@ -72,14 +75,16 @@ def test_same_pipeline_from_folder_http_and_s3(synthetic_data, http_server, moto
 
 
 @pytest.mark.timeout(120)
-def test_s3_outage_mid_shard_costs_no_sample_and_repeats_none(tmp_path, moto_s3):
+def test_s3_outage_mid_shard_costs_no_sample_and_repeats_none(tmp_path, s3_server):
+    """The whole S3 server stops in the middle of a shard (SIGTERM, waited for) and starts again
+    on its data on disk: the stream retries, resumes at the byte reached, loses and repeats nothing."""
     writer = ShardWriter(str(tmp_path / "big"))
     expected = [f"clip{i:03d}" for i in range(30)]
     for i, key in enumerate(expected):
         writer.write(key, encode(i % 5), "webm", {"label": i % 3})
     writer.close(None, [], "test")
-    url = moto_s3.upload_folder(tmp_path / "big", "outage") + "/manifest.json"
-    cfg = load_cfg(*moto_s3.overrides(), "data.read_chunk=4096", "data.retries=12", "data.retry_backoff=0.1",
+    url = s3_server.upload_folder(tmp_path / "big", BUCKET, "outage") + "/manifest.json"
+    cfg = load_cfg(*s3_server.overrides(), "data.read_chunk=4096", "data.retries=12", "data.retry_backoff=0.1",
                    "data.timeout=5")
     shard = resolve_shards(url, cfg.data).shards[0]
     assert shard.samples == 30
@@ -90,13 +95,16 @@ def test_s3_outage_mid_shard_costs_no_sample_and_repeats_none(tmp_path, moto_s3)
     try:
         samples = iter_shard(shard, cfg.data, bad)
         got = [next(samples).key for _ in range(5)]
-        moto_s3.stop()  # the server goes away in the middle of the shard ...
-        restart = threading.Timer(1.5, moto_s3.start)  # ... and comes back 1.5 s later
+        s3_server.stop()  # the server goes away in the middle of the shard (stop returns once it exited) ...
+        assert not s3_server.running
+        restart = threading.Timer(1.0, s3_server.start)  # ... and comes back a second later
         restart.start()
         got += [s.key for s in samples]
         restart.join()
     finally:
         logger.removeHandler(retry_log)
+        if not s3_server.running:
+            s3_server.start()
     assert any("retry" in m for m in retry_log.messages), "the outage was never hit"
     assert len(got) == len(set(got)) == 30
     assert got == expected
@@ -110,24 +118,23 @@ def _keys_and_bytes(url: str, cfg) -> list:
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("kind", ["http", "s3"])
-def test_5xx_bursts_are_retried_with_no_sample_lost_or_repeated(kind, synthetic_data, http_server, moto_s3):
+def test_5xx_bursts_are_retried_with_no_sample_lost_or_repeated(kind, synthetic_data, http_server, s3_server):
     """Bursts of three 503s (SlowDown) every fourth ranged read of a shard, from an HTTP server and
-    from a proxy in front of moto's S3: every sample once, in order, bytes equal to the local read."""
+    from a proxy in front of the S3 server: every sample once, in order, bytes equal to the local read."""
     local = load_cfg("data.read_chunk=2048")
     expected = _keys_and_bytes(str(synthetic_data["train"] / "manifest.json"), local)
     if kind == "http":
         upstream, prefix = http_server(synthetic_data["train"]), ""
     else:
-        prefix = moto_s3.upload_folder(synthetic_data["train"], "bursts")
-        upstream = moto_s3.endpoint
+        prefix = s3_server.upload_folder(synthetic_data["train"], BUCKET, "bursts")
+        upstream = s3_server.endpoint
     proxy = FaultyProxy(upstream, burst_every=4, burst=3)
     try:
         if kind == "http":
             url, extra = f"{proxy.url}/manifest.json", []
         else:
             url = f"{prefix}/manifest.json"
-            extra = [o if not o.startswith("data.s3.endpoint_url=") else f"data.s3.endpoint_url={proxy.url}"
-                     for o in moto_s3.overrides()]
+            extra = s3_server.overrides(endpoint=proxy.url)
         cfg = load_cfg(*extra, "data.read_chunk=2048", "data.retries=4", "data.retry_backoff=0.01")
         got = _keys_and_bytes(url, cfg)
     finally:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from tests.support.data import BUCKET, FaultyProxy
 from tests.support.engine import train_rows
 from tests.support.slurm import (REPO, WaitForStop, register_by_value, side4video, slurm_cluster, slurm_data,  # noqa: F401
                             train_overrides, wait_for)
@@ -102,19 +103,26 @@ def test_preempted_job_is_requeued_and_matches_uninterrupted_run(reference_run, 
 
 
 @pytest.mark.timeout(900)
-def test_two_nodes_sbatch_route_requeues_on_sigterm(reference_run, slurm_cluster, slurm_data, tmp_path):  # noqa: F811
-    """slurm/train.sbatch on 2 nodes x 1 task: the ranks run on n1 and n2 and meet at n1's
-    namespace address over gloo. SIGTERM to the batch shell alone is passed on to the tasks,
-    which save; rank 0 requeues; the rerun resumes and ends exactly like the 1-node reference
-    (same world size, data split and seeds)."""
+def test_two_nodes_sbatch_route_requeues_on_sigterm(reference_run, slurm_cluster, slurm_data, s3_server,  # noqa: F811
+                                                    tmp_path):
+    """slurm/train.sbatch on 2 nodes x 1 task, reading its shards from the S3 server over the
+    nodes' network (a proxy on the bridge address forwards to the server on 127.0.0.1): the ranks
+    run on n1 and n2 and meet at n1's namespace address over gloo. SIGTERM to the batch shell alone
+    is passed on to the tasks, which save; rank 0 requeues; the rerun resumes and ends exactly like
+    the 1-node reference read from local shards (same world size, data split and seeds)."""
     reference, _ = reference_run
     run_dir = tmp_path / "run"
     log = tmp_path / "sbatch.out"
+    for split in ("train", "val"):
+        s3_server.upload_folder(slurm_data / split, BUCKET, f"slurm-2n/{split}")
+    bridge = FaultyProxy(s3_server.endpoint, host=f"{slurm_cluster.subnet}.1")
     env = dict(slurm_cluster.env, SIDE4VIDEO_PYTHON=sys.executable)
     submitted = subprocess.run(
         ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=15",
          f"--output={log}", "slurm/train.sbatch", "configs/demo.yaml",
-         *train_overrides(slurm_data, run_dir, "logging.all_ranks=true")],
+         *train_overrides(slurm_data, run_dir, "logging.all_ranks=true", *s3_server.overrides(endpoint=bridge.url),
+                          f"data.train.shards=s3://{BUCKET}/slurm-2n/train/manifest.json",
+                          f"data.val.shards=s3://{BUCKET}/slurm-2n/val/manifest.json")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
@@ -125,6 +133,7 @@ def test_two_nodes_sbatch_route_requeues_on_sigterm(reference_run, slurm_cluster
                  600, "the job to end", poll=1)
     finally:
         slurm_cluster.run("scancel", job_id)  # no-op once it ended
+        bridge.close()
     info = slurm_cluster.job_info(job_id)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
@@ -134,6 +143,10 @@ def test_two_nodes_sbatch_route_requeues_on_sigterm(reference_run, slurm_cluster
     assert f"task 1/2 (local 0/1) on n2; master {master}:" in text
     assert "stop requested (SIGTERM)" in text and "requeued (restart 1 of at most 10)" in text
     assert summary(run_dir)["world_size"] == 2
+    # the shards came from the S3 server: both ranks' ranged GETs of the training shards
+    served = [path for method, path, status in s3_server.logged_requests()
+              if method == "GET" and status == 206 and path.startswith(f"/{BUCKET}/slurm-2n/train/")]
+    assert len(set(served)) == 4, served
     assert_same_run(run_dir, reference)
 
 

@@ -1,4 +1,4 @@
-"""Data fixtures: generated videos and shards, a local HTTP server and a moto S3 server.
+"""Data fixtures: generated videos and shards, a local HTTP server and a SeaweedFS S3 server.
 
 Everything is generated under pytest tmp dirs: tiny VP9 WebM clips (and one H.264 MP4), shards
 written by our own writer, servers bound to 127.0.0.1 on free ports.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import os
 import threading
 from pathlib import Path
 from typing import Dict, Iterator, List
@@ -16,12 +15,9 @@ from typing import Dict, Iterator, List
 import numpy as np
 import pytest
 
-from side4video.distributed import free_port
+from side4video.bench.servers import SeaweedS3
 
 BUCKET = "side4video-test"
-S3_KEYS = {"access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1"}
-
-
 
 def noise_frames(seed: int, frames: int = 12, height: int = 32, width: int = 48) -> List[np.ndarray]:
     """A moving smooth pattern with some noise: decodable, and different frame to frame."""
@@ -109,64 +105,33 @@ def http_server():
         server.server_close()
 
 
-class MotoS3:
-    """A moto S3 server (real HTTP API) on 127.0.0.1 that can be stopped and restarted."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.server = None
-
-    def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server._server.server_close()  # release the port: clients get "connection refused"
-            self.server = None
-
-    def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEYS["access_key_id"],
-                            aws_secret_access_key=S3_KEYS["secret_access_key"], region_name=S3_KEYS["region"])
-
-    def upload_folder(self, folder: Path, prefix: str) -> str:
-        client = self.client()
-        existing = [b["Name"] for b in client.list_buckets().get("Buckets", [])]
-        if BUCKET not in existing:
-            client.create_bucket(Bucket=BUCKET)
-        for name in sorted(os.listdir(folder)):
-            client.upload_file(str(folder / name), BUCKET, f"{prefix}/{name}")
-        return f"s3://{BUCKET}/{prefix}"
-
-    def overrides(self) -> List[str]:
-        return [f"data.s3.endpoint_url={self.endpoint}", f"data.s3.access_key_id={S3_KEYS['access_key_id']}",
-                f"data.s3.secret_access_key={S3_KEYS['secret_access_key']}", f"data.s3.region={S3_KEYS['region']}"]
-
-
-@pytest.fixture
-def moto_s3() -> Iterator[MotoS3]:
-    s3 = MotoS3()
-    s3.start()
-    yield s3
-    s3.stop()
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[SeaweedS3]:
+    """A real SeaweedFS S3 server on 127.0.0.1 for the whole session (its data and log under a
+    tmp dir: weed.log). Tests use their own key prefixes in BUCKET; one that stops the server
+    starts it again before it ends."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"), log_requests=True)
+    server.start()
+    try:
+        server.ensure_bucket(BUCKET)
+        yield server
+    finally:
+        server.stop()
 
 
 class FaultyProxy:
-    """A real HTTP proxy on 127.0.0.1 in front of an upstream server (moto S3, or an HTTP file
-    server) that answers some requests itself, the way real servers fail:
+    """A real HTTP proxy on `host` (127.0.0.1) in front of an upstream server (the S3 server, or an
+    HTTP file server) that answers some requests itself, the way real servers fail:
 
     - `burst_every` / `burst`: of the GET requests for each `.tar` object, `burst` consecutive ones
       every `burst_every` get a 503 (S3's SlowDown / a load balancer under pressure);
     - `stall_after`: after that many `.tar` GETs every further one hangs until `release()`.
-    Everything else is forwarded unchanged (method, path, headers, body)."""
+    Everything else is forwarded unchanged (method, path, headers, body): the Host header too,
+    since S3 requests are signed over it. With no faults set it is a plain proxy (the SLURM test
+    uses one so that nodes in network namespaces reach the S3 server)."""
 
-    def __init__(self, upstream: str, burst_every: int = 0, burst: int = 0, stall_after: int = -1):
+    def __init__(self, upstream: str, burst_every: int = 0, burst: int = 0, stall_after: int = -1,
+                 host: str = "127.0.0.1"):
         import http.client
         import urllib.parse
 
@@ -202,9 +167,11 @@ class FaultyProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                headers["Host"] = proxy.upstream.netloc
-                conn.request(self.command, self.path, body=body, headers=headers)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "expect")}
+                conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                for k, v in headers.items():
+                    conn.putheader(k, v)
+                conn.endheaders(body)
                 resp = conn.getresponse()
                 data = resp.read()
                 self.send_response(resp.status)
@@ -224,10 +191,10 @@ class FaultyProxy:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"http://{host}:{self.server.server_address[1]}"
 
     def release(self) -> None:
         self.released.set()
