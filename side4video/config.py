@@ -106,7 +106,7 @@ class DataConfig:
     allow_pipe: bool = setting(False, "allow pipe: shard URLs (they run shell commands)")
     retries: int = setting(6, "attempts per shard read on connection errors and 5xx")
     retry_backoff: float = setting(0.5, "first retry delay in seconds, doubled each attempt")
-    read_chunk: int = setting(8 << 20, "bytes per ranged read of an http(s)/s3 shard; a failed read resumes at the byte reached")
+    read_chunk: int = setting(1 << 20, "read buffer of an http(s)/s3 shard stream (one GET per shard; a failed read resumes at the byte reached)")
     timeout: float = setting(60.0, "seconds before a stalled http(s)/s3 connection counts as failed (then retried)")
 
 

@@ -15,6 +15,7 @@ BENCHES = {
     "data": "side4video.bench.data",  # decode clips/s: DALI vs plain PyAV
     "memory": "side4video.bench.memory",  # methods x backbones peak memory
     "vite": "side4video.bench.vite",  # EVA ViT-E/14 training steps: memory per rank, step times
+    "stream": "side4video.bench.stream",  # shard streaming MB/s: the readers vs raw clients, folder/HTTP/S3
 }
 
 

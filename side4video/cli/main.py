@@ -155,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("bench", cmd_bench, "benchmarks writing OUT/*.json, *.md and *.png",
             "side4video bench memory --out bench/")
-    p.add_argument("what", choices=["data", "memory", "vite"],
-                   help="data: decode clips/s (DALI vs PyAV); memory: methods side by side; vite: EVA ViT-E/14 training")
+    p.add_argument("what", choices=["data", "memory", "vite", "stream"],
+                   help="data: decode clips/s (DALI vs PyAV); memory: methods side by side; vite: EVA ViT-E/14 "
+                        "training; stream: shard streaming MB/s from a folder, HTTP and S3 (readers vs raw clients)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", default=None, help="config to benchmark (default: built-in small setup)")
     p.add_argument("overrides", nargs="*", metavar="key=value")

@@ -173,7 +173,7 @@ def prepare_entry(args) -> Dict[str, Any]:
 def _map(fn, items: Sequence, workers: int) -> Iterable:
     """In-order results, in worker processes when workers > 1.
 
-    Forked: the workers only run PyAV and numpy (no torch, no CUDA, no s3fs: uploads stay in the
+    Forked: the workers only run PyAV and numpy (no torch, no CUDA, no boto3: uploads stay in the
     parent), and forking costs milliseconds where spawning re-imports the stack for seconds."""
     if workers <= 1 or len(items) <= 1:
         return map(fn, items)

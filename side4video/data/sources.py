@@ -4,7 +4,7 @@ Remote reads go through `ResumableStream`: it counts the bytes handed out, and w
 drops or the server answers 5xx it waits (exponential backoff) and reopens the object at the byte
 reached, so a server outage in the middle of a shard costs no sample and repeats none.
 Written by hand because webdataset's gopen has no s3 handler and its http handler shells out to
-curl without resuming; fsspec/s3fs give us the S3 requests, urllib the HTTP ones.
+curl without resuming; boto3 gives us the S3 requests, urllib the HTTP ones.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def join_url(base: str, relative: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ S3
-_fs_lock = threading.Lock()
-_fs_cache: dict = {}
+_client_lock = threading.Lock()
+_client_cache: dict = {}
 
 
 def s3_settings(data_cfg) -> dict:
@@ -89,30 +89,52 @@ def s3_settings(data_cfg) -> dict:
     }
 
 
-def s3_filesystem(data_cfg):
-    """An s3fs filesystem for these settings (one per distinct setting, shared by threads)."""
-    import s3fs
+def s3_client(data_cfg):
+    """A boto3 S3 client for these settings (one per distinct setting; clients are thread-safe).
+
+    boto3 rather than s3fs: a streamed GET per shard reads at the raw client's speed, where
+    s3fs's ranged reads through its event-loop thread reached half of it with 4 readers
+    (`side4video bench stream`)."""
+    import boto3
+    from botocore.config import Config
 
     st = s3_settings(data_cfg)
     cache_key = tuple(sorted(st.items()))
-    with _fs_lock:
-        fs = _fs_cache.get(cache_key)
-        if fs is None:
-            client_kwargs = {"region_name": st["region"] or "us-east-1"}
-            # Our ResumableStream owns retrying (backoff + resume at the byte reached); botocore
-            # and s3fs retrying underneath would only multiply the waiting.
-            config_kwargs = {"connect_timeout": min(st["timeout"], 10.0), "read_timeout": st["timeout"],
-                             "retries": {"max_attempts": 1, "mode": "standard"}}
-            fs = s3fs.S3FileSystem(key=st["key"], secret=st["secret"], endpoint_url=st["endpoint_url"],
-                                   client_kwargs=client_kwargs, config_kwargs=config_kwargs,
-                                   use_listings_cache=False, skip_instance_cache=True)
-            fs.retries = 1
-            _fs_cache[cache_key] = fs
-    return fs
+    with _client_lock:
+        client = _client_cache.get(cache_key)
+        if client is None:
+            # ResumableStream owns retrying (backoff + resume at the byte reached); botocore
+            # retrying underneath would only multiply the waiting.
+            config = Config(connect_timeout=min(st["timeout"], 10.0), read_timeout=st["timeout"],
+                            retries={"max_attempts": 1, "mode": "standard"}, max_pool_connections=32)
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=st["endpoint_url"], aws_access_key_id=st["key"],
+                aws_secret_access_key=st["secret"], region_name=st["region"] or "us-east-1", config=config)
+            _client_cache[cache_key] = client
+    return client
 
 
-def _s3_path(url: str) -> str:
-    return url.split("://", 1)[1]
+def _bucket_key(url: str) -> Tuple[str, str]:
+    bucket, _, key = url.split("://", 1)[1].partition("/")
+    return bucket, key
+
+
+def _s3_error(e: Exception, what: str) -> Exception:
+    """botocore's errors as the OSErrors ResumableStream and callers tell apart: missing and
+    denied are final, 5xx and throttling are retried."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(e, ClientError):
+        return e  # connection errors, timeouts: retried
+    code = str(e.response.get("Error", {}).get("Code", ""))
+    status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "NotFound", "404"):
+        return FileNotFoundError(f"{what}: {code or 'not found'}")
+    if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+        return PermissionError(f"{what}: {code or 'access denied'}")
+    if status >= 500 or status in (408, 429) or code in ("SlowDown", "RequestTimeout", "Throttling"):
+        return ConnectionError(f"{what}: HTTP {status} {code}")
+    return UserError(f"{what}: HTTP {status} {code}")
 
 
 # S3's bucket naming rules (AWS and every compatible store): 3-63 characters of lowercase
@@ -122,51 +144,53 @@ _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 def check_s3_output(url: str, data_cfg) -> None:
     """Before any work is done for an s3:// output: a valid bucket name, and a bucket that exists
-    and takes our credentials (s3fs would create a missing bucket on the first upload: a typo
-    would silently make a new one)."""
-    bucket = _s3_path(url).split("/", 1)[0]
+    and takes our credentials (a typo must not cost hours of transcoding first)."""
+    bucket, _ = _bucket_key(url)
     if not _BUCKET_NAME.match(bucket) or ".." in bucket:
         raise UserError(f"output {url!r}: {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, "
                         f"digits, '.' or '-', starting and ending with a letter or digit)")
     endpoint = s3_settings(data_cfg)["endpoint_url"] or "AWS"
     try:
-        s3_filesystem(data_cfg).call_s3("head_bucket", Bucket=bucket)
-    except FileNotFoundError:
-        raise UserError(f"output {url!r}: bucket {bucket!r} does not exist at {endpoint} (create it first)") from None
-    except PermissionError:
-        raise UserError(f"output {url!r}: access to bucket {bucket!r} at {endpoint} denied (check the S3 "
-                        f"credentials)") from None
+        s3_client(data_cfg).head_bucket(Bucket=bucket)
     except Exception as e:
+        err = _s3_error(e, bucket)
+        if isinstance(err, FileNotFoundError):
+            raise UserError(f"output {url!r}: bucket {bucket!r} does not exist at {endpoint} (create it first)") from None
+        if isinstance(err, PermissionError):
+            raise UserError(f"output {url!r}: access to bucket {bucket!r} at {endpoint} denied (check the S3 "
+                            f"credentials)") from None
         raise UserError(f"output {url!r}: cannot reach bucket {bucket!r} at {endpoint}: {_first_line(e)}") from None
 
 
 class _S3Body:
-    """Reads an S3 object from an offset with one ranged GET per read."""
+    """The body of one streamed GET; its errors mapped as `_s3_error` does."""
 
-    def __init__(self, fs, path: str, offset: int, size: int):
-        self.fs, self.path, self.pos, self.size = fs, path, offset, size
+    def __init__(self, body, url: str):
+        self.body, self.url = body, url
 
     def read(self, n: int) -> bytes:
-        if self.pos >= self.size:
-            return b""
-        end = min(self.pos + n, self.size)
-        data = self.fs.cat_file(self.path, start=self.pos, end=end)
-        self.pos += len(data)
-        return data
+        try:
+            return self.body.read(n)
+        except Exception as e:
+            raise _s3_error(e, self.url) from None
 
     def close(self) -> None:
-        pass
+        self.body.close()
 
 
 def _open_s3(url: str, data_cfg) -> Callable[[int], Tuple[Any, Optional[int]]]:
-    fs = s3_filesystem(data_cfg)
-    path = _s3_path(url)
-    size_box: list = []
+    client = s3_client(data_cfg)
+    bucket, key = _bucket_key(url)
 
     def open_at(offset: int):
-        if not size_box:
-            size_box.append(int(fs.info(path)["size"]))
-        return _S3Body(fs, path, offset, size_box[0]), size_box[0]
+        try:
+            # One GET streams the rest of the object; after a failure the next starts at the byte reached.
+            resp = client.get_object(Bucket=bucket, Key=key, **({"Range": f"bytes={offset}-"} if offset else {}))
+        except Exception as e:
+            raise _s3_error(e, url) from None
+        total = resp.get("ContentRange", "").rsplit("/", 1)[-1]
+        size = int(total) if total.isdigit() else offset + int(resp["ContentLength"])
+        return _S3Body(resp["Body"], url), size
 
     return open_at
 
@@ -299,7 +323,7 @@ def open_url(url: str, data_cfg=None, buffer_size: Optional[int] = None) -> io.B
     kind = url_kind(check_url(url, allow_pipe))
     retries = int(getattr(data_cfg, "retries", 6)) if data_cfg is not None else 6
     backoff = float(getattr(data_cfg, "retry_backoff", 0.5)) if data_cfg is not None else 0.5
-    chunk = buffer_size or (int(getattr(data_cfg, "read_chunk", 8 << 20)) if data_cfg is not None else 8 << 20)
+    chunk = buffer_size or (int(getattr(data_cfg, "read_chunk", 1 << 20)) if data_cfg is not None else 1 << 20)
     if kind == "local":
         path = local_path(url)
         if not os.path.isfile(path):
@@ -322,8 +346,10 @@ def exists(url: str, data_cfg=None) -> bool:
     if kind == "local":
         return os.path.isfile(local_path(url))
     if kind == "s3":
+        bucket, key = _bucket_key(url)
         try:
-            return s3_filesystem(data_cfg).exists(_s3_path(url))
+            s3_client(data_cfg).head_object(Bucket=bucket, Key=key)
+            return True
         except Exception:
             return False
     if kind == "http":
@@ -340,7 +366,11 @@ def put_file(local: str, url: str, data_cfg=None) -> None:
     """Copy a finished local file to `url` (a local path or s3://)."""
     kind = url_kind(url)
     if kind == "s3":
-        s3_filesystem(data_cfg).put_file(local, _s3_path(url))
+        bucket, key = _bucket_key(url)
+        try:
+            s3_client(data_cfg).upload_file(local, bucket, key)  # multipart above boto3's threshold
+        except Exception as e:
+            raise OSError(_first_line(e)) from None
         return
     if kind == "local":
         import shutil
