@@ -9,7 +9,8 @@ SeaweedFS S3 server (`weed server -s3`, see bench/servers.py) holding the same s
            an HTTP GET (urllib), boto3's get_object.
 MB/s counts the shard bytes read (1 MB = 1e6 bytes); samples/s the samples delivered. The best of
 `passes` interleaved passes is kept (every pass in the JSON). Without --config the shards are
-generated: 8 shards of 48 samples of 256 KiB of random bytes (96 MiB; --quick: 4 x 8 x 64 KiB);
+generated: 16 shards of 96 samples of 256 KiB of random bytes (384 MiB, passes of a few tenths
+of a second; --quick: 4 x 8 x 64 KiB);
 the folder is read from the page cache, as a warm local disk would be.
 Writes OUT/stream.json, OUT/stream.md and OUT/stream.png.
 """
@@ -122,7 +123,7 @@ def _timed(one_pass: Callable[[], Tuple[int, int]]) -> Dict:
 def run(out: str, config=None, overrides: Sequence[str] = (), quick: bool = False) -> Dict:
     os.makedirs(out, exist_ok=True)
     cfg = load_config(config, list(overrides))
-    shards, samples, sample_bytes, passes = (4, 8, 64 << 10, 2) if quick else (8, 48, 256 << 10, 3)
+    shards, samples, sample_bytes, passes = (4, 8, 64 << 10, 2) if quick else (16, 96, 256 << 10, 3)
     work = Path(tempfile.mkdtemp(prefix="side4video-bench-stream-"))
     s3 = SeaweedS3(work / "seaweedfs")
     http = None

@@ -168,9 +168,9 @@ class _S3Body:
     def __init__(self, body, url: str):
         self.body, self.url = body, url
 
-    def read(self, n: int) -> bytes:
+    def readinto(self, buf) -> int:
         try:
-            return self.body.read(n)
+            return self.body.readinto(buf)
         except Exception as e:
             raise _s3_error(e, self.url) from None
 
@@ -234,7 +234,7 @@ _NOT_RETRYABLE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADir
 class ResumableStream(io.RawIOBase):
     """A read-only byte stream over a remote object that survives dropped connections.
 
-    `open_at(offset)` returns (body with .read(n), total size or None). On a connection error,
+    `open_at(offset)` returns (body with .readinto(buf), total size or None). On a connection error,
     a timeout, a 5xx or a short read, the body is reopened at the offset reached after a delay of
     backoff * 2**attempt; `retries` failed attempts in a row give up with an OSError.
     """
@@ -264,11 +264,10 @@ class ResumableStream(io.RawIOBase):
                 if self._body is None:
                     self._body, size = self._open_at(self._pos)
                     self._size = size if self._size is None else self._size
-                data = self._body.read(want)
-                if not data and self._size is not None and self._pos < self._size:
+                # readinto: the body writes straight into the reader's buffer (read() copies twice).
+                n = self._body.readinto(buf)
+                if not n and self._size is not None and self._pos < self._size:
                     raise http.client.IncompleteRead(b"", self._size - self._pos)
-                n = len(data)
-                buf[:n] = data
                 self._pos += n
                 return n
             except _NOT_RETRYABLE:

@@ -376,7 +376,8 @@ def test_tar_reader_reads_what_tarfile_reads(fmt):
     short is an error, never a silently short sample."""
     from side4video.data.stream import _tar_members
 
-    long_name = "x" * 90 + "/" + "y" * 120 + ".mp4" if fmt != tarfile.USTAR_FORMAT else "b.mp4"
+    # ustar keeps a name over 100 characters in its 155-character prefix field
+    long_name = "x" * 90 + "/" + "y" * (120 if fmt != tarfile.USTAR_FORMAT else 60) + ".mp4"
     members = [("a.json", b"{}"), (long_name, b"v" * 1000), ("\u00e9.txt", b""), ("c.bin", bytes(range(256)) * 40)]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
@@ -393,6 +394,20 @@ def test_tar_reader_reads_what_tarfile_reads(fmt):
     assert list(_tar_members(io.BytesIO(raw))) == members
     with pytest.raises(tarfile.ReadError, match="unexpected end of data in c.bin"):
         list(_tar_members(io.BytesIO(raw[:raw.index(bytes(range(256))) + 100])))
+    flipped = bytearray(raw)
+    flipped[raw.index(b"a.json") + 1] ^= 1  # one bit of a name: the header's checksum no longer holds
+    with pytest.raises(tarfile.ReadError, match="checksum"):
+        list(_tar_members(io.BytesIO(bytes(flipped))))
+
+
+def test_tar_header_sizes_in_octal_and_base_256():
+    """Sizes over 8 GiB are stored base-256 (GNU); both encodings read as tarfile writes them."""
+    from side4video.data.stream import _parse_header
+
+    for size in (0, 7, 1 << 20, (1 << 33) + 5):
+        info = tarfile.TarInfo("v.mp4")
+        info.size = size
+        assert _parse_header(info.tobuf(tarfile.GNU_FORMAT)) == ("v.mp4", size, tarfile.REGTYPE)
 
 
 def test_truncated_shard_is_skipped_and_counted(synthetic_data, tmp_path):
