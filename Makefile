@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 TEST_PACKAGES := slurm-wlm munge iproute2
 TEST_TOOLS    := slurmctld slurmd munged sbatch ip
 
-.PHONY: setup test-system demo demo-retrieval test test-gpu clean-runs
+.PHONY: setup test-system demo demo-retrieval lint format test test-gpu clean-runs
 
 setup: $(STAMP)
 
@@ -46,6 +46,15 @@ test-system:
 			exit 2; \
 		fi; \
 	fi
+
+# ruff's format check and lint rules (pyproject.toml [tool.ruff]); `make format` applies both.
+lint: setup
+	$(VENV)/bin/ruff format --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
+
+format: setup
+	$(VENV)/bin/ruff format --quiet .
+	$(VENV)/bin/ruff check --quiet --fix .
 
 test: setup test-system
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) --ignore=tests/gpu tests

@@ -53,7 +53,9 @@ class S3Config:
 @dataclass
 class TrainSplitConfig:
     shards: Any = setting("", "shard spec: brace pattern, list of URLs, or a manifest.json URL")
-    epoch_samples: int = setting(0, "samples per epoch (0: the manifest's count); needed without a manifest or when resampled")
+    epoch_samples: int = setting(
+        0, "samples per epoch (0: the manifest's count); needed without a manifest or when resampled"
+    )
 
 
 @dataclass
@@ -67,9 +69,12 @@ class RandAugmentConfig:
     num_ops: int = setting(4, "ops applied per clip (the reference's n)")
     magnitude: float = setting(7.0, "op strength on a 0-10 scale (the reference's m)")
     magnitude_std: float = setting(0.5, "per-clip gaussian noise on the magnitude (the reference's mstd)")
-    ops: str = setting("increasing", "op set: increasing (timm's -inc1, the reference's: every op grows stronger with "
-                       "the magnitude) or standard (timm's default: Posterize, Solarize and the enhance ops do not)",
-                       ("increasing", "standard"))
+    ops: str = setting(
+        "increasing",
+        "op set: increasing (timm's -inc1, the reference's: every op grows stronger with "
+        "the magnitude) or standard (timm's default: Posterize, Solarize and the enhance ops do not)",
+        ("increasing", "standard"),
+    )
 
 
 @dataclass
@@ -87,13 +92,20 @@ class DataConfig:
     flip: bool = setting(True, "random horizontal flip in training")
     flip_label_pairs: List[List[int]] = setting([], "label pairs swapped by a flip, e.g. SSv2 [[86,87],...]")
     randaugment: RandAugmentConfig = section(RandAugmentConfig, "RandAugment")
-    grayscale: float = setting(0.0, "probability that a training clip turns grey, every frame alike (the reference's "
-                               "Kinetics recipe: 0.2)")
+    grayscale: float = setting(
+        0.0, "probability that a training clip turns grey, every frame alike (the reference's Kinetics recipe: 0.2)"
+    )
     repeated_views: int = setting(1, "repeated augmentation: differently augmented views of each clip per batch")
     mean: List[float] = setting(CLIP_MEAN, "normalisation mean (RGB, 0-1 scale)")
     std: List[float] = setting(CLIP_STD, "normalisation std (RGB, 0-1 scale)")
-    dtype: str = setting("auto", "clip tensor dtype; auto: the backbone's compute precision (side4video/precision.py)", ("auto",) + PRECISIONS)
-    decoder: str = setting("auto", "video decoder: DALI (GPU 'mixed' or CPU), PyAV, or pick by codec", ("auto", "dali", "pyav"))
+    dtype: str = setting(
+        "auto",
+        "clip tensor dtype; auto: the backbone's compute precision (side4video/precision.py)",
+        ("auto",) + PRECISIONS,
+    )
+    decoder: str = setting(
+        "auto", "video decoder: DALI (GPU 'mixed' or CPU), PyAV, or pick by codec", ("auto", "dali", "pyav")
+    )
     decode_threads: int = setting(2, "decoder threads per loader")
     max_bad_in_row: int = setting(50, "unusable samples in a row that end the run with one line (0: never)")
     workers: int = setting(1, "stream reader workers per rank")
@@ -106,17 +118,26 @@ class DataConfig:
     allow_pipe: bool = setting(False, "allow pipe: shard URLs (they run shell commands)")
     retries: int = setting(6, "attempts per shard read on connection errors and 5xx")
     retry_backoff: float = setting(0.5, "first retry delay in seconds, doubled each attempt")
-    read_chunk: int = setting(1 << 20, "read buffer of an http(s)/s3 shard stream (one GET per shard; a failed read resumes at the byte reached)")
+    read_chunk: int = setting(
+        1 << 20,
+        "read buffer of an http(s)/s3 shard stream (one GET per shard; a failed read resumes at the byte reached)",
+    )
     timeout: float = setting(60.0, "seconds before a stalled http(s)/s3 connection counts as failed (then retried)")
 
 
 # ---------------------------------------------------------------------------------------- model
 @dataclass
 class BackboneConfig:
-    name: str = setting("ViT-B-16", "open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14, EVA02-L-14, EVA02-E-14) or ViT-T-16 / ViT-T-8 (tiny: tests, demo)")
+    name: str = setting(
+        "ViT-B-16",
+        "open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14, EVA02-L-14, EVA02-E-14) "
+        "or ViT-T-16 / ViT-T-8 (tiny: tests, demo)",
+    )
     weights: str = setting("", "local open_clip/EVA checkpoint file; empty: random init")
     precision: str = setting("fp16", "storage precision of the frozen weights", PRECISIONS)
-    compute_precision: str = setting("auto", "compute precision; auto: storage precision on GPU, fp32 on CPU", ("auto",) + PRECISIONS)
+    compute_precision: str = setting(
+        "auto", "compute precision; auto: storage precision on GPU, fp32 on CPU", ("auto",) + PRECISIONS
+    )
     quick_gelu: bool = setting(False, "QuickGELU MLP activation (OpenAI CLIP weights)")
     width: int = setting(0, "override: transformer width (0: from the model name)")
     layers: int = setting(0, "override: number of blocks (0: from the model name)")
@@ -129,7 +150,9 @@ class BackboneConfig:
 class SideConfig:
     dim: int = setting(320, "side network width d")
     layers: Any = setting("auto", "backbone layers feeding side blocks: auto, all, every_other or a list of indices")
-    variant: str = setting("auto", "side block: clip (pre-norm) or eva (post-norm); auto follows the backbone", ("auto", "clip", "eva"))
+    variant: str = setting(
+        "auto", "side block: clip (pre-norm) or eva (post-norm); auto follows the backbone", ("auto", "clip", "eva")
+    )
     heads: int = setting(0, "side attention heads (0: d // 64, at least 1)")
     checkpointing: bool = setting(False, "activation checkpointing of side blocks")
     drop_path: float = setting(0.0, "stochastic depth rate of side blocks")
@@ -148,19 +171,35 @@ class HeadConfig:
 
 @dataclass
 class TextConfig:
-    trainable: bool = setting(True, "retrieval: train the text tower at train.lr * model.retrieval.coef_lr (as the reference); false: frozen, cheaper")
-    max_words: int = setting(32, "retrieval: tokens per caption, SOT and EOT included; longer captions are cut (the reference's 32)")
+    trainable: bool = setting(
+        True,
+        "retrieval: train the text tower at train.lr * model.retrieval.coef_lr (as the reference); "
+        "false: frozen, cheaper",
+    )
+    max_words: int = setting(
+        32, "retrieval: tokens per caption, SOT and EOT included; longer captions are cut (the reference's 32)"
+    )
     width: int = setting(0, "override: text transformer width (0: from the model name)")
     layers: int = setting(0, "override: text transformer blocks (0: from the model name)")
     heads: int = setting(0, "override: text attention heads (0: from the model name)")
-    vocab_size: int = setting(0, "override: vocabulary size (0: from the model name; open_clip's tokenizer needs 49408)")
+    vocab_size: int = setting(
+        0, "override: vocabulary size (0: from the model name; open_clip's tokenizer needs 49408)"
+    )
 
 
 @dataclass
 class RetrievalConfig:
-    similarity: str = setting("wti", "text-video similarity: weighted token interaction (the reference's) or mean-pooled cosine (meanP)", ("wti", "meanp"))
-    coef_lr: float = setting(1e-3, "learning-rate factor of the CLIP towers and the logit scale (reference: 1e-4 x 1e-3 = 1e-7)")
-    logit_scale_max: float = setting(4.605170185988092, "upper bound of the logit scale parameter, ln(100), applied after every optimizer step")
+    similarity: str = setting(
+        "wti",
+        "text-video similarity: weighted token interaction (the reference's) or mean-pooled cosine (meanP)",
+        ("wti", "meanp"),
+    )
+    coef_lr: float = setting(
+        1e-3, "learning-rate factor of the CLIP towers and the logit scale (reference: 1e-4 x 1e-3 = 1e-7)"
+    )
+    logit_scale_max: float = setting(
+        4.605170185988092, "upper bound of the logit scale parameter, ln(100), applied after every optimizer step"
+    )
 
 
 @dataclass
@@ -178,8 +217,12 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = setting("runs/default", "run directory: config, metrics, checkpoints, plots")
-    device: str = setting("auto", "auto: a GPU when torch sees one (and SLURM gave none: refused); cuda: refused "
-                          "without one; cpu: CPU ranks even on a GPU host", ("auto", "cuda", "cpu"))
+    device: str = setting(
+        "auto",
+        "auto: a GPU when torch sees one (and SLURM gave none: refused); cuda: refused "
+        "without one; cpu: CPU ranks even on a GPU host",
+        ("auto", "cuda", "cpu"),
+    )
     batch_size: int = setting(8, "clips per process per step (before repeated views)")
     grad_accum: int = setting(1, "micro-batches per optimizer step (gradient accumulation)")
     epochs: int = setting(30, "training epochs")
@@ -193,7 +236,9 @@ class TrainConfig:
     betas: List[float] = setting([0.9, 0.999], "AdamW betas")
     eps: float = setting(1e-8, "AdamW epsilon")
     weight_decay: float = setting(0.15, "weight decay")
-    decay_norm_and_bias: bool = setting(True, "also decay norm weights, biases and position embeddings (as the reference)")
+    decay_norm_and_bias: bool = setting(
+        True, "also decay norm weights, biases and position embeddings (as the reference)"
+    )
     label_smoothing: float = setting(0.1, "label smoothing of the cross-entropy")
     grad_clip: float = setting(0.0, "gradient norm clipping (0: off)")
     seed: int = setting(0, "seed of model init and augmentation")
@@ -225,9 +270,14 @@ class EvalConfig:
     clips: int = setting(1, "temporal clips per video")
     batch_size: int = setting(0, "videos per process per step (0: train.batch_size)")
     max_batches: int = setting(0, "stop after this many batches (0: whole split)")
-    dual_softmax: bool = setting(False, "retrieval: also report metrics after dual-softmax re-ranking (separately, never mixed in)")
+    dual_softmax: bool = setting(
+        False, "retrieval: also report metrics after dual-softmax re-ranking (separately, never mixed in)"
+    )
     text_batch_size: int = setting(64, "retrieval: captions per text-tower forward pass in evaluation")
-    similarity_chunk: int = setting(1 << 26, "retrieval: largest texts x videos x tokens x frames block of the similarity computed at once (elements)")
+    similarity_chunk: int = setting(
+        1 << 26,
+        "retrieval: largest texts x videos x tokens x frames block of the similarity computed at once (elements)",
+    )
 
 
 # ---------------------------------------------------------------------------------------- slurm
@@ -259,13 +309,20 @@ class LoggingConfig:
     progress: bool = setting(True, "progress bar on rank 0")
     tensorboard: bool = setting(True, "TensorBoard scalars under OUTPUT_DIR/tensorboard")
     plots: bool = setting(True, "PNG plots of curves and the confusion matrix at the end")
-    sample_keys: bool = setting(False, "also log the keys of each logged step's clips (rank 0's) in metrics.jsonl: "
-                                "checks of the data order, e.g. across a resume")
+    sample_keys: bool = setting(
+        False,
+        "also log the keys of each logged step's clips (rank 0's) in metrics.jsonl: "
+        "checks of the data order, e.g. across a resume",
+    )
 
 
 @dataclass
 class Config:
-    task: str = setting("recognition", "what the run learns: video classification, or text-video retrieval (captions from the shards' json)", ("recognition", "retrieval"))
+    task: str = setting(
+        "recognition",
+        "what the run learns: video classification, or text-video retrieval (captions from the shards' json)",
+        ("recognition", "retrieval"),
+    )
     data: DataConfig = section(DataConfig, "data")
     model: ModelConfig = section(ModelConfig, "model")
     train: TrainConfig = section(TrainConfig, "training")
@@ -299,9 +356,11 @@ def _type_name(f) -> str:
 
 def _suggest(bad: str, section: str) -> str:
     """'did you mean' over the keys of the section that holds the bad key."""
-    siblings = [k for k, _, _ in schema_fields() if k.rsplit(".", 1)[0] == section and k != section] if section else [
-        f.name for f in dataclasses.fields(Config)
-    ]
+    siblings = (
+        [k for k, _, _ in schema_fields() if k.rsplit(".", 1)[0] == section and k != section]
+        if section
+        else [f.name for f in dataclasses.fields(Config)]
+    )
     leaf = bad.rsplit(".", 1)[-1]
     names = {k.rsplit(".", 1)[-1]: k for k in siblings}
     close = difflib.get_close_matches(leaf, list(names), n=1, cutoff=0.6)
@@ -389,9 +448,14 @@ def _check_values(cfg: DictConfig) -> None:
     layers = cfg.model.side.layers
     if isinstance(layers, str):
         if layers not in ("auto", "all", "every_other"):
-            raise UserError(f"config key 'model.side.layers' is {layers!r}; allowed: auto, all, every_other or a list of layer indices")
+            raise UserError(
+                f"config key 'model.side.layers' is {layers!r}; "
+                "allowed: auto, all, every_other or a list of layer indices"
+            )
     elif not (isinstance(layers, ListConfig) and all(isinstance(i, int) and i >= 0 for i in layers)):
-        raise UserError("config key 'model.side.layers' must be auto, all, every_other or a list of non-negative integers")
+        raise UserError(
+            "config key 'model.side.layers' must be auto, all, every_other or a list of non-negative integers"
+        )
     for split in ("train", "val"):
         if cfg.data[split].shards is None:  # `data.val.shards=` on the command line
             cfg.data[split].shards = ""
@@ -407,8 +471,17 @@ def _check_values(cfg: DictConfig) -> None:
             raise UserError(f"config key 'data.{key}' must be [low, high] with 0 < low <= high")
     if not 0.0 <= cfg.data.grayscale <= 1.0:
         raise UserError(f"config key 'data.grayscale' is a probability in [0, 1], got {cfg.data.grayscale}")
-    positive = ["data.frames", "data.size", "data.num_classes", "train.batch_size", "train.grad_accum",
-                "model.side.dim", "data.repeated_views", "eval.clips", "data.workers"]
+    positive = [
+        "data.frames",
+        "data.size",
+        "data.num_classes",
+        "train.batch_size",
+        "train.grad_accum",
+        "model.side.dim",
+        "data.repeated_views",
+        "eval.clips",
+        "data.workers",
+    ]
     for key in positive:
         if OmegaConf.select(cfg, key) < 1:
             raise UserError(f"config key '{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")
@@ -416,8 +489,9 @@ def _check_values(cfg: DictConfig) -> None:
         raise UserError("config key 'deepspeed.offload_param' needs deepspeed.zero_stage=3")
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
-                base: Optional[Dict[str, Any]] = None) -> DictConfig:
+def load_config(
+    path: Optional[str | Path] = None, overrides: Sequence[str] = (), base: Optional[Dict[str, Any]] = None
+) -> DictConfig:
     """Compose YAML file(s) and `key=value` overrides onto the schema; validate; return it typed.
 
     `base` (a plain dict, e.g. the config stored with an exported model) merges before the file.
@@ -439,7 +513,9 @@ def redacted(cfg: DictConfig) -> Dict[str, Any]:
 
     def walk(node):
         if isinstance(node, dict):
-            return {k: (REDACTED if SECRET_KEY.search(str(k)) and v not in ("", None) else walk(v)) for k, v in node.items()}
+            return {
+                k: (REDACTED if SECRET_KEY.search(str(k)) and v not in ("", None) else walk(v)) for k, v in node.items()
+            }
         if isinstance(node, list):
             return [walk(v) for v in node]
         return node

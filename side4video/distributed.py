@@ -115,7 +115,9 @@ def _node_address(host: str) -> str:
     (nodes registered by address), else the host name itself."""
     if shutil.which("scontrol"):
         try:
-            out = subprocess.run(["scontrol", "-o", "show", "node", host], capture_output=True, text=True, timeout=10).stdout
+            out = subprocess.run(
+                ["scontrol", "-o", "show", "node", host], capture_output=True, text=True, timeout=10
+            ).stdout
             match = re.search(r"\bNodeAddr=(\S+)", out)
             if match:
                 return match.group(1)
@@ -247,8 +249,10 @@ def select_device(requested: str, local_rank: int, local_world_size: int):
         given = gpus_from_slurm()
         if requested == "cuda" or given:
             why = f"train.device={requested}" + (f" and SLURM gave this job GPUs ({given})" if given else "")
-            raise UserError(f"{why}, but torch cannot use a GPU here: {cuda_failure()}; check the driver and the "
-                            f"loaded CUDA modules, or set train.device=cpu")
+            raise UserError(
+                f"{why}, but torch cannot use a GPU here: {cuda_failure()}; check the driver and the "
+                f"loaded CUDA modules, or set train.device=cpu"
+            )
         return torch.device("cpu")
     return torch.device("cuda", gpu_index(local_rank, local_world_size, torch.cuda.device_count()))
 
@@ -264,5 +268,14 @@ def launch_command(nproc: int, args: List[str]) -> List[str]:
     """`side4video ARGS` on NPROC local processes (torchrun), or in this interpreter for one."""
     if nproc <= 1:
         return [sys.executable, "-m", "side4video.cli", *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", "-m", "side4video.cli", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "side4video.cli",
+        *args,
+    ]

@@ -48,15 +48,18 @@ class Precision:
         return {k: dtype_name(getattr(self, k)) for k in ("storage", "compute", "train", "clips")}
 
 
-def resolve_precision(method: str, *, backbone: str, backbone_compute: str = "auto", train: str = "fp32",
-                      clips: str = "auto", cuda: bool) -> Precision:
+def resolve_precision(
+    method: str, *, backbone: str, backbone_compute: str = "auto", train: str = "fp32", clips: str = "auto", cuda: bool
+) -> Precision:
     """The policy for one run. Names are 'fp32' | 'bf16' | 'fp16' ('auto' where allowed)."""
     train_dtype = DTYPES[train]
     if method in GRAD_THROUGH_METHODS:
         if backbone_compute not in ("auto", train):
-            raise UserError(f"model.method={method} backpropagates through the backbone, which then computes in the "
-                            f"training precision deepspeed.precision={train}; model.backbone.compute_precision="
-                            f"{backbone_compute} cannot apply (leave it auto)")
+            raise UserError(
+                f"model.method={method} backpropagates through the backbone, which then computes in the "
+                f"training precision deepspeed.precision={train}; model.backbone.compute_precision="
+                f"{backbone_compute} cannot apply (leave it auto)"
+            )
         storage = compute = train_dtype
     else:
         storage = DTYPES[backbone]
@@ -64,12 +67,18 @@ def resolve_precision(method: str, *, backbone: str, backbone_compute: str = "au
             compute = storage if cuda else torch.float32
         else:
             compute = DTYPES[backbone_compute]
-    return Precision(storage=storage, compute=compute, train=train_dtype,
-                     clips=compute if clips == "auto" else DTYPES[clips])
+    return Precision(
+        storage=storage, compute=compute, train=train_dtype, clips=compute if clips == "auto" else DTYPES[clips]
+    )
 
 
 def precision_from_config(cfg, cuda: bool) -> Precision:
     """The policy of a config (model.method, model.backbone.*, deepspeed.precision, data.dtype)."""
-    return resolve_precision(cfg.model.method, backbone=cfg.model.backbone.precision,
-                             backbone_compute=cfg.model.backbone.compute_precision, train=cfg.deepspeed.precision,
-                             clips=cfg.data.dtype, cuda=cuda)
+    return resolve_precision(
+        cfg.model.method,
+        backbone=cfg.model.backbone.precision,
+        backbone_compute=cfg.model.backbone.compute_precision,
+        train=cfg.deepspeed.precision,
+        clips=cfg.data.dtype,
+        cuda=cuda,
+    )

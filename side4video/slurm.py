@@ -46,8 +46,19 @@ log = get_logger(__name__)
 
 COMMANDS = ("train", "eval")
 # States a job leaves for good; COMPLETING, PENDING (incl. after a requeue) and the like are not.
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+    "REVOKED",
+}
 
 
 # ------------------------------------------------------------------------------------ job plan
@@ -80,7 +91,8 @@ def slurm_parameters(cfg: DictConfig) -> Dict[str, Any]:
         # srun of SLURM 22.05-23.02 does not pass the allocation's --cpus-per-task on to the
         # tasks: without it a rank's decode and reader threads could share one core.
         "srun_args": ["--kill-on-bad-exit=1", f"--cpus-per-task={s.cpus_per_task}"],
-        "setup": list(s.setup) + [f"export PYTHONPATH={shlex.quote(str(_package_root()))}${{PYTHONPATH:+:$PYTHONPATH}}"],
+        "setup": list(s.setup)
+        + [f"export PYTHONPATH={shlex.quote(str(_package_root()))}${{PYTHONPATH:+:$PYTHONPATH}}"],
         # --requeue: SLURM may requeue the job itself too (node failure, PreemptMode=REQUEUE).
         "additional_parameters": {"requeue": True, **OmegaConf.to_container(s.additional, resolve=True)},
     }
@@ -139,10 +151,22 @@ def run_task(cfg: DictConfig, command: str = "train", work: Optional[Callable] =
     if restarts:
         # A requeued run always continues its own run directory, whatever `resume` said at first.
         cfg.train.resume = "auto"
-        log.info("job %s restart %d (of at most %d): resuming from the latest checkpoint",
-                 os.environ.get("SLURM_JOB_ID", "?"), restarts, cfg.slurm.max_requeues)
-    log.info("task %d/%d (local %d/%d) on %s; master %s:%d", env.rank, env.world_size, env.local_rank,
-             env.local_world_size, os.uname().nodename, env.master_addr, env.master_port)
+        log.info(
+            "job %s restart %d (of at most %d): resuming from the latest checkpoint",
+            os.environ.get("SLURM_JOB_ID", "?"),
+            restarts,
+            cfg.slurm.max_requeues,
+        )
+    log.info(
+        "task %d/%d (local %d/%d) on %s; master %s:%d",
+        env.rank,
+        env.world_size,
+        env.local_rank,
+        env.local_world_size,
+        os.uname().nodename,
+        env.master_addr,
+        env.master_port,
+    )
     result = (work or _command_function(command))(cfg)
     if result.get("status") == "preempted" and env.is_main and requeue(restarts, cfg.slurm.max_requeues):
         raise SystemExit(0)
@@ -170,8 +194,12 @@ def requeue(restarts: int, max_requeues: int) -> bool:
     if not job_id:
         return False
     if restarts >= max_requeues:
-        log.warning("job %s stopped and saved; not requeued: it already ran %d times more (slurm.max_requeues=%d)",
-                    job_id, restarts, max_requeues)
+        log.warning(
+            "job %s stopped and saved; not requeued: it already ran %d times more (slurm.max_requeues=%d)",
+            job_id,
+            restarts,
+            max_requeues,
+        )
         return False
     state = job_state(job_id)
     if state in ("PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"):
@@ -271,7 +299,9 @@ def follow(job_id: str, folder: Path | str, poll_s: float = 2.0, timeout_s: floa
             if state is None or state.split("+")[0] in FINAL_STATES:
                 break
             if timeout_s and time.monotonic() - started > timeout_s:
-                print(f"[submit] stopped following job {job_id} after {timeout_s:.0f} s; it is {state}", file=sys.stderr)
+                print(
+                    f"[submit] stopped following job {job_id} after {timeout_s:.0f} s; it is {state}", file=sys.stderr
+                )
                 return 1
             time.sleep(poll_s)
     except KeyboardInterrupt:

@@ -11,11 +11,19 @@ from tests.support import REPO
 PACKAGE = REPO / "side4video"
 # Lower number = lower layer; a module may import its own layer's package and any lower layer.
 LAYERS = {  # the base modules use each other freely; above them, siblings stay apart
-    "errors": 0, "logs": 0, "patterns": 0, "precision": 0, "signals": 0, "config": 0, "distributed": 0,
+    "errors": 0,
+    "logs": 0,
+    "patterns": 0,
+    "precision": 0,
+    "signals": 0,
+    "config": 0,
+    "distributed": 0,
     "allocator": 0,
-    "data": 1, "model": 1,
+    "data": 1,
+    "model": 1,
     "engine": 2,
-    "slurm": 3, "bench": 3,
+    "slurm": 3,
+    "bench": 3,
     "cli": 4,
 }
 
@@ -34,8 +42,11 @@ def _imports() -> Dict[str, Set[str]]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("side4video."):
                 found.add(node.module)
-                found.update(f"{node.module}.{a.name}" for a in node.names
-                             if (PACKAGE / Path(*node.module.split(".")[1:]) / f"{a.name}.py").is_file())
+                found.update(
+                    f"{node.module}.{a.name}"
+                    for a in node.names
+                    if (PACKAGE / Path(*node.module.split(".")[1:]) / f"{a.name}.py").is_file()
+                )
             elif isinstance(node, ast.Import):
                 found.update(a.name for a in node.names if a.name.startswith("side4video."))
         graph[name] = found
@@ -66,7 +77,7 @@ def test_no_import_circle():
 
     def visit(node):
         if node in stack:
-            circles.append(stack[stack.index(node):] + [node])
+            circles.append(stack[stack.index(node) :] + [node])
             return
         if node in seen:
             return

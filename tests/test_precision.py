@@ -10,7 +10,6 @@ from side4video.config import load_config
 from side4video.engine.factory import loader_from_config, model_on_meta, run_precision
 from side4video.errors import UserError
 from side4video.precision import DTYPES, resolve_precision
-
 from tests.support import DEMO
 
 METHODS = ("side4video", "linear_probe", "adapter", "full")
@@ -40,9 +39,16 @@ def test_explicit_settings_win_where_they_can():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_model_and_loader_follow_the_policy(method, synthetic_data):
-    overrides = ["model.backbone.precision=fp16", "deepspeed.precision=bf16", f"model.method={method}",
-                 "model.backbone.name=ViT-T-16", "data.size=32", "data.num_classes=4",
-                 f"data.train.shards={synthetic_data['train']}", f"data.val.shards={synthetic_data['val']}"]
+    overrides = [
+        "model.backbone.precision=fp16",
+        "deepspeed.precision=bf16",
+        f"model.method={method}",
+        "model.backbone.name=ViT-T-16",
+        "data.size=32",
+        "data.num_classes=4",
+        f"data.train.shards={synthetic_data['train']}",
+        f"data.val.shards={synthetic_data['val']}",
+    ]
     cfg = load_config(DEMO, overrides)
     policy = run_precision(cfg, cuda=False)
     model = model_on_meta(cfg, policy)

@@ -35,8 +35,15 @@ def test_the_repository_needs_nothing_beside_it():
     """No weights or .pt fixtures in the tree, and no code or test reads the shared folder."""
     assert not list(REPO.glob("tests/**/*.pt"))
     pattern = re.compile(r"\.\.[/\\]shared|parents?(\[\d\])? / \"shared\"")
-    files = [REPO / "Makefile", *(p for folder in ("side4video", "tests", ".ci", "launch", "slurm")
-                                  for p in (REPO / folder).rglob("*") if p.is_file())]
+    files = [
+        REPO / "Makefile",
+        *(
+            p
+            for folder in ("side4video", "tests", ".ci", "launch", "slurm")
+            for p in (REPO / folder).rglob("*")
+            if p.is_file()
+        ),
+    ]
     for path in files:
         if path.suffix in ("", ".py", ".sh", ".sbatch", ".md", ".yaml"):
             assert not pattern.search(path.read_text(errors="ignore")), path

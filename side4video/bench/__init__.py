@@ -19,8 +19,9 @@ BENCHES = {
 }
 
 
-def run_bench(what: str, out: str, config: Optional[str] = None, overrides: Sequence[str] = (),
-              quick: bool = False) -> Dict:
+def run_bench(
+    what: str, out: str, config: Optional[str] = None, overrides: Sequence[str] = (), quick: bool = False
+) -> Dict:
     if what not in BENCHES:
         raise UserError(f"bench {what!r}: allowed {', '.join(BENCHES)}")
     try:

@@ -95,7 +95,7 @@ def _dali_pass(decoder: ClipDecoder, requests: List[ClipRequest], batch: int) ->
     def one_pass() -> int:
         n = 0
         for i in range(0, len(requests), batch):
-            results, bad = decoder.decode(requests[i:i + batch])
+            results, bad = decoder.decode(requests[i : i + batch])
             if bad:
                 raise RuntimeError(f"bench data: DALI failed on {bad[0]}")
             n += len(results)
@@ -108,8 +108,14 @@ def _dali_decode_only_pass(requests: List[ClipRequest], batch: int, threads: int
     """fn.decoders.video alone (no resize, no normalisation): the decoder against PyAV's."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=batch, num_threads=threads, device_id=torch.cuda.current_device() if gpu else None,
-                  prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+    @pipeline_def(
+        batch_size=batch,
+        num_threads=threads,
+        device_id=torch.cuda.current_device() if gpu else None,
+        prefetch_queue_depth=1,
+        exec_async=False,
+        exec_pipelined=False,
+    )
     def graph():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         indices = fn.external_source(name="indices", dtype=types.INT32, ndim=1)
@@ -120,7 +126,7 @@ def _dali_decode_only_pass(requests: List[ClipRequest], batch: int, threads: int
 
     def one_pass() -> int:
         for i in range(0, len(requests), batch):
-            chunk = requests[i:i + batch]
+            chunk = requests[i : i + batch]
             pipe.feed_input("encoded", [np.frombuffer(r.video, dtype=np.uint8) for r in chunk])
             pipe.feed_input("indices", [r.indices for r in chunk])
             pipe.run()
@@ -152,20 +158,30 @@ def run(out: str, config=None, overrides: Sequence[str] = (), quick: bool = Fals
     else:
         t0 = time.perf_counter()
         videos = _generated(clips, frames_in_video, width, height)
-        source = f"generated VP9 WebM, {frames_in_video} frames at {width}x{height} ({time.perf_counter() - t0:.1f}s to make)"
+        made_s = time.perf_counter() - t0
+        source = f"generated VP9 WebM, {frames_in_video} frames at {width}x{height} ({made_s:.1f}s to make)"
     infos = [probe(v) for v in videos]
     size, T = (min(int(d.size), 112) if quick else int(d.size)), int(d.frames)
     batch = max(1, int(cfg.train.batch_size))
     threads = int(d.decode_threads)
     indices = [np.concatenate(eval_indices(info.frames, T, d.sampling, int(d.dense_stride), 1)) for info in infos]
-    requests = [ClipRequest(f"clip{i}", v, info.codec, idx, A.eval_views(info.height, info.width, d, 1), info)
-                for i, (v, info, idx) in enumerate(zip(videos, infos, indices))]
+    requests = [
+        ClipRequest(f"clip{i}", v, info.codec, idx, A.eval_views(info.height, info.width, d, 1), info)
+        for i, (v, info, idx) in enumerate(zip(videos, infos, indices))
+    ]
     gpu = gpu_available()
 
-    log.info("bench data: %d clips, %d frames each, DALI (%s, %d threads) vs plain PyAV, best of %d passes",
-             len(videos), T, "mixed" if gpu else "cpu", threads, passes)
-    dali = ClipDecoder(views=1, size=size, mean=list(d.mean), std=list(d.std), batch_size=batch, threads=threads,
-                       decoder="dali")
+    log.info(
+        "bench data: %d clips, %d frames each, DALI (%s, %d threads) vs plain PyAV, best of %d passes",
+        len(videos),
+        T,
+        "mixed" if gpu else "cpu",
+        threads,
+        passes,
+    )
+    dali = ClipDecoder(
+        views=1, size=size, mean=list(d.mean), std=list(d.std), batch_size=batch, threads=threads, decoder="dali"
+    )
     dali.decode(requests[:batch])  # builds the pipeline: not timed
     pyav_pass = _pyav_pass(videos, indices)
     pyav_pass()  # warm-up: codecs loaded, files in cache
@@ -174,8 +190,11 @@ def run(out: str, config=None, overrides: Sequence[str] = (), quick: bool = Fals
     # Interleaved passes: a busy spell of the host hits all paths alike.
     rates: Dict[str, List[float]] = {"dali": [], "pyav": [], "dali_decode_only": []}
     for _ in range(passes):
-        for name, fn_pass in (("dali", _dali_pass(dali, requests, batch)), ("pyav", pyav_pass),
-                              ("dali_decode_only", decode_only)):
+        for name, fn_pass in (
+            ("dali", _dali_pass(dali, requests, batch)),
+            ("pyav", pyav_pass),
+            ("dali_decode_only", decode_only),
+        ):
             rates[name].append(_best_rate(fn_pass, 1)[0])
     dali.close()
     dali_cps, pyav_cps, decode_cps = max(rates["dali"]), max(rates["pyav"]), max(rates["dali_decode_only"])
@@ -187,8 +206,16 @@ def run(out: str, config=None, overrides: Sequence[str] = (), quick: bool = Fals
         views = [A.train_view(seeded_rng(0, 0, i, 1 + r), info.height, info.width, aug_cfg.data) for r in range(2)]
         idx = train_indices(info.frames, T, d.sampling, int(d.dense_stride), seeded_rng(0, 0, i))
         train_requests.append(ClipRequest(f"clip{i}", v, info.codec, idx, views, info))
-    aug = ClipDecoder(views=2, size=size, mean=list(d.mean), std=list(d.std), batch_size=batch, threads=threads,
-                      decoder="dali", ra_steps=int(aug_cfg.data.randaugment.num_ops))
+    aug = ClipDecoder(
+        views=2,
+        size=size,
+        mean=list(d.mean),
+        std=list(d.std),
+        batch_size=batch,
+        threads=threads,
+        decoder="dali",
+        ra_steps=int(aug_cfg.data.randaugment.num_ops),
+    )
     aug.decode(train_requests[:batch])
     aug_cps, aug_rates = _best_rate(_dali_pass(aug, train_requests, batch), max(1, passes // 2))
     aug.close()
@@ -208,8 +235,12 @@ def run(out: str, config=None, overrides: Sequence[str] = (), quick: bool = Fals
         "decode_threads": threads,
         "dali_device": "mixed" if gpu else "cpu",
         "source": source,
-        "video": {"codec": infos[0].codec, "frames": infos[0].frames, "width": infos[0].width,
-                  "height": infos[0].height},
+        "video": {
+            "codec": infos[0].codec,
+            "frames": infos[0].frames,
+            "width": infos[0].width,
+            "height": infos[0].height,
+        },
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
         "quick": bool(quick),
     }
@@ -254,16 +285,22 @@ def _write_plot(r: Dict, path: str) -> None:
     plt = pyplot()
 
     names = ["DALI\n(loader path)", "PyAV\n(plain)", "DALI decoder\nalone", "DALI + train\naug (2 views)"]
-    values = [r["dali_clips_per_s"], r["pyav_clips_per_s"], r["dali_decode_only_clips_per_s"],
-              r["dali_train_aug_clips_per_s"]]
+    values = [
+        r["dali_clips_per_s"],
+        r["pyav_clips_per_s"],
+        r["dali_decode_only_clips_per_s"],
+        r["dali_train_aug_clips_per_s"],
+    ]
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     bars = ax.bar(names, values, color=["#2a7", "#888", "#7c9", "#6a5"])
     for bar, value in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{value:.1f}", ha="center", va="bottom")
     v = r["video"]
     ax.set_ylabel("clips / s")
-    ax.set_title(f"{r['frames_per_clip']} frames/clip from {v['width']}x{v['height']} {v['codec']}, "
-                 f"{r['host']['cpus']} CPUs", fontsize=9)
+    ax.set_title(
+        f"{r['frames_per_clip']} frames/clip from {v['width']}x{v['height']} {v['codec']}, {r['host']['cpus']} CPUs",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -33,10 +33,22 @@ from torch import nn
 
 from side4video.errors import UserError
 
-FULL_SETUP = ["model.backbone.name=ViT-B-16", "model.backbone.patch_size=0", "model.side.dim=320", "data.size=224",
-              "data.frames=8", "model.backbone.precision=fp16"]
-QUICK_SETUP = ["model.backbone.name=ViT-T-16", "model.backbone.patch_size=0", "model.side.dim=128", "data.size=32",
-               "data.frames=4", "model.backbone.precision=fp16"]
+FULL_SETUP = [
+    "model.backbone.name=ViT-B-16",
+    "model.backbone.patch_size=0",
+    "model.side.dim=320",
+    "data.size=224",
+    "data.frames=8",
+    "model.backbone.precision=fp16",
+]
+QUICK_SETUP = [
+    "model.backbone.name=ViT-T-16",
+    "model.backbone.patch_size=0",
+    "model.side.dim=128",
+    "data.size=32",
+    "data.frames=4",
+    "model.backbone.precision=fp16",
+]
 BATCHES = (1, 2, 4)  # clips per step at the setup's frames; the growth per clip is the slope
 PLAN_CHECK_BATCH = 2  # the batch at which the planner must be within PLAN_TOLERANCE of the measured peak
 PLAN_TOLERANCE = 0.15
@@ -143,8 +155,14 @@ def _engines(cfg, model, precision, layout: str):
     return engine, frozen
 
 
-def measure(config: Optional[str], overrides: Sequence[str], layout: str = "", steps: int = 2,
-            release_freed: bool = True, variants: Optional[Sequence[Sequence[int]]] = None) -> List[Dict]:
+def measure(
+    config: Optional[str],
+    overrides: Sequence[str],
+    layout: str = "",
+    steps: int = 2,
+    release_freed: bool = True,
+    variants: Optional[Sequence[Sequence[int]]] = None,
+) -> List[Dict]:
     """Runs in the case's own process: build the model once, then for each (clips, frames) variant
     `steps` training steps with the peak counted from the built model. Returns one dict per variant.
 
@@ -191,7 +209,8 @@ def measure(config: Optional[str], overrides: Sequence[str], layout: str = "", s
             times.append(time.perf_counter() - start)
         peak = peak_rss_bytes()
         result = {
-            "batch": int(B), "frames": int(T),
+            "batch": int(B),
+            "frames": int(T),
             "trainable_params": counts["trainable_params"],
             "backbone_params": counts["backbone_params"],
             "model_bytes": built_rss - base_rss,
@@ -214,16 +233,34 @@ def measure(config: Optional[str], overrides: Sequence[str], layout: str = "", s
     return results
 
 
-def _run_case(config: Optional[str], overrides: Sequence[str], layout: str, steps: int,
-              release_freed: bool = True, variants: Optional[Sequence[Sequence[int]]] = None) -> List[Dict]:
+def _run_case(
+    config: Optional[str],
+    overrides: Sequence[str],
+    layout: str,
+    steps: int,
+    release_freed: bool = True,
+    variants: Optional[Sequence[Sequence[int]]] = None,
+) -> List[Dict]:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
     if layout:  # a one-process DeepSpeed job
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(29000 + os.getpid() % 1000))
-    case = {"config": config, "overrides": list(overrides), "layout": layout, "steps": steps,
-            "release_freed": release_freed, "variants": [list(v) for v in variants] if variants else None}
-    proc = subprocess.run([sys.executable, "-m", "side4video.bench.memory", json.dumps(case)],
-                          capture_output=True, text=True, env=env)
+        env.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(29000 + os.getpid() % 1000),
+        )
+    case = {
+        "config": config,
+        "overrides": list(overrides),
+        "layout": layout,
+        "steps": steps,
+        "release_freed": release_freed,
+        "variants": [list(v) for v in variants] if variants else None,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "side4video.bench.memory", json.dumps(case)], capture_output=True, text=True, env=env
+    )
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"memory case {overrides} {layout} failed: {tail[0]}")
@@ -247,26 +284,43 @@ def run(out: str, config: Optional[str] = None, overrides: Sequence[str] = (), q
     setup = list(QUICK_SETUP if quick else FULL_SETUP) + ["deepspeed.precision=fp32"] + list(overrides)
     frames = int(_describe(setup)["data.frames"])
     steps = 2  # the second step runs with the first's gradients and AdamW state alive: the steady state
-    results = {"setup": _describe(setup), "host": _host(), "steps": steps, "batches": list(BATCHES),
-               "long_frames": 2 * frames, "methods": [], "engine_layout": []}
+    results = {
+        "setup": _describe(setup),
+        "host": _host(),
+        "steps": steps,
+        "batches": list(BATCHES),
+        "long_frames": 2 * frames,
+        "methods": [],
+        "engine_layout": [],
+    }
     variants = [(b, frames) for b in BATCHES] + [(1, 2 * frames)]
     for label, case in METHOD_CASES:
         runs = _run_case(config, [*setup, *case], "", steps, variants=variants)
         for run in runs:
-            run["predicted"] = _predicted(config, [*setup, *case, f"train.batch_size={run['batch']}",
-                                                   f"data.frames={run['frames']}"])
-            print(f"{label:<26} {run['batch']} x {run['frames']:>2} frames  peak above model "
-                  f"{run['peak_above_model_bytes'] / 2**30:6.2f} GiB, allocated {allocated(run) / 2**30:6.2f} "
-                  f"(planner {run['predicted']['peak_above_model'] / 2**30:6.2f})  step {run['step_s']:6.2f} s",
-                  flush=True)
+            run["predicted"] = _predicted(
+                config, [*setup, *case, f"train.batch_size={run['batch']}", f"data.frames={run['frames']}"]
+            )
+            print(
+                f"{label:<26} {run['batch']} x {run['frames']:>2} frames  peak above model "
+                f"{run['peak_above_model_bytes'] / 2**30:6.2f} GiB, allocated {allocated(run) / 2**30:6.2f} "
+                f"(planner {run['predicted']['peak_above_model'] / 2**30:6.2f})  step {run['step_s']:6.2f} s",
+                flush=True,
+            )
         results["methods"].append({"method": label, "runs": runs, **_growth(runs, frames)})
     for label, layout, stage in ENGINE_CASES:
-        ov = [*setup, "model.method=side4video", f"train.batch_size={PLAN_CHECK_BATCH}",
-              f"deepspeed.zero_stage={stage}"]
+        ov = [
+            *setup,
+            "model.method=side4video",
+            f"train.batch_size={PLAN_CHECK_BATCH}",
+            f"deepspeed.zero_stage={stage}",
+        ]
         row = _run_case(config, ov, layout, steps)[0]
         results["engine_layout"].append({"layout": label, **row})
-        print(f"{label:<26} peak above model {row['peak_above_model_bytes'] / 2**30:6.2f} GiB   "
-              f"step {row['step_s']:6.2f} s", flush=True)
+        print(
+            f"{label:<26} peak above model {row['peak_above_model_bytes'] / 2**30:6.2f} GiB   "
+            f"step {row['step_s']:6.2f} s",
+            flush=True,
+        )
     ov = [*setup, "model.method=side4video", f"train.batch_size={PLAN_CHECK_BATCH}"]
     results["glibc_default"] = {"method": "Side4Video", **_run_case(config, ov, "", steps, release_freed=False)[0]}
     _ratios(results)
@@ -294,11 +348,18 @@ def _growth(runs: List[Dict], frames: int) -> Dict:
     check = next(r for r in runs if r["batch"] == PLAN_CHECK_BATCH and r["frames"] == frames)
     predicted = check["predicted"]["peak_above_model"]
     measured = allocated(check)
-    return {"per_clip_bytes": int(slope), "fixed_bytes": int(mean_m - slope * mean_b),
-            "per_frames_doubled_bytes": allocated(long) - allocated(one),
-            "gradients_and_optimizer_bytes": check["predicted"]["gradients"] + check["predicted"]["optimizer_state"],
-            "plan_check": {"batch": PLAN_CHECK_BATCH, "measured": measured, "predicted": predicted,
-                           "error": (predicted - measured) / measured if measured else None}}
+    return {
+        "per_clip_bytes": int(slope),
+        "fixed_bytes": int(mean_m - slope * mean_b),
+        "per_frames_doubled_bytes": allocated(long) - allocated(one),
+        "gradients_and_optimizer_bytes": check["predicted"]["gradients"] + check["predicted"]["optimizer_state"],
+        "plan_check": {
+            "batch": PLAN_CHECK_BATCH,
+            "measured": measured,
+            "predicted": predicted,
+            "error": (predicted - measured) / measured if measured else None,
+        },
+    }
 
 
 def _describe(setup: List[str]) -> Dict[str, str]:
@@ -306,8 +367,12 @@ def _describe(setup: List[str]) -> Dict[str, str]:
 
 
 def _host() -> Dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "torch": torch.__version__}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+    }
 
 
 def _ratios(results: Dict) -> None:
@@ -370,41 +435,63 @@ def _write_markdown(r: Dict, path: Path) -> None:
         "|---|---|---|---|---|---|",
     ]
     for row in r["methods"]:
-        lines.append(f"| {row['method']} | {row['runs'][0]['trainable_params'] / 1e6:.2f} | "
-                     f"{_mib(row['per_clip_bytes'])} | {_mib(row['per_frames_doubled_bytes'])} | "
-                     f"{_mib(row['fixed_bytes'])} | {_mib(row['gradients_and_optimizer_bytes'])} |")
-    lines += ["", "Goals per added clip: " + "; ".join(
-        f"{k.replace('_vs_', ' / ')} = {g['ratio']:.2f} (at most {g['at_most']}: {'met' if g['met'] else 'NOT met'})"
-        for k, g in r["goals"].items()) + ".", "",
-        "## Peak above the model: measured and planned", "",
+        lines.append(
+            f"| {row['method']} | {row['runs'][0]['trainable_params'] / 1e6:.2f} | "
+            f"{_mib(row['per_clip_bytes'])} | {_mib(row['per_frames_doubled_bytes'])} | "
+            f"{_mib(row['fixed_bytes'])} | {_mib(row['gradients_and_optimizer_bytes'])} |"
+        )
+    lines += [
+        "",
+        "Goals per added clip: "
+        + "; ".join(
+            f"{k.replace('_vs_', ' / ')} = {g['ratio']:.2f} "
+            f"(at most {g['at_most']}: {'met' if g['met'] else 'NOT met'})"
+            for k, g in r["goals"].items()
+        )
+        + ".",
+        "",
+        "## Peak above the model: measured and planned",
+        "",
         "| method | clips x frames | peak above model (GiB) | of it library code (MiB) | allocated (GiB) | "
         "planner (GiB) | planner error | peak RSS (GiB) | step (s) |",
-        "|---|---|---|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in r["methods"]:
         for run in row["runs"]:
             m, p = allocated(run), run["predicted"]["peak_above_model"]
-            lines.append(f"| {row['method']} | {run['batch']} x {run['frames']} | "
-                         f"{_gib(run['peak_above_model_bytes'])} | {_mib(run['library_code_bytes'])} | {_gib(m)} | "
-                         f"{_gib(p)} | {100 * (p - m) / m:+.0f}% | {_gib(run['peak_rss_bytes'])} | "
-                         f"{run['step_s']:.2f} |")
+            lines.append(
+                f"| {row['method']} | {run['batch']} x {run['frames']} | "
+                f"{_gib(run['peak_above_model_bytes'])} | {_mib(run['library_code_bytes'])} | {_gib(m)} | "
+                f"{_gib(p)} | {100 * (p - m) / m:+.0f}% | {_gib(run['peak_rss_bytes'])} | "
+                f"{run['step_s']:.2f} |"
+            )
     sv = r["savings"]
     checked = ", ".join(f"{m} {'yes' if ok else 'NO'}" for m, ok in r["plan_within_tolerance"].items())
     g = r["glibc_default"]
     side = next(run for run in r["methods"][0]["runs"] if run["batch"] == PLAN_CHECK_BATCH)
-    lines += ["", f"Planner within {100 * PLAN_TOLERANCE:.0f}% of the allocated peak at {PLAN_CHECK_BATCH} clips: "
-                  f"{checked}.", "",
-              f"At {PLAN_CHECK_BATCH} clips Side4Video allocates {_less(sv['side4video_vs_full'])} than full "
-              f"fine-tuning and {_less(sv['side4video_vs_adapter'])} than ST-Adapter; the light variant "
-              f"{_less(sv['light_vs_adapter'])} than ST-Adapter.", "",
-              f"Freed memory kept by the process (glibc's default malloc behaviour), Side4Video at "
-              f"{PLAN_CHECK_BATCH} x {frames} peaks {_gib(g['peak_above_model_bytes'])} GiB above the model "
-              f"(step {g['step_s']:.2f} s), against {_gib(side['peak_above_model_bytes'])} GiB with it returned "
-              f"(step {side['step_s']:.2f} s).", "",
-              f"## Engine layout (Side4Video, DeepSpeed, one process, {PLAN_CHECK_BATCH} clips)", "",
-              "| layout | peak above model (GiB) | peak RSS (GiB) | step (s) |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"Planner within {100 * PLAN_TOLERANCE:.0f}% of the allocated peak at {PLAN_CHECK_BATCH} clips: {checked}.",
+        "",
+        f"At {PLAN_CHECK_BATCH} clips Side4Video allocates {_less(sv['side4video_vs_full'])} than full "
+        f"fine-tuning and {_less(sv['side4video_vs_adapter'])} than ST-Adapter; the light variant "
+        f"{_less(sv['light_vs_adapter'])} than ST-Adapter.",
+        "",
+        f"Freed memory kept by the process (glibc's default malloc behaviour), Side4Video at "
+        f"{PLAN_CHECK_BATCH} x {frames} peaks {_gib(g['peak_above_model_bytes'])} GiB above the model "
+        f"(step {g['step_s']:.2f} s), against {_gib(side['peak_above_model_bytes'])} GiB with it returned "
+        f"(step {side['step_s']:.2f} s).",
+        "",
+        f"## Engine layout (Side4Video, DeepSpeed, one process, {PLAN_CHECK_BATCH} clips)",
+        "",
+        "| layout | peak above model (GiB) | peak RSS (GiB) | step (s) |",
+        "|---|---|---|---|",
+    ]
     for row in r["engine_layout"]:
-        lines.append(f"| {row['layout']} | {_gib(row['peak_above_model_bytes'])} | {_gib(row['peak_rss_bytes'])} | "
-                     f"{row['step_s']:.2f} |")
+        lines.append(
+            f"| {row['layout']} | {_gib(row['peak_above_model_bytes'])} | {_gib(row['peak_rss_bytes'])} | "
+            f"{row['step_s']:.2f} |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -415,10 +502,15 @@ def _write_plot(r: Dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for row in r["methods"]:
         runs = [x for x in row["runs"] if x["frames"] == int(r["setup"]["data.frames"])]
-        line, = axes[0].plot([x["batch"] for x in runs], [allocated(x) / 2**30 for x in runs], "o-",
-                             label=row["method"])
-        axes[0].plot([x["batch"] for x in runs], [x["predicted"]["peak_above_model"] / 2**30 for x in runs], "x--",
-                     color=line.get_color())
+        (line,) = axes[0].plot(
+            [x["batch"] for x in runs], [allocated(x) / 2**30 for x in runs], "o-", label=row["method"]
+        )
+        axes[0].plot(
+            [x["batch"] for x in runs],
+            [x["predicted"]["peak_above_model"] / 2**30 for x in runs],
+            "x--",
+            color=line.get_color(),
+        )
     axes[0].set_xlabel("clips per step")
     axes[0].set_ylabel("allocated above the model (GiB); x: planner")
     axes[0].legend(fontsize=8)
@@ -435,8 +527,18 @@ def _write_plot(r: Dict, path: Path) -> None:
 
 def _main(argv: Sequence[str]) -> None:
     case = json.loads(argv[0])
-    print(json.dumps(measure(case["config"], case["overrides"], case["layout"], case["steps"],
-                             case.get("release_freed", True), case.get("variants"))))
+    print(
+        json.dumps(
+            measure(
+                case["config"],
+                case["overrides"],
+                case["layout"],
+                case["steps"],
+                case.get("release_freed", True),
+                case.get("variants"),
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -63,33 +63,67 @@ class SeaweedS3:
         self.data = self.root / "data"
         self.log_path = self.root / "weed.log"
         self.stop_timeout = stop_timeout
-        (self.master, self.master_grpc, self.volume, self.volume_grpc, self.filer, self.filer_grpc, self.s3,
-         self.s3_grpc) = _distinct_ports(8)
+        (
+            self.master,
+            self.master_grpc,
+            self.volume,
+            self.volume_grpc,
+            self.filer,
+            self.filer_grpc,
+            self.s3,
+            self.s3_grpc,
+        ) = _distinct_ports(8)
         self.endpoint = f"http://127.0.0.1:{self.s3}"
         self.process: Optional[subprocess.Popen] = None
 
     # ---------------------------------------------------------------------------------- process
     def command(self) -> List[str]:
-        identities = {"identities": [{"name": "side4video", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                                      "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}]}]}
+        identities = {
+            "identities": [
+                {
+                    "name": "side4video",
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                }
+            ]
+        }
         config = self.root / "s3.json"
         config.write_text(json.dumps(identities))
         verbosity = ["-v=2"] if self.log_requests else []  # level 2 logs one line per S3 request
-        return [weed_binary(), *verbosity, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data}",
-                f"-master.port={self.master}", f"-master.port.grpc={self.master_grpc}",
-                "-master.electionTimeout=1s",  # one master: no need to wait 10 s for a peer at restart
-                "-master.volumeSizeLimitMB=256", "-volume.max=16", "-volume.preStopSeconds=0",
-                f"-volume.port={self.volume}", f"-volume.port.grpc={self.volume_grpc}",
-                "-filer", f"-filer.port={self.filer}", f"-filer.port.grpc={self.filer_grpc}",
-                f"-filer.localSocket={self.root / 'filer.sock'}",
-                "-s3", f"-s3.port={self.s3}", f"-s3.port.grpc={self.s3_grpc}", f"-s3.config={config}",
-                f"-s3.localSocket={self.root / 's3.sock'}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+        return [
+            weed_binary(),
+            *verbosity,
+            "server",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={self.data}",
+            f"-master.port={self.master}",
+            f"-master.port.grpc={self.master_grpc}",
+            "-master.electionTimeout=1s",  # one master: no need to wait 10 s for a peer at restart
+            "-master.volumeSizeLimitMB=256",
+            "-volume.max=16",
+            "-volume.preStopSeconds=0",
+            f"-volume.port={self.volume}",
+            f"-volume.port.grpc={self.volume_grpc}",
+            "-filer",
+            f"-filer.port={self.filer}",
+            f"-filer.port.grpc={self.filer_grpc}",
+            f"-filer.localSocket={self.root / 'filer.sock'}",
+            "-s3",
+            f"-s3.port={self.s3}",
+            f"-s3.port.grpc={self.s3_grpc}",
+            f"-s3.config={config}",
+            f"-s3.localSocket={self.root / 's3.sock'}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+        ]
 
     def start(self, timeout: float = 60.0) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                                        start_new_session=True)  # a Ctrl-C in the terminal stops us, not it
+        self.process = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
+        )  # a Ctrl-C in the terminal stops us, not it
         log.close()
         deadline = time.monotonic() + timeout
         while not self._ready():
@@ -140,9 +174,14 @@ class SeaweedS3:
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
-                            aws_secret_access_key=SECRET_KEY, region_name=REGION,
-                            config=Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=60))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name=REGION,
+            config=Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=60),
+        )
 
     def ensure_bucket(self, bucket: str) -> None:
         client = self.client()
@@ -159,13 +198,21 @@ class SeaweedS3:
 
     def overrides(self, endpoint: Optional[str] = None) -> List[str]:
         """Config overrides that point data.s3 at this server (or at a proxy in front of it)."""
-        return [f"data.s3.endpoint_url={endpoint or self.endpoint}", f"data.s3.access_key_id={ACCESS_KEY}",
-                f"data.s3.secret_access_key={SECRET_KEY}", f"data.s3.region={REGION}"]
+        return [
+            f"data.s3.endpoint_url={endpoint or self.endpoint}",
+            f"data.s3.access_key_id={ACCESS_KEY}",
+            f"data.s3.secret_access_key={SECRET_KEY}",
+            f"data.s3.region={REGION}",
+        ]
 
     def environment(self) -> dict:
         """The same settings as the standard AWS variables (for commands run as subprocesses)."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+        }
 
 
 class FolderHTTPServer:
@@ -179,9 +226,21 @@ class FolderHTTPServer:
         self.process: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 20.0) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
-                                         "--directory", str(self.folder)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "http.server",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -190,7 +249,7 @@ class FolderHTTPServer:
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"http.server on port {self.port} did not start")
+                    raise RuntimeError(f"http.server on port {self.port} did not start") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:

@@ -157,14 +157,20 @@ def run(out: str, config=None, overrides: Sequence[str] = (), quick: bool = Fals
             http.stop()
         s3.stop()
         shutil.rmtree(work, ignore_errors=True)
-    rows = [_row(source, client, threads, runs[(source, client, threads)], samples * shards,
-                 sources[source][3]) for (source, client, threads) in cases]
+    rows = [
+        _row(source, client, threads, runs[(source, client, threads)], samples * shards, sources[source][3])
+        for (source, client, threads) in cases
+    ]
     report = {
         "what": "shard streaming MB/s and samples/s: the loader's readers (no decoding) vs a raw client",
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "data": {"shards": shards, "samples_per_shard": samples, "sample_bytes": sample_bytes,
-                 "total_bytes": total_bytes,
-                 "read_chunk": int(cfg.data.read_chunk)},
+        "data": {
+            "shards": shards,
+            "samples_per_shard": samples,
+            "sample_bytes": sample_bytes,
+            "total_bytes": total_bytes,
+            "read_chunk": int(cfg.data.read_chunk),
+        },
         "passes": passes,
         "rows": rows,
         "ratios": _ratios(rows),
@@ -179,11 +185,17 @@ def run(out: str, config=None, overrides: Sequence[str] = (), quick: bool = Fals
 
 def _row(source: str, client: str, threads: int, passes: List[Dict], samples: int, raw_name: str) -> Dict:
     best = min(passes, key=lambda r: r["seconds"])
-    return {"source": source, "client": "readers" if client == "readers" else f"raw ({raw_name})",
-            "kind": client, "threads": threads, "mb_per_s": best["bytes"] / best["seconds"] / 1e6,
-            "samples_per_s": samples / best["seconds"], "seconds": best["seconds"],
-            "pass_seconds": [r["seconds"] for r in passes],
-            "samples": best["samples"] if client == "readers" else samples}
+    return {
+        "source": source,
+        "client": "readers" if client == "readers" else f"raw ({raw_name})",
+        "kind": client,
+        "threads": threads,
+        "mb_per_s": best["bytes"] / best["seconds"] / 1e6,
+        "samples_per_s": samples / best["seconds"],
+        "seconds": best["seconds"],
+        "pass_seconds": [r["seconds"] for r in passes],
+        "samples": best["samples"] if client == "readers" else samples,
+    }
 
 
 def _ratios(rows: List[Dict]) -> List[Dict]:
@@ -193,8 +205,14 @@ def _ratios(rows: List[Dict]) -> List[Dict]:
         if kind == "readers":
             raw = by[(source, "raw", threads)]
             ratio = row["mb_per_s"] / raw["mb_per_s"]
-            out.append({"source": source, "threads": threads, "readers_over_raw": ratio,
-                        "meets_goal": ratio >= GOAL if threads == max(READERS) else None})
+            out.append(
+                {
+                    "source": source,
+                    "threads": threads,
+                    "readers_over_raw": ratio,
+                    "meets_goal": ratio >= GOAL if threads == max(READERS) else None,
+                }
+            )
     return out
 
 
@@ -211,8 +229,10 @@ def _write_markdown(r: Dict, path: str) -> None:
         "|---|---|---|---|---|",
     ]
     for row in r["rows"]:
-        lines.append(f"| {row['source']} | {row['client']} | {row['threads']} | {row['mb_per_s']:.0f} | "
-                     f"{row['samples_per_s']:.0f} |")
+        lines.append(
+            f"| {row['source']} | {row['client']} | {row['threads']} | {row['mb_per_s']:.0f} | "
+            f"{row['samples_per_s']:.0f} |"
+        )
     lines += ["", "| source | threads | readers / raw |", "|---|---|---|"]
     for q in r["ratios"]:
         mark = "" if q["meets_goal"] is None else (" (goal met)" if q["meets_goal"] else " (below goal)")
@@ -233,10 +253,20 @@ def _write_plot(r: Dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     width = 0.8 / len(series)
     for i, (kind, threads) in enumerate(series):
-        values = [next(row["mb_per_s"] for row in r["rows"]
-                       if row["source"] == s and row["kind"] == kind and row["threads"] == threads) for s in sources]
-        ax.bar(np.arange(len(sources)) + (i - (len(series) - 1) / 2) * width, values, width,
-               label=f"{kind}, {threads} thread{'s' if threads > 1 else ''}")
+        values = [
+            next(
+                row["mb_per_s"]
+                for row in r["rows"]
+                if row["source"] == s and row["kind"] == kind and row["threads"] == threads
+            )
+            for s in sources
+        ]
+        ax.bar(
+            np.arange(len(sources)) + (i - (len(series) - 1) / 2) * width,
+            values,
+            width,
+            label=f"{kind}, {threads} thread{'s' if threads > 1 else ''}",
+        )
     ax.set_xticks(np.arange(len(sources)), sources)
     ax.set_ylabel("MB/s")
     ax.set_title("shard streaming on 127.0.0.1 (no decoding)")

@@ -61,18 +61,36 @@ def _clips(folder: Path, size: int, frames: int) -> Path:
     data = folder / f"clips-{size}px-{frames}f"
     if not (data / "train" / "manifest.json").is_file():
         # 4 shards of 2: enough readers for 2 ranks x 2 readers; frames >= 2 per TSN segment
-        make_synthetic(str(data), videos=8, classes=2, val_videos=0, frames=max(2 * frames, 4), size=size,
-                       shard_samples=2)
+        make_synthetic(
+            str(data), videos=8, classes=2, val_videos=0, frames=max(2 * frames, 4), size=size, shard_samples=2
+        )
     return data / "train" / "manifest.json"
 
 
-def _case_overrides(run_dir: Path, shards: Path, size: int, frames: int, steps: int, cuda: bool,
-                    quick: bool) -> List[str]:
-    out = [f"data.train.shards={shards}", "data.val.shards=", f"data.size={size}", f"data.resize=[{size}]",
-           f"data.frames={frames}", "data.num_classes=2", "data.repeated_views=1", "data.randaugment.enabled=false",
-           "data.shuffle_buffer=4", "train.batch_size=1", f"train.max_steps={steps}", "train.warmup_epochs=0",
-           "train.export=false", "train.log_every=1", f"train.output_dir={run_dir}", "train.save_every=1000000",
-           "logging.progress=false", "logging.tensorboard=false", "logging.plots=false"]
+def _case_overrides(
+    run_dir: Path, shards: Path, size: int, frames: int, steps: int, cuda: bool, quick: bool
+) -> List[str]:
+    out = [
+        f"data.train.shards={shards}",
+        "data.val.shards=",
+        f"data.size={size}",
+        f"data.resize=[{size}]",
+        f"data.frames={frames}",
+        "data.num_classes=2",
+        "data.repeated_views=1",
+        "data.randaugment.enabled=false",
+        "data.shuffle_buffer=4",
+        "train.batch_size=1",
+        f"train.max_steps={steps}",
+        "train.warmup_epochs=0",
+        "train.export=false",
+        "train.log_every=1",
+        f"train.output_dir={run_dir}",
+        "train.save_every=1000000",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        "logging.plots=false",
+    ]
     if not cuda:  # CPU hosts: fp32 compute (bf16 storage stays); the config's precision on GPUs
         out += ["train.device=cpu", "deepspeed.precision=fp32"]
     return out + (QUICK_MODEL if quick else [])
@@ -90,10 +108,13 @@ def _weights(config: Path, overrides: Sequence[str]) -> Dict[str, int]:
     trainable = counts["trainable_params"]
     train = itemsize(precision.train)
     master = 4 if precision.train != torch.float32 else 0
-    return {"backbone_params": counts["backbone_params"], "trainable_params": trainable,
-            "backbone_bytes": counts["backbone_params"] * itemsize(precision.storage),
-            # weights + gradients in the training precision, fp32 master copies, AdamW's two moments
-            "trainable_state_bytes": trainable * (2 * train + master + 8)}
+    return {
+        "backbone_params": counts["backbone_params"],
+        "trainable_params": trainable,
+        "backbone_bytes": counts["backbone_params"] * itemsize(precision.storage),
+        # weights + gradients in the training precision, fp32 master copies, AdamW's two moments
+        "trainable_state_bytes": trainable * (2 * train + master + 8),
+    }
 
 
 def planned_peak_bytes(config: Path, overrides: Sequence[str], ranks: int, cuda: bool) -> int:
@@ -110,24 +131,37 @@ def planned_peak_bytes(config: Path, overrides: Sequence[str], ranks: int, cuda:
     return int(rank_plan["peak_per_rank"] + offloaded)
 
 
-def _run_case(config: Path, name: str, ranks: int, size: int, frames: int, steps: int, work: Path, cuda: bool,
-              quick: bool) -> Dict:
+def _run_case(
+    config: Path, name: str, ranks: int, size: int, frames: int, steps: int, work: Path, cuda: bool, quick: bool
+) -> Dict:
     run_dir = work / name.split(":")[0]
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = _case_overrides(run_dir, _clips(work, size, frames), size, frames, steps, cuda, quick)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))}
-    proc = subprocess.run(launch_command(ranks, ["train", str(config), *overrides]), env=env, capture_output=True,
-                          text=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks))),
+    }
+    proc = subprocess.run(
+        launch_command(ranks, ["train", str(config), *overrides]), env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
         raise RuntimeError(f"bench vite case {name!r} failed: {tail[0]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     step_s = [r["step_s"] for r in rows if r.get("kind") == "train"]
-    return {"case": name, "ranks": ranks, "size": size, "frames": frames, "steps": len(step_s),
-            "step_s": step_s, "steady_step_s": min(step_s[1:] or step_s),
-            "per_rank": sorted(summary["memory_per_rank"], key=lambda m: m["rank"]),
-            "planned_peak_per_rank": planned_peak_bytes(config, overrides, ranks, cuda), **_weights(config, overrides)}
+    return {
+        "case": name,
+        "ranks": ranks,
+        "size": size,
+        "frames": frames,
+        "steps": len(step_s),
+        "step_s": step_s,
+        "steady_step_s": min(step_s[1:] or step_s),
+        "per_rank": sorted(summary["memory_per_rank"], key=lambda m: m["rank"]),
+        "planned_peak_per_rank": planned_peak_bytes(config, overrides, ranks, cuda),
+        **_weights(config, overrides),
+    }
 
 
 def run(out: str, config: Optional[str] = None, overrides: Sequence[str] = (), quick: bool = False) -> Dict:
@@ -139,7 +173,7 @@ def run(out: str, config: Optional[str] = None, overrides: Sequence[str] = (), q
     cuda = torch.cuda.is_available()
     results = {"config": str(config_path), "host": _host(), "cuda": cuda, "quick": quick, "cases": []}
     with tempfile.TemporaryDirectory(prefix="side4video-vite-") as tmp:
-        for name, ranks, size, frames, steps in (QUICK_CASES if quick else CASES):
+        for name, ranks, size, frames, steps in QUICK_CASES if quick else CASES:
             row = _run_case(config_path, name, ranks, size, frames, steps, Path(tmp), cuda, quick)
             results["cases"].append(row)
             peaks = ", ".join(f"{m['peak_rss_training_bytes'] / 2**30:.2f}" for m in row["per_rank"])
@@ -152,8 +186,12 @@ def run(out: str, config: Optional[str] = None, overrides: Sequence[str] = (), q
 
 
 def _host() -> Dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "torch": torch.__version__}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+    }
 
 
 def _ratios(results: Dict) -> None:
@@ -167,7 +205,8 @@ def _ratios(results: Dict) -> None:
     two = next((r for r in results["cases"] if r["ranks"] == 2), None)
     if one and two:
         results["two_ranks_sum_minus_one_rank_bytes"] = (
-            sum(m["peak_rss_training_bytes"] for m in two["per_rank"]) - one["per_rank"][0]["peak_rss_training_bytes"])
+            sum(m["peak_rss_training_bytes"] for m in two["per_rank"]) - one["per_rank"][0]["peak_rss_training_bytes"]
+        )
 
 
 def _gib(n: float) -> str:
@@ -176,16 +215,25 @@ def _gib(n: float) -> str:
 
 def _write_markdown(r: Dict, path: Path) -> None:
     h = r["host"]
-    lines = [f"# EVA ViT-E/14 training steps ({'GPU' if r['cuda'] else 'CPU'}: {h['gpu'] or h['cpu']}, {h['cores']} cores)",
-             "", f"Config {r['config']}: random-init EVA02-E-14 stored in bf16, ZeRO-3 + offload_param cpu"
-             + ("" if r["cuda"] else ", blocks computed in fp32, side network trained in fp32 (CPU host)") + ".", "",
-             "| case | rank | built (GiB) | peak training (GiB) | planned (GiB) | backbone held (GiB) | weights (GiB) | peak / weights | step (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# EVA ViT-E/14 training steps ({'GPU' if r['cuda'] else 'CPU'}: {h['gpu'] or h['cpu']}, {h['cores']} cores)",
+        "",
+        f"Config {r['config']}: random-init EVA02-E-14 stored in bf16, ZeRO-3 + offload_param cpu"
+        + ("" if r["cuda"] else ", blocks computed in fp32, side network trained in fp32 (CPU host)")
+        + ".",
+        "",
+        "| case | rank | built (GiB) | peak training (GiB) | planned (GiB) | backbone held (GiB) | weights (GiB) "
+        "| peak / weights | step (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in r["cases"]:
         for m in row["per_rank"]:
-            lines.append(f"| {row['case']} | {m['rank']} | {_gib(m['rss_after_build_bytes'])} | "
-                         f"{_gib(m['peak_rss_training_bytes'])} | {_gib(row['planned_peak_per_rank'])} | {_gib(m['backbone_bytes_held'])} | "
-                         f"{_gib(row['weights_bytes'])} | {row['peak_over_weights']:.2f} | {row['steady_step_s']:.1f} |")
+            lines.append(
+                f"| {row['case']} | {m['rank']} | {_gib(m['rss_after_build_bytes'])} | "
+                f"{_gib(m['peak_rss_training_bytes'])} | {_gib(row['planned_peak_per_rank'])} | "
+                f"{_gib(m['backbone_bytes_held'])} | "
+                f"{_gib(row['weights_bytes'])} | {row['peak_over_weights']:.2f} | {row['steady_step_s']:.1f} |"
+            )
     if "two_ranks_sum_minus_one_rank_bytes" in r:
         lines += ["", f"2 ranks together peak {_gib(r['two_ranks_sum_minus_one_rank_bytes'])} GiB above 1 rank."]
     path.write_text("\n".join(lines) + "\n")

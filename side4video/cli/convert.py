@@ -28,8 +28,13 @@ def convert_official_file(input: str, output: str, num_frames: int = 8) -> str:
     import torch
 
     from side4video.engine.factory import config_overrides
-    from side4video.model.convert import (from_official, is_official_retrieval, official_config, official_model_args,
-                                          unwrap_official)
+    from side4video.model.convert import (
+        from_official,
+        is_official_retrieval,
+        official_config,
+        official_model_args,
+        unwrap_official,
+    )
 
     if not os.path.isfile(input):
         raise UserError(f"convert-official: file not found: {input}")
@@ -47,8 +52,18 @@ def convert_official_file(input: str, output: str, num_frames: int = 8) -> str:
     overrides = overrides + [f"data.frames={int(num_frames)}"]
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     tmp = output + ".tmp"
-    torch.save({"format": FORMAT, "version": 1, "task": task, "source": os.path.abspath(input),
-                "overrides": overrides, "config": config, "state_dict": model.state_dict()}, tmp)
+    torch.save(
+        {
+            "format": FORMAT,
+            "version": 1,
+            "task": task,
+            "source": os.path.abspath(input),
+            "overrides": overrides,
+            "config": config,
+            "state_dict": model.state_dict(),
+        },
+        tmp,
+    )
     os.replace(tmp, output)
     log.info("converted %s (%s): %d tensors -> %s", input, task, len(model.state_dict()), output)
     return output

@@ -11,13 +11,25 @@ def cmd_make_shards(args) -> int:
     from side4video.data.shards import make_shards
 
     manifest = make_shards(
-        list_file=args.list, fmt=args.format, root=args.root, out=args.out, labels=args.labels,
-        split=args.split, shard_size=args.shard_size, workers=args.workers, validate=args.validate,
-        transcode=args.transcode, short_side=args.short_side, progress=not args.no_progress,
-        captions=args.captions, allow_missing=args.allow_missing,
+        list_file=args.list,
+        fmt=args.format,
+        root=args.root,
+        out=args.out,
+        labels=args.labels,
+        split=args.split,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        validate=args.validate,
+        transcode=args.transcode,
+        short_side=args.short_side,
+        progress=not args.no_progress,
+        captions=args.captions,
+        allow_missing=args.allow_missing,
     )
     n = sum(s["samples"] for s in manifest["shards"])
-    print(f"wrote {len(manifest['shards'])} shards, {n} samples, {len(manifest['quarantine'])} quarantined -> {args.out}")
+    print(
+        f"wrote {len(manifest['shards'])} shards, {n} samples, {len(manifest['quarantine'])} quarantined -> {args.out}"
+    )
     return 0
 
 
@@ -25,8 +37,16 @@ def cmd_make_synthetic(args) -> int:
     from side4video.data.synthetic import make_synthetic
 
     report = make_synthetic(
-        args.out, videos=args.videos, classes=args.classes, val_videos=args.val_videos, frames=args.frames,
-        size=args.size, fps=args.fps, seed=args.seed, shard_samples=args.shard_samples, workers=args.workers,
+        args.out,
+        videos=args.videos,
+        classes=args.classes,
+        val_videos=args.val_videos,
+        frames=args.frames,
+        size=args.size,
+        fps=args.fps,
+        seed=args.seed,
+        shard_samples=args.shard_samples,
+        workers=args.workers,
         captions=args.captions,
     )
     kind = "captioned forwards/backwards pairs" if args.captions else "classes"
@@ -39,8 +59,13 @@ def cmd_inspect(args) -> int:
     from side4video.data.inspect import inspect_shards
 
     cfg = load_config(args.config, args.overrides)
-    report = inspect_shards(args.spec, cfg.data, batch_size=cfg.eval.batch_size or cfg.train.batch_size,
-                            decode=args.decode, progress=not args.json)
+    report = inspect_shards(
+        args.spec,
+        cfg.data,
+        batch_size=cfg.eval.batch_size or cfg.train.batch_size,
+        decode=args.decode,
+        progress=not args.json,
+    )
     if args.json:
         print_json(report)
     else:
@@ -49,12 +74,14 @@ def cmd_inspect(args) -> int:
 
 
 def format_report(report: Dict[str, Any]) -> str:
-    lines = [f"spec:      {report['spec']}",
-             f"shards:    {report['shards']}",
-             f"samples:   {report['samples']}" + (f" (manifest: {report['manifest_samples']})"
-                                                  if report.get("manifest_samples") is not None else ""),
-             f"bytes:     {report['bytes']:,}",
-             f"codecs:    {', '.join(f'{k} x{v}' for k, v in report['codecs'].items()) or '-'}"]
+    lines = [
+        f"spec:      {report['spec']}",
+        f"shards:    {report['shards']}",
+        f"samples:   {report['samples']}"
+        + (f" (manifest: {report['manifest_samples']})" if report.get("manifest_samples") is not None else ""),
+        f"bytes:     {report['bytes']:,}",
+        f"codecs:    {', '.join(f'{k} x{v}' for k, v in report['codecs'].items()) or '-'}",
+    ]
     for key in ("frames", "width", "height"):
         r = report.get(key)
         lines.append(f"{key + ':':<10} {r['min']}..{r['max']}" if r else f"{key + ':':<10} -")

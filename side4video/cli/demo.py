@@ -56,10 +56,31 @@ def run_demo(out: str = "runs/demo", nproc: int = 2, videos: int = 1024, fresh: 
     data = out_dir / "data"
     config = str(find_config())
     if not (data / "val" / "manifest.json").is_file():
-        _run([sys.executable, "-m", "side4video.cli", "make-synthetic", str(data), "--videos", str(videos),
-              "--val-videos", str(max(videos // 8, 16)), "--classes", "8", "--frames", "16", "--size", "32",
-              "--workers", "2"])
-    shards = [f"data.train.shards={data / 'train' / 'manifest.json'}", f"data.val.shards={data / 'val' / 'manifest.json'}"]
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "side4video.cli",
+                "make-synthetic",
+                str(data),
+                "--videos",
+                str(videos),
+                "--val-videos",
+                str(max(videos // 8, 16)),
+                "--classes",
+                "8",
+                "--frames",
+                "16",
+                "--size",
+                "32",
+                "--workers",
+                "2",
+            ]
+        )
+    shards = [
+        f"data.train.shards={data / 'train' / 'manifest.json'}",
+        f"data.val.shards={data / 'val' / 'manifest.json'}",
+    ]
     for method in METHODS:
         run_dir = out_dir / method
         if _summary(run_dir).get("status") == "finished":
@@ -70,8 +91,20 @@ def run_demo(out: str = "runs/demo", nproc: int = 2, videos: int = 1024, fresh: 
             overrides += ["train.lr=1e-2"]  # a linear head alone wants a larger step
         _run(launch_command(nproc, ["train", config, *overrides]))
     side_dir = out_dir / "side4video"
-    _run([sys.executable, "-m", "side4video.cli", "eval", config, *shards, f"train.output_dir={side_dir}",
-          f"checkpoint={side_dir / 'export'}", "eval.crops=3", "eval.clips=2"])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "side4video.cli",
+            "eval",
+            config,
+            *shards,
+            f"train.output_dir={side_dir}",
+            f"checkpoint={side_dir / 'export'}",
+            "eval.crops=3",
+            "eval.clips=2",
+        ]
+    )
     _print_table(out_dir)
     return 0
 
@@ -80,16 +113,29 @@ def _print_table(out_dir: Path) -> None:
     rows = []
     for method in METHODS:
         s = _summary(out_dir / method)
-        rows.append((method, 100 * s.get("top1", float("nan")), s.get("trainable_params", 0) / 1e6,
-                     s.get("peak_rss_bytes", 0) / 2**30, s.get("clips_per_s", float("nan"))))
-    multi = json.loads((out_dir / "side4video" / "eval.json").read_text()) if (out_dir / "side4video" / "eval.json").is_file() else {}
+        rows.append(
+            (
+                method,
+                100 * s.get("top1", float("nan")),
+                s.get("trainable_params", 0) / 1e6,
+                s.get("peak_rss_bytes", 0) / 2**30,
+                s.get("clips_per_s", float("nan")),
+            )
+        )
+    multi = (
+        json.loads((out_dir / "side4video" / "eval.json").read_text())
+        if (out_dir / "side4video" / "eval.json").is_file()
+        else {}
+    )
     print()
     print(f"{'method':<14} {'top-1 (%)':>10} {'trainable (M)':>14} {'peak RSS (GiB)':>15} {'clips/s':>9}")
     for method, top1, params, mem, speed in rows:
         print(f"{method:<14} {top1:>10.1f} {params:>14.3f} {mem:>15.2f} {speed:>9.1f}")
     if multi:
-        print(f"\nside4video, {multi.get('views')} views (3 crops x 2 clips): top-1 {100 * multi['top1']:.1f}%, "
-              f"top-5 {100 * multi['top5']:.1f}% on {multi['samples']} videos")
+        print(
+            f"\nside4video, {multi.get('views')} views (3 crops x 2 clips): top-1 {100 * multi['top1']:.1f}%, "
+            f"top-5 {100 * multi['top5']:.1f}% on {multi['samples']} videos"
+        )
     side = out_dir / "side4video"
     print(f"\nrun directories: {out_dir / 'side4video'}, {out_dir / 'linear_probe'}")
     print(f"plots: {side / 'curves.png'}, {side / 'final_eval_confusion.png'}, {side / 'eval_confusion.png'}")
@@ -109,10 +155,32 @@ def run_retrieval_demo(out: str = "runs/demo", nproc: int = 2, fresh: bool = Fal
     data = out_dir / "data"
     config = str(find_config("demo_retrieval.yaml"))
     if not (data / "val" / "manifest.json").is_file():
-        _run([sys.executable, "-m", "side4video.cli", "make-synthetic", str(data), "--captions", "--videos",
-              str(RETRIEVAL_VIDEOS), "--val-videos", str(RETRIEVAL_VAL_VIDEOS), "--classes", "8", "--frames", "16",
-              "--size", "32", "--workers", "2"])
-    shards = [f"data.train.shards={data / 'train' / 'manifest.json'}", f"data.val.shards={data / 'val' / 'manifest.json'}"]
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "side4video.cli",
+                "make-synthetic",
+                str(data),
+                "--captions",
+                "--videos",
+                str(RETRIEVAL_VIDEOS),
+                "--val-videos",
+                str(RETRIEVAL_VAL_VIDEOS),
+                "--classes",
+                "8",
+                "--frames",
+                "16",
+                "--size",
+                "32",
+                "--workers",
+                "2",
+            ]
+        )
+    shards = [
+        f"data.train.shards={data / 'train' / 'manifest.json'}",
+        f"data.val.shards={data / 'val' / 'manifest.json'}",
+    ]
     for name, method in RETRIEVAL_RUNS:
         run_dir = out_dir / name
         if _summary(run_dir).get("status") == "finished":
@@ -128,7 +196,10 @@ RETRIEVAL_VIDEOS, RETRIEVAL_VAL_VIDEOS = 512, 128
 
 def _print_retrieval_table(out_dir: Path) -> None:
     print()
-    print(f"{'model':<12} {'t2v R@1':>8} {'R@5':>6} {'R@10':>6} {'MedR':>6} {'v2t R@1':>8} {'R@5':>6} {'R@10':>6} {'MedR':>6}")
+    print(
+        f"{'model':<12} {'t2v R@1':>8} {'R@5':>6} {'R@10':>6} {'MedR':>6} "
+        f"{'v2t R@1':>8} {'R@5':>6} {'R@10':>6} {'MedR':>6}"
+    )
     chance = None
     for name, _ in RETRIEVAL_RUNS:
         s = _summary(out_dir / name)
@@ -136,9 +207,13 @@ def _print_retrieval_table(out_dir: Path) -> None:
             continue
         t, v = s["t2v"], s["v2t"]
         chance = s.get("chance_R1")
-        print(f"{name:<12} {t['R1']:>8.1f} {t['R5']:>6.1f} {t['R10']:>6.1f} {t['MedianR']:>6.1f} "
-              f"{v['R1']:>8.1f} {v['R5']:>6.1f} {v['R10']:>6.1f} {v['MedianR']:>6.1f}")
+        print(
+            f"{name:<12} {t['R1']:>8.1f} {t['R5']:>6.1f} {t['R10']:>6.1f} {t['MedianR']:>6.1f} "
+            f"{v['R1']:>8.1f} {v['R5']:>6.1f} {v['R10']:>6.1f} {v['MedianR']:>6.1f}"
+        )
     if chance is not None:
         print(f"\nchance R@1: {chance:.2f}% (held-apart captions of {RETRIEVAL_VAL_VIDEOS} validation videos)")
-    print(f"run directories: {out_dir / 'side4video'}, {out_dir / 'frozen'} (summary.json, final_eval.json, "
-          f"final_eval_recall.png)")
+    print(
+        f"run directories: {out_dir / 'side4video'}, {out_dir / 'frozen'} (summary.json, final_eval.json, "
+        f"final_eval_recall.png)"
+    )

@@ -52,8 +52,9 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from side4video.engine.predict import predict_video
 
-    preds = predict_video(args.export, args.video, top_k=args.top_k, overrides=args.overrides,
-                          captions=args.caption or ())
+    preds = predict_video(
+        args.export, args.video, top_k=args.top_k, overrides=args.overrides, captions=args.caption or ()
+    )
     if args.json:
         print_json(preds)
     else:

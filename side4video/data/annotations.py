@@ -200,8 +200,9 @@ def _msrvtt_csv_rows(list_file: str, captions: Optional[str]):
         reader = csv.DictReader(f)
         columns = [c.strip() for c in (reader.fieldnames or [])]
         if "video_id" not in columns:
-            raise UserError(f"{list_file}: not an MSR-VTT split CSV (no 'video_id' column; columns: "
-                            f"{', '.join(columns) or 'none'})")
+            raise UserError(
+                f"{list_file}: not an MSR-VTT split CSV (no 'video_id' column; columns: {', '.join(columns) or 'none'})"
+            )
         rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
     order = list(dict.fromkeys(r["video_id"] for r in rows if r.get("video_id")))
     if "sentence" in columns:
@@ -272,11 +273,15 @@ def read_vatex(list_file: str, root: str, captions: Optional[str] = None):
 def _vatex_captions(data, path: str) -> Dict[str, List[str]]:
     """VATEX's English captions: {videoID: {"enCap": [...]}} (the reference's vatex_data.json) or
     the release's list of {"videoID", "enCap"}."""
-    items = data.items() if isinstance(data, dict) else (
-        ((d.get("videoID"), d) for d in data if isinstance(d, dict)) if isinstance(data, list) else None)
+    items = (
+        data.items()
+        if isinstance(data, dict)
+        else (((d.get("videoID"), d) for d in data if isinstance(d, dict)) if isinstance(data, list) else None)
+    )
     if items is None:
-        raise UserError(f"{path}: expected VATEX captions ({{videoID: {{'enCap': [...]}}}} or a list of "
-                        f"{{'videoID', 'enCap'}})")
+        raise UserError(
+            f"{path}: expected VATEX captions ({{videoID: {{'enCap': [...]}}}} or a list of {{'videoID', 'enCap'}})"
+        )
     out = {}
     for vid, entry in items:
         caps = entry.get("enCap") if isinstance(entry, dict) else None
@@ -298,8 +303,10 @@ def _read_id_list(path: str) -> List[str]:
 def _check_captioned(order: Sequence[str], caps: Dict[str, List[str]], list_file: str, captions) -> None:
     missing = [vid for vid in order if not caps.get(vid)]
     if missing:
-        raise UserError(f"{list_file} names {len(missing)} videos with no captions in {captions} "
-                        f"(e.g. {', '.join(repr(m) for m in missing[:3])})")
+        raise UserError(
+            f"{list_file} names {len(missing)} videos with no captions in {captions} "
+            f"(e.g. {', '.join(repr(m) for m in missing[:3])})"
+        )
 
 
 class _Refused(pickle.UnpicklingError):
@@ -334,7 +341,9 @@ def read_plain_pickle(path: str):
     except _Refused as e:
         raise UserError(f"{path}: not a plain-data pickle ({e}); only dict, list, str and tuple are accepted") from None
     except Exception as e:  # truncated or not a pickle at all
-        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UserError(
+            f"{path}: not a readable pickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     stack = [data]
     while stack:
         item = stack.pop()
@@ -393,8 +402,14 @@ def read_plain_list(list_file: str, root: str, classes: Optional[List[str]]):
     return entries, names
 
 
-def read_annotations(fmt: str, list_file: str, root: str, labels: Optional[str] = None,
-                     split: Optional[str] = None, captions: Optional[str] = None) -> Tuple[List[Entry], Optional[List[str]]]:
+def read_annotations(
+    fmt: str,
+    list_file: str,
+    root: str,
+    labels: Optional[str] = None,
+    split: Optional[str] = None,
+    captions: Optional[str] = None,
+) -> Tuple[List[Entry], Optional[List[str]]]:
     """Entries and class names (None for caption-only datasets). `captions`: the caption file of
     a caption dataset given as a split list (MSRVTT_data.json, raw-captions.pkl, vatex_data.json)."""
     if fmt not in FORMATS:

@@ -37,14 +37,55 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 # What DALI executes for a RandAugment step (one conditional branch each).
-RA_NONE, RA_AFFINE, RA_POSTERIZE, RA_SOLARIZE, RA_SOLARIZE_ADD, RA_COLOR, RA_CONTRAST, RA_BRIGHTNESS, \
-    RA_SHARPNESS, RA_AUTOCONTRAST, RA_EQUALIZE, RA_INVERT = range(12)
+(
+    RA_NONE,
+    RA_AFFINE,
+    RA_POSTERIZE,
+    RA_SOLARIZE,
+    RA_SOLARIZE_ADD,
+    RA_COLOR,
+    RA_CONTRAST,
+    RA_BRIGHTNESS,
+    RA_SHARPNESS,
+    RA_AUTOCONTRAST,
+    RA_EQUALIZE,
+    RA_INVERT,
+) = range(12)
 
-RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
-            "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-RAND_INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
-                       "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
-                       "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+RAND_OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
+RAND_INCREASING_OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
 OP_SETS = {"increasing": RAND_INCREASING_OPS, "standard": RAND_OPS}
 # ops whose argument does not depend on the magnitude
 UNLEVELLED_OPS = ("AutoContrast", "Equalize", "Invert")
@@ -86,8 +127,9 @@ def _roi(y0: float, x0: float, y1: float, x1: float) -> Tuple[np.ndarray, np.nda
     return np.array([y0, x0], dtype=np.float32), np.array([y1, x1], dtype=np.float32)
 
 
-def random_resized_crop(rng: np.random.Generator, height: float, width: float, area: Sequence[float],
-                        aspect: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+def random_resized_crop(
+    rng: np.random.Generator, height: float, width: float, area: Sequence[float], aspect: Sequence[float]
+) -> Tuple[np.ndarray, np.ndarray]:
     """torchvision's RandomResizedCrop box on a (height, width) frame, as a relative ROI."""
     total = height * width
     log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
@@ -161,7 +203,7 @@ def op_step(op: str, level: float, sign: float, size: int) -> RAStep:
     if op == "SolarizeAdd":  # add to pixels below 128
         return RAStep(RA_SOLARIZE_ADD, float(int(frac * 110)))
     enhance = {"Color": RA_COLOR, "Contrast": RA_CONTRAST, "Brightness": RA_BRIGHTNESS, "Sharpness": RA_SHARPNESS}
-    name = op[:-len("Increasing")] if op.endswith("Increasing") else op
+    name = op[: -len("Increasing")] if op.endswith("Increasing") else op
     if name in enhance:
         # blend factor with the degenerate image: 1 is "no change"
         factor = 1.0 + sign * 0.9 * frac if op.endswith("Increasing") else 0.1 + 1.8 * frac
@@ -175,8 +217,9 @@ def op_step(op: str, level: float, sign: float, size: int) -> RAStep:
     raise ValueError(op)
 
 
-def randaugment_program(rng: np.random.Generator, num_ops: int, magnitude: float, magnitude_std: float,
-                        size: int, ops: str = "increasing") -> List[RAStep]:
+def randaugment_program(
+    rng: np.random.Generator, num_ops: int, magnitude: float, magnitude_std: float, size: int, ops: str = "increasing"
+) -> List[RAStep]:
     """`num_ops` steps for one clip from the op set `ops`; a step not applied (probability 1 - 0.5)
     is RA_NONE."""
     names = OP_SETS[ops]
@@ -197,8 +240,13 @@ def train_view(rng: np.random.Generator, height: int, width: int, data_cfg) -> V
     roi_start, roi_end = random_resized_crop(rng, hr, wr, list(data_cfg.crop_area), list(data_cfg.crop_aspect))
     flip = bool(data_cfg.flip) and rng.random() < 0.5
     ra = data_cfg.randaugment
-    steps = randaugment_program(rng, int(ra.num_ops), float(ra.magnitude), float(ra.magnitude_std),
-                                int(data_cfg.size), str(ra.ops)) if ra.enabled else []
+    steps = (
+        randaugment_program(
+            rng, int(ra.num_ops), float(ra.magnitude), float(ra.magnitude_std), int(data_cfg.size), str(ra.ops)
+        )
+        if ra.enabled
+        else []
+    )
     p_gray = float(data_cfg.grayscale)
     grayscale = p_gray > 0 and rng.random() < p_gray  # drawn last: the other draws keep their values
     return ViewParams(roi_start, roi_end, flip, steps, grayscale)

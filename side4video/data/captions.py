@@ -50,8 +50,9 @@ def training_caption(captions: Sequence[str], seed: int, epoch: int, key: str, o
     return str(captions[int(rng.integers(len(captions)))])
 
 
-def training_captions(batch_captions: Sequence[Sequence[str]], keys: Sequence[str], occurrences: Sequence[int],
-                      seed: int, epoch: int) -> List[str]:
+def training_captions(
+    batch_captions: Sequence[Sequence[str]], keys: Sequence[str], occurrences: Sequence[int], seed: int, epoch: int
+) -> List[str]:
     """One drawn caption per clip of a batch (the batch's per-clip caption lists, keys and passes)."""
     return [training_caption(caps, seed, epoch, key, occ) for caps, key, occ in zip(batch_captions, keys, occurrences)]
 

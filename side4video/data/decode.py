@@ -33,7 +33,7 @@ from side4video.logs import get_logger
 
 log = get_logger(__name__)
 
-SMOOTH = (np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0)  # PIL's SMOOTH filter
+SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0  # PIL's SMOOTH filter
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2 luma, as PIL's convert("L")
 
 
@@ -76,8 +76,8 @@ def _grayscale(clip, view: int, float_clip: bool):
 
 def _randaugment_step(clip, view: int, step: int, gpu: bool):
     """One RandAugment step: the op chosen per sample by a fed integer (DALI conditionals)."""
-    from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
 
     kind = fn.external_source(name=f"ra_kind_{view}_{step}", dtype=types.INT32, ndim=0)
     param = fn.external_source(name=f"ra_arg_{view}_{step}", dtype=types.FLOAT, ndim=0)
@@ -116,8 +116,17 @@ def _randaugment_step(clip, view: int, step: int, gpu: bool):
     return clip
 
 
-def _clip_graph(source: str, views: int, ra_steps: int, size: int, mean: Sequence[float], std: Sequence[float],
-                fp16: bool, gpu: bool, grayscale: bool = False):
+def _clip_graph(
+    source: str,
+    views: int,
+    ra_steps: int,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    fp16: bool,
+    gpu: bool,
+    grayscale: bool = False,
+):
     from nvidia.dali import fn, types
 
     if source == "bytes":
@@ -137,20 +146,47 @@ def _clip_graph(source: str, views: int, ra_steps: int, size: int, mean: Sequenc
         roi_end = fn.external_source(name=f"roi_end_{v}", dtype=types.FLOAT, ndim=1)
         flip = fn.external_source(name=f"flip_{v}", dtype=types.INT32, ndim=0)
         # uint8 out of the resize unless RandAugment follows (its arithmetic needs float)
-        clip = fn.resize(video, size=[size, size], roi_start=roi_start, roi_end=roi_end, roi_relative=True,
-                         dtype=types.FLOAT if ra_steps else types.UINT8, antialias=True)
+        clip = fn.resize(
+            video,
+            size=[size, size],
+            roi_start=roi_start,
+            roi_end=roi_end,
+            roi_relative=True,
+            dtype=types.FLOAT if ra_steps else types.UINT8,
+            antialias=True,
+        )
         for step in range(ra_steps):
             clip = _randaugment_step(clip, v, step, gpu)
         if grayscale:
             clip = _grayscale(clip, v, float_clip=ra_steps > 0)
-        outputs.append(fn.crop_mirror_normalize(
-            clip, mirror=flip, mean=[255.0 * m for m in mean], std=[255.0 * s for s in std],
-            output_layout="FCHW", dtype=types.FLOAT16 if fp16 else types.FLOAT))
+        outputs.append(
+            fn.crop_mirror_normalize(
+                clip,
+                mirror=flip,
+                mean=[255.0 * m for m in mean],
+                std=[255.0 * s for s in std],
+                output_layout="FCHW",
+                dtype=types.FLOAT16 if fp16 else types.FLOAT,
+            )
+        )
     return tuple(outputs)
 
 
-def build_pipeline(source: str, *, batch_size: int, views: int, ra_steps: int, size: int, mean, std, fp16: bool,
-                   threads: int, gpu: bool, device_id: Optional[int], grayscale: bool = False):
+def build_pipeline(
+    source: str,
+    *,
+    batch_size: int,
+    views: int,
+    ra_steps: int,
+    size: int,
+    mean,
+    std,
+    fp16: bool,
+    threads: int,
+    gpu: bool,
+    device_id: Optional[int],
+    grayscale: bool = False,
+):
     from nvidia.dali import pipeline_def
 
     @pipeline_def(enable_conditionals=ra_steps > 0 or grayscale)
@@ -161,8 +197,15 @@ def build_pipeline(source: str, *, batch_size: int, views: int, ra_steps: int, s
     # from the loader's prefetch thread, and DALI's own threads decode the samples in parallel.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        pipe = graph(batch_size=batch_size, num_threads=max(1, threads), device_id=device_id if gpu else None,
-                     prefetch_queue_depth=1, exec_async=False, exec_pipelined=False, seed=0)
+        pipe = graph(
+            batch_size=batch_size,
+            num_threads=max(1, threads),
+            device_id=device_id if gpu else None,
+            prefetch_queue_depth=1,
+            exec_async=False,
+            exec_pipelined=False,
+            seed=0,
+        )
         pipe.build()
     return pipe
 
@@ -177,12 +220,30 @@ class ClipDecoder:
     `data.grayscale` > 0).
     """
 
-    def __init__(self, *, views: int, size: int, mean: Sequence[float], std: Sequence[float], batch_size: int,
-                 ra_steps: int = 0, fp16: bool = False, threads: int = 2, decoder: str = "auto",
-                 gpu: Optional[bool] = None, device_id: Optional[int] = None, grayscale: bool = False):
+    def __init__(
+        self,
+        *,
+        views: int,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        batch_size: int,
+        ra_steps: int = 0,
+        fp16: bool = False,
+        threads: int = 2,
+        decoder: str = "auto",
+        gpu: Optional[bool] = None,
+        device_id: Optional[int] = None,
+        grayscale: bool = False,
+    ):
         self.views, self.size, self.mean, self.std = int(views), int(size), list(mean), list(std)
         self.grayscale = bool(grayscale)
-        self.batch_size, self.ra_steps, self.fp16, self.threads = int(batch_size), int(ra_steps), fp16, max(1, int(threads))
+        self.batch_size, self.ra_steps, self.fp16, self.threads = (
+            int(batch_size),
+            int(ra_steps),
+            fp16,
+            max(1, int(threads)),
+        )
         self.decoder = decoder
         self.gpu = gpu_available() if gpu is None else gpu
         self.device_id = (torch.cuda.current_device() if self.gpu else None) if device_id is None else device_id
@@ -203,9 +264,19 @@ class ClipDecoder:
     def _pipe(self, source: str):
         if source not in self._pipes:
             self._pipes[source] = build_pipeline(
-                source, batch_size=self.batch_size, views=self.views, ra_steps=self.ra_steps, size=self.size,
-                mean=self.mean, std=self.std, fp16=self.fp16, threads=self.threads, gpu=self.gpu, device_id=self.device_id,
-                grayscale=self.grayscale)
+                source,
+                batch_size=self.batch_size,
+                views=self.views,
+                ra_steps=self.ra_steps,
+                size=self.size,
+                mean=self.mean,
+                std=self.std,
+                fp16=self.fp16,
+                threads=self.threads,
+                gpu=self.gpu,
+                device_id=self.device_id,
+                grayscale=self.grayscale,
+            )
         return self._pipes[source]
 
     def _drop_pipe(self, source: str) -> None:

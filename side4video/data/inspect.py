@@ -32,8 +32,15 @@ def inspect_shards(spec, data, batch_size: int, decode: bool = False, progress: 
     d = data
     shardset = resolve_shards(spec, d, what="inspect SPEC")
     bad = BadLog()
-    stream = RankStream(shardset, d, epoch=0, workers=min(int(d.workers), len(shardset.shards)),
-                        shuffle_shards=False, infinite=False, bad=bad)
+    stream = RankStream(
+        shardset,
+        d,
+        epoch=0,
+        workers=min(int(d.workers), len(shardset.shards)),
+        shuffle_shards=False,
+        infinite=False,
+        bad=bad,
+    )
     classes: Dict[str, int] = collections.Counter()
     codecs: Dict[str, int] = collections.Counter()
     frames, widths, heights = [], [], []
@@ -52,16 +59,26 @@ def inspect_shards(spec, data, batch_size: int, decode: bool = False, progress: 
             pending = []
 
     if decode:
-        decoder = ClipDecoder(views=1, size=int(d.size), mean=list(d.mean), std=list(d.std), batch_size=batch,
-                              threads=int(d.decode_threads), decoder=d.decoder)
+        decoder = ClipDecoder(
+            views=1,
+            size=int(d.size),
+            mean=list(d.mean),
+            std=list(d.std),
+            batch_size=batch,
+            threads=int(d.decode_threads),
+            decoder=d.decoder,
+        )
     bar = tqdm(total=shardset.total_samples, desc="inspect", unit="sample", disable=not progress)
     try:
         for sample in stream:
             bar.update(1)
             samples += 1
             total_bytes += len(sample.video)
-            name = sample.label_name or (shardset.classes[sample.label] if shardset.classes and
-                                         0 <= sample.label < len(shardset.classes) else str(sample.label))
+            name = sample.label_name or (
+                shardset.classes[sample.label]
+                if shardset.classes and 0 <= sample.label < len(shardset.classes)
+                else str(sample.label)
+            )
             classes[name] += 1
             try:
                 info = probe(sample.video)
@@ -74,8 +91,11 @@ def inspect_shards(spec, data, batch_size: int, decode: bool = False, progress: 
             heights.append(info.height)
             if decoder is not None:
                 idx = np.concatenate(eval_indices(info.frames, int(d.frames), d.sampling, int(d.dense_stride), 1))
-                pending.append(ClipRequest(sample.key, sample.video, info.codec, idx,
-                                           A.eval_views(info.height, info.width, d, 1), info))
+                pending.append(
+                    ClipRequest(
+                        sample.key, sample.video, info.codec, idx, A.eval_views(info.height, info.width, d, 1), info
+                    )
+                )
                 if len(pending) >= batch:
                     flush()
         if decoder is not None:

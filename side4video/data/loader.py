@@ -54,6 +54,7 @@ log = get_logger(__name__)
 
 MAX_BAD_KEYS_IN_STATE = 1000
 WAIT_POLL_S = 0.2  # how often a waiting consumer looks at stop requests and the producer's health
+CPU = torch.device("cpu")
 _END = object()
 
 
@@ -74,9 +75,21 @@ class VideoLoader:
     them (`captions`).
     """
 
-    def __init__(self, data, split: str, *, batch_size: int, views: int = 1, clips: int = 1, rank: int = 0,
-                 world_size: int = 1, dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
-                 check_labels: bool = True, shards: Optional[ShardSet] = None):
+    def __init__(
+        self,
+        data,
+        split: str,
+        *,
+        batch_size: int,
+        views: int = 1,
+        clips: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device = CPU,
+        check_labels: bool = True,
+        shards: Optional[ShardSet] = None,
+    ):
         if split not in ("train", "val"):
             raise UserError(f"loader split {split!r}: allowed train, val")
         self.data, self.split = data, split
@@ -90,12 +103,17 @@ class VideoLoader:
         self.frames = int(data.frames)
         self.views = int(views)
         self.clips = 1 if self.train else int(clips)
-        self.shardset = shards if shards is not None else resolve_shards(data[split].shards, data,
-                                                                       what=f"data.{split}.shards")
+        self.shardset = (
+            shards if shards is not None else resolve_shards(data[split].shards, data, what=f"data.{split}.shards")
+        )
         self.class_names: List[str] = list(self.shardset.classes or [])
         if check_labels and self.class_names and len(self.class_names) != int(data.num_classes):
-            log.warning("data.%s: the manifest lists %d classes but data.num_classes is %d", split,
-                        len(self.class_names), data.num_classes)
+            log.warning(
+                "data.%s: the manifest lists %d classes but data.num_classes is %d",
+                split,
+                len(self.class_names),
+                data.num_classes,
+            )
         self.flip_map = A.flip_label_map(data.flip_label_pairs)
         self._num_batches = self._epoch_batches() if self.train else None
 
@@ -111,8 +129,7 @@ class VideoLoader:
         # current CUDA device is per thread, and decoding runs in the producer thread.
         self._gpu = device.type == "cuda"
         self._device_id = device.index if self._gpu else None
-        self._probe_pool = ThreadPoolExecutor(max_workers=max(1, int(data.decode_threads)),
-                                              thread_name_prefix="probe")
+        self._probe_pool = ThreadPoolExecutor(max_workers=max(1, int(data.decode_threads)), thread_name_prefix="probe")
         self._producer: Optional[threading.Thread] = None
         self._stop = threading.Event()
 
@@ -138,23 +155,33 @@ class VideoLoader:
         self.epoch, self.position, self._stream_pos, self._restored = epoch, 0, 0, False
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"epoch": self.epoch, "batches": self.position, "stream_pos": self._stream_pos,
-                "world_size": self.world_size, "rank": self.rank, "workers": int(self.data.workers),
-                "seed": int(self.data.seed), "bad_samples": self.bad_samples[-MAX_BAD_KEYS_IN_STATE:]}
+        return {
+            "epoch": self.epoch,
+            "batches": self.position,
+            "stream_pos": self._stream_pos,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "workers": int(self.data.workers),
+            "seed": int(self.data.seed),
+            "bad_samples": self.bad_samples[-MAX_BAD_KEYS_IN_STATE:],
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.position = int(state.get("batches", 0))
-        same_layout = (state.get("world_size", self.world_size) == self.world_size
-                       and state.get("workers", self.data.workers) == self.data.workers
-                       and state.get("seed", self.data.seed) == self.data.seed)
+        same_layout = (
+            state.get("world_size", self.world_size) == self.world_size
+            and state.get("workers", self.data.workers) == self.data.workers
+            and state.get("seed", self.data.seed) == self.data.seed
+        )
         if "stream_pos" in state and same_layout:
             self._stream_pos = int(state["stream_pos"])
         else:
             # A different rank layout reads another stream: the exact position is lost; skip
             # about as many samples as were consumed so the epoch keeps its length.
-            log.warning("data state from another layout (world size/workers/seed); resuming epoch %d approximately",
-                        self.epoch)
+            log.warning(
+                "data state from another layout (world size/workers/seed); resuming epoch %d approximately", self.epoch
+            )
             self._stream_pos = self.position * self.batch_size
         for key in state.get("bad_samples", []):
             self._bad.sample(key, "seen before the resume")
@@ -188,8 +215,11 @@ class VideoLoader:
         out: "queue.Queue" = queue.Queue(maxsize=max(1, int(self.data.prefetch)))
         self._stop = threading.Event()
         self._producer = threading.Thread(
-            target=self._produce, args=(self.epoch, self.position, self._stream_pos, out, self._stop),
-            name=f"loader-{self.split}-{self.rank}", daemon=True)
+            target=self._produce,
+            args=(self.epoch, self.position, self._stream_pos, out, self._stop),
+            name=f"loader-{self.split}-{self.rank}",
+            daemon=True,
+        )
         self._producer.start()
         try:
             while True:
@@ -225,7 +255,7 @@ class VideoLoader:
                 if signals.stop_requested():
                     raise StopRequested(f"stop requested ({signals.stop_reason()}) while waiting for data") from None
                 if not producer.is_alive() and out.empty():
-                    raise RuntimeError(f"loader thread {producer.name} ended without delivering its batches")
+                    raise RuntimeError(f"loader thread {producer.name} ended without delivering its batches") from None
 
     def _stop_producer(self) -> None:
         producer, self._producer = self._producer, None
@@ -238,26 +268,48 @@ class VideoLoader:
         epoch_samples = int(self.data.train.epoch_samples)
         total = epoch_samples or self.shardset.total_samples
         if not total:
-            raise UserError("data.train: epoch length unknown: use a manifest.json (make-shards writes one, "
-                            "with sample counts) or set data.train.epoch_samples")
+            raise UserError(
+                "data.train: epoch length unknown: use a manifest.json (make-shards writes one, "
+                "with sample counts) or set data.train.epoch_samples"
+            )
         return max(1, math.ceil(total / (self.world_size * self.batch_size)))
 
     def _make_stream(self, epoch: int, stop: threading.Event) -> RankStream:
         d = self.data
         return RankStream(
-            self.shardset, d, epoch=epoch, rank=self.rank, world=self.world_size, workers=int(d.workers),
-            shuffle_shards=bool(d.shuffle_shards) and self.train, shuffle_buffer=int(d.shuffle_buffer) if self.train else 0,
-            seed=int(d.seed), infinite=self.train, resampled=bool(d.resampled) and self.train,
-            allow_sample_split=not self.train, bad=self._bad, stop=stop)
+            self.shardset,
+            d,
+            epoch=epoch,
+            rank=self.rank,
+            world=self.world_size,
+            workers=int(d.workers),
+            shuffle_shards=bool(d.shuffle_shards) and self.train,
+            shuffle_buffer=int(d.shuffle_buffer) if self.train else 0,
+            seed=int(d.seed),
+            infinite=self.train,
+            resampled=bool(d.resampled) and self.train,
+            allow_sample_split=not self.train,
+            bad=self._bad,
+            stop=stop,
+        )
 
     def decoder(self) -> ClipDecoder:
         if self._decoder is None:
             ra = self.data.randaugment
             self._decoder = ClipDecoder(
-                views=self.views, size=int(self.data.size), mean=list(self.data.mean), std=list(self.data.std),
-                batch_size=self.batch_size, ra_steps=int(ra.num_ops) if (self.train and ra.enabled) else 0,
-                fp16=self.dtype == torch.float16, threads=int(self.data.decode_threads), decoder=self.data.decoder,
-                gpu=self._gpu, device_id=self._device_id, grayscale=self.train and float(self.data.grayscale) > 0)
+                views=self.views,
+                size=int(self.data.size),
+                mean=list(self.data.mean),
+                std=list(self.data.std),
+                batch_size=self.batch_size,
+                ra_steps=int(ra.num_ops) if (self.train and ra.enabled) else 0,
+                fp16=self.dtype == torch.float16,
+                threads=int(self.data.decode_threads),
+                decoder=self.data.decoder,
+                gpu=self._gpu,
+                device_id=self._device_id,
+                grayscale=self.train and float(self.data.grayscale) > 0,
+            )
         return self._decoder
 
     def prepare(self, sample: Sample, epoch: int) -> Union[ClipRequest, str]:
@@ -276,7 +328,9 @@ class VideoLoader:
             return ClipRequest(sample.key, sample.video, info.codec, indices, views, info)
         return eval_request(sample.key, sample.video, info, d, crops=self.views, clips=self.clips)
 
-    def _produce(self, epoch: int, batch_index: int, stream_pos: int, out: "queue.Queue", stop: threading.Event) -> None:
+    def _produce(
+        self, epoch: int, batch_index: int, stream_pos: int, out: "queue.Queue", stop: threading.Event
+    ) -> None:
         def put(item) -> bool:
             while not stop.is_set():
                 try:
@@ -357,9 +411,11 @@ class VideoLoader:
         self._bad_in_row += 1
         limit = int(self.data.max_bad_in_row)
         if limit and self._bad_in_row >= limit:
-            raise UserError(f"data.{self.split}: {self._bad_in_row} samples in a row could not be used (the last, "
-                            f"{key}: {reason}); check the shards (side4video inspect --decode) and data.decoder, "
-                            f"or raise data.max_bad_in_row")
+            raise UserError(
+                f"data.{self.split}: {self._bad_in_row} samples in a row could not be used (the last, "
+                f"{key}: {reason}); check the shards (side4video inspect --decode) and data.decoder, "
+                f"or raise data.max_bad_in_row"
+            )
 
     @property
     def decoder_fallbacks(self) -> int:
@@ -394,8 +450,9 @@ class VideoLoader:
 
 def eval_request(key: str, video: bytes, info, data_cfg, crops: int, clips: int) -> ClipRequest:
     """The test views of one video: `clips` temporal clips (centre sampling) x `crops` crops."""
-    indices = np.concatenate(eval_indices(info.frames, int(data_cfg.frames), data_cfg.sampling,
-                                          int(data_cfg.dense_stride), clips))
+    indices = np.concatenate(
+        eval_indices(info.frames, int(data_cfg.frames), data_cfg.sampling, int(data_cfg.dense_stride), clips)
+    )
     return ClipRequest(key, video, info.codec, indices, A.eval_views(info.height, info.width, data_cfg, crops), info)
 
 

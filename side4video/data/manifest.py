@@ -20,8 +20,13 @@ MANIFEST_NAME = "manifest.json"
 VERSION = 1
 
 
-def build_manifest(shards: Sequence[Dict[str, Any]], classes: Optional[Sequence[str]], quarantine: Sequence[Dict[str, str]],
-                   fmt: str, **extra: Any) -> Dict[str, Any]:
+def build_manifest(
+    shards: Sequence[Dict[str, Any]],
+    classes: Optional[Sequence[str]],
+    quarantine: Sequence[Dict[str, str]],
+    fmt: str,
+    **extra: Any,
+) -> Dict[str, Any]:
     return {
         "version": VERSION,
         "shards": [dict(s) for s in shards],

@@ -25,7 +25,9 @@ def _check(num_frames: int, frames: int) -> None:
         raise ValueError(f"a clip needs at least one frame, got {frames}")
 
 
-def tsn_indices(num_frames: int, frames: int, rng: Optional[np.random.Generator] = None, offset: float = 0.5) -> np.ndarray:
+def tsn_indices(
+    num_frames: int, frames: int, rng: Optional[np.random.Generator] = None, offset: float = 0.5
+) -> np.ndarray:
     """One frame per segment: random offset per segment if `rng` is given, else at `offset`
     (0.5 = centre) of every segment."""
     _check(num_frames, frames)
@@ -35,8 +37,9 @@ def tsn_indices(num_frames: int, frames: int, rng: Optional[np.random.Generator]
     return np.clip(np.floor(pos), 0, num_frames - 1).astype(np.int32)
 
 
-def dense_indices(num_frames: int, frames: int, stride: int, rng: Optional[np.random.Generator] = None,
-                  start: Optional[int] = None) -> np.ndarray:
+def dense_indices(
+    num_frames: int, frames: int, stride: int, rng: Optional[np.random.Generator] = None, start: Optional[int] = None
+) -> np.ndarray:
     """T frames `stride` apart; start random (training), given, or centred; clamped at the end."""
     _check(num_frames, frames)
     stride = max(1, int(stride))

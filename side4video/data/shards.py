@@ -28,8 +28,22 @@ from side4video.logs import get_logger
 
 log = get_logger(__name__)
 
-_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
-          "T": 1000**4, "TB": 1000**4, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "KB": 1000,
+    "M": 1000**2,
+    "MB": 1000**2,
+    "G": 1000**3,
+    "GB": 1000**3,
+    "T": 1000**4,
+    "TB": 1000**4,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "TIB": 1024**4,
+}
 
 
 def parse_size(text) -> int:
@@ -48,8 +62,15 @@ def parse_size(text) -> int:
 class ShardWriter:
     """Tar shards of at most `max_bytes` (and/or `max_samples`) into a folder or s3:// prefix."""
 
-    def __init__(self, out: str, *, max_bytes: Optional[int] = None, max_samples: Optional[int] = None,
-                 prefix: str = "shard", data_cfg=None):
+    def __init__(
+        self,
+        out: str,
+        *,
+        max_bytes: Optional[int] = None,
+        max_samples: Optional[int] = None,
+        prefix: str = "shard",
+        data_cfg=None,
+    ):
         self.out = out.rstrip("/")
         self.kind = sources.url_kind(self.out)
         if self.kind not in ("local", "s3"):
@@ -106,9 +127,14 @@ class ShardWriter:
             raise UserError(f"{key}: video extension {ext!r} not one of {', '.join(VIDEO_EXTS)}")
         meta_bytes = json.dumps(meta, ensure_ascii=False).encode("utf-8")
         size = len(video_bytes) + len(meta_bytes) + 3 * 512
-        if self._tar is not None and self._count and (
-                (self.max_bytes and self._bytes + size > self.max_bytes) or
-                (self.max_samples and self._count >= self.max_samples)):
+        if (
+            self._tar is not None
+            and self._count
+            and (
+                (self.max_bytes and self._bytes + size > self.max_bytes)
+                or (self.max_samples and self._count >= self.max_samples)
+            )
+        ):
             self._finish()
         if self._tar is None:
             self._open()
@@ -117,8 +143,9 @@ class ShardWriter:
         self._count += 1
         self._bytes += size
 
-    def close(self, classes: Optional[Sequence[str]], quarantine: Sequence[Dict[str, str]], fmt: str,
-              **extra: Any) -> Dict[str, Any]:
+    def close(
+        self, classes: Optional[Sequence[str]], quarantine: Sequence[Dict[str, str]], fmt: str, **extra: Any
+    ) -> Dict[str, Any]:
         """Finish the last shard and write manifest.json; returns the manifest."""
         self._finish()
         manifest = build_manifest(self.shards, classes, quarantine, fmt, **extra)
@@ -140,9 +167,19 @@ class ShardWriter:
         return manifest
 
 
-def sample_metadata(info: video.VideoInfo, label: int, label_name: Optional[str], captions: Sequence[str]) -> Dict[str, Any]:
-    return {"label": int(label), "label_name": label_name, "captions": list(captions), "frames": info.frames,
-            "fps": round(info.fps, 3), "width": info.width, "height": info.height, "codec": info.codec}
+def sample_metadata(
+    info: video.VideoInfo, label: int, label_name: Optional[str], captions: Sequence[str]
+) -> Dict[str, Any]:
+    return {
+        "label": int(label),
+        "label_name": label_name,
+        "captions": list(captions),
+        "frames": info.frames,
+        "fps": round(info.fps, 3),
+        "width": info.width,
+        "height": info.height,
+        "codec": info.codec,
+    }
 
 
 def prepare_entry(args) -> Dict[str, Any]:
@@ -166,8 +203,13 @@ def prepare_entry(args) -> Dict[str, Any]:
     except video.VideoError as e:
         return {"key": entry.key, "path": entry.rel, "error": str(e)}
     ext = video.CODECS[transcode][2] if transcode and transcode != "none" else video.guess_extension(info, entry.path)
-    return {"key": entry.key, "path": entry.rel, "video": data, "ext": ext,
-            "meta": sample_metadata(info, entry.label, entry.label_name, entry.captions)}
+    return {
+        "key": entry.key,
+        "path": entry.rel,
+        "video": data,
+        "ext": ext,
+        "meta": sample_metadata(info, entry.label, entry.label_name, entry.captions),
+    }
 
 
 def _map(fn, items: Sequence, workers: int) -> Iterable:
@@ -189,10 +231,23 @@ def _map(fn, items: Sequence, workers: int) -> Iterable:
     return gen()
 
 
-def make_shards(list_file: str, fmt: str, root: str, out: str, labels: Optional[str] = None,
-                split: Optional[str] = None, shard_size="1GB", workers: int = 1, validate: bool = False,
-                transcode: str = "none", short_side: int = 0, progress: bool = True, data_cfg=None,
-                captions: Optional[str] = None, allow_missing: bool = False) -> Dict[str, Any]:
+def make_shards(
+    list_file: str,
+    fmt: str,
+    root: str,
+    out: str,
+    labels: Optional[str] = None,
+    split: Optional[str] = None,
+    shard_size="1GB",
+    workers: int = 1,
+    validate: bool = False,
+    transcode: str = "none",
+    short_side: int = 0,
+    progress: bool = True,
+    data_cfg=None,
+    captions: Optional[str] = None,
+    allow_missing: bool = False,
+) -> Dict[str, Any]:
     """Annotation list + video root -> shards + manifest.json in `out` (folder or s3://).
 
     Caption datasets (retrieval) refuse a list naming videos that are not under `root`, since a
@@ -211,8 +266,10 @@ def make_shards(list_file: str, fmt: str, root: str, out: str, labels: Optional[
         raise UserError(f"{list_file}: no videos listed" + (f" for split {split!r}" if split else ""))
     missing = [e.rel for e in entries if e.path is None]
     if missing and fmt in CAPTION_FORMATS and not allow_missing:
-        raise UserError(f"{list_file} names {len(missing)} videos not found under {root} (e.g. "
-                        f"{', '.join(missing[:3])}); pass --allow-missing to leave them out")
+        raise UserError(
+            f"{list_file} names {len(missing)} videos not found under {root} (e.g. "
+            f"{', '.join(missing[:3])}); pass --allow-missing to leave them out"
+        )
     writer = ShardWriter(out, max_bytes=max_bytes, prefix=split or "shard", data_cfg=data_cfg)
     quarantine: List[Dict[str, str]] = []
     jobs = [(e, validate, transcode, short_side) for e in entries]
@@ -230,6 +287,8 @@ def make_shards(list_file: str, fmt: str, root: str, out: str, labels: Optional[
     for q in quarantine:
         log.warning("quarantined %s: %s", q["path"], q["reason"])
     if not writer.keys:
-        raise UserError(f"no usable video among {len(entries)} listed ({len(quarantine)} quarantined; "
-                        f"first: {quarantine[0]['path']}: {quarantine[0]['reason']})")
+        raise UserError(
+            f"no usable video among {len(entries)} listed ({len(quarantine)} quarantined; "
+            f"first: {quarantine[0]['path']}: {quarantine[0]['reason']})"
+        )
     return writer.close(classes, quarantine, fmt, transcode=transcode, validated=bool(validate))

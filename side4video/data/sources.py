@@ -46,13 +46,17 @@ def url_kind(url: str) -> str:
         return "http"
     if scheme in ("s3", "s3a"):
         return "s3"
-    raise UserError(f"shard URL {url!r}: unsupported scheme '{scheme}:' (allowed: local path, file://, http(s)://, s3://, pipe:)")
+    raise UserError(
+        f"shard URL {url!r}: unsupported scheme '{scheme}:' (allowed: local path, file://, http(s)://, s3://, pipe:)"
+    )
 
 
 def check_url(url: str, allow_pipe: bool) -> str:
     """Refuse pipe: URLs unless the config allows them (they run a shell command)."""
     if url_kind(url) == "pipe" and not allow_pipe:
-        raise UserError(f"shard URL {url!r} runs a shell command; refused (set data.allow_pipe=true to allow pipe: URLs)")
+        raise UserError(
+            f"shard URL {url!r} runs a shell command; refused (set data.allow_pipe=true to allow pipe: URLs)"
+        )
     return url
 
 
@@ -105,11 +109,20 @@ def s3_client(data_cfg):
         if client is None:
             # ResumableStream owns retrying (backoff + resume at the byte reached); botocore
             # retrying underneath would only multiply the waiting.
-            config = Config(connect_timeout=min(st["timeout"], 10.0), read_timeout=st["timeout"],
-                            retries={"max_attempts": 1, "mode": "standard"}, max_pool_connections=32)
+            config = Config(
+                connect_timeout=min(st["timeout"], 10.0),
+                read_timeout=st["timeout"],
+                retries={"max_attempts": 1, "mode": "standard"},
+                max_pool_connections=32,
+            )
             client = boto3.session.Session().client(
-                "s3", endpoint_url=st["endpoint_url"], aws_access_key_id=st["key"],
-                aws_secret_access_key=st["secret"], region_name=st["region"] or "us-east-1", config=config)
+                "s3",
+                endpoint_url=st["endpoint_url"],
+                aws_access_key_id=st["key"],
+                aws_secret_access_key=st["secret"],
+                region_name=st["region"] or "us-east-1",
+                config=config,
+            )
             _client_cache[cache_key] = client
     return client
 
@@ -147,18 +160,23 @@ def check_s3_output(url: str, data_cfg) -> None:
     and takes our credentials (a typo must not cost hours of transcoding first)."""
     bucket, _ = _bucket_key(url)
     if not _BUCKET_NAME.match(bucket) or ".." in bucket:
-        raise UserError(f"output {url!r}: {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, "
-                        f"digits, '.' or '-', starting and ending with a letter or digit)")
+        raise UserError(
+            f"output {url!r}: {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, "
+            f"digits, '.' or '-', starting and ending with a letter or digit)"
+        )
     endpoint = s3_settings(data_cfg)["endpoint_url"] or "AWS"
     try:
         s3_client(data_cfg).head_bucket(Bucket=bucket)
     except Exception as e:
         err = _s3_error(e, bucket)
         if isinstance(err, FileNotFoundError):
-            raise UserError(f"output {url!r}: bucket {bucket!r} does not exist at {endpoint} (create it first)") from None
+            raise UserError(
+                f"output {url!r}: bucket {bucket!r} does not exist at {endpoint} (create it first)"
+            ) from None
         if isinstance(err, PermissionError):
-            raise UserError(f"output {url!r}: access to bucket {bucket!r} at {endpoint} denied (check the S3 "
-                            f"credentials)") from None
+            raise UserError(
+                f"output {url!r}: access to bucket {bucket!r} at {endpoint} denied (check the S3 credentials)"
+            ) from None
         raise UserError(f"output {url!r}: cannot reach bucket {bucket!r} at {endpoint}: {_first_line(e)}") from None
 
 
@@ -276,12 +294,21 @@ class ResumableStream(io.RawIOBase):
                 self._drop_body()
                 failures += 1
                 if failures > self.retries:
-                    raise SourceUnavailable(f"cannot read {self.url}: giving up after {self.retries} retries at byte "
-                                            f"{self._pos} ({type(e).__name__}: {_first_line(e)})") from None
+                    raise SourceUnavailable(
+                        f"cannot read {self.url}: giving up after {self.retries} retries at byte "
+                        f"{self._pos} ({type(e).__name__}: {_first_line(e)})"
+                    ) from None
                 delay = self.backoff * 2 ** (failures - 1)
                 self.reconnects += 1
-                log.warning("%s: %s at byte %d; retry %d/%d in %.1fs", self.url, type(e).__name__, self._pos,
-                            failures, self.retries, delay)
+                log.warning(
+                    "%s: %s at byte %d; retry %d/%d in %.1fs",
+                    self.url,
+                    type(e).__name__,
+                    self._pos,
+                    failures,
+                    self.retries,
+                    delay,
+                )
                 time.sleep(delay)
 
     def _drop_body(self) -> None:
@@ -329,7 +356,7 @@ def open_url(url: str, data_cfg=None, buffer_size: Optional[int] = None) -> io.B
             raise FileNotFoundError(f"no such shard file: {path}")
         return open(path, "rb", buffering=1 << 20)
     if kind == "pipe":
-        return io.BufferedReader(_PipeReader(url[len("pipe:"):]), buffer_size=1 << 20)
+        return io.BufferedReader(_PipeReader(url[len("pipe:") :]), buffer_size=1 << 20)
     opener = _open_s3(url, data_cfg) if kind == "s3" else _open_http(url, data_cfg)
     return io.BufferedReader(ResumableStream(url, opener, retries, backoff), buffer_size=chunk)
 

@@ -36,8 +36,8 @@ from side4video.data import sources
 from side4video.data.manifest import MANIFEST_NAME, parse_manifest
 from side4video.data.sample import BadSample, Sample, sample_from_members
 from side4video.errors import UserError
-from side4video.patterns import split_outside_brackets
 from side4video.logs import get_logger
+from side4video.patterns import split_outside_brackets
 
 log = get_logger(__name__)
 
@@ -169,8 +169,17 @@ class WorkerPlan:
         return self.keep_rank is None or (shard_index + sample_index) % self.world == self.keep_rank
 
 
-def plan_workers(shardset: ShardSet, *, epoch: int, seed: int, shuffle: bool, rank: int, world: int, workers: int,
-                 allow_sample_split: bool = False) -> List[WorkerPlan]:
+def plan_workers(
+    shardset: ShardSet,
+    *,
+    epoch: int,
+    seed: int,
+    shuffle: bool,
+    rank: int,
+    world: int,
+    workers: int,
+    allow_sample_split: bool = False,
+) -> List[WorkerPlan]:
     """Split the epoch's shard order by rank, then by worker.
 
     Training needs at least world x workers shards (UserError otherwise). Evaluation
@@ -184,9 +193,11 @@ def plan_workers(shardset: ShardSet, *, epoch: int, seed: int, shuffle: bool, ra
         mine = indexed[rank::world]
         return [WorkerPlan(tuple(mine[w::workers])) for w in range(workers)]
     if not allow_sample_split:
-        raise UserError(f"{n} shard(s) cannot feed {world} rank(s) x {workers} worker(s) = {world * workers} readers: "
-                        f"make more, smaller shards (make-shards --shard-size / make-synthetic --shard-samples) "
-                        f"or lower data.workers")
+        raise UserError(
+            f"{n} shard(s) cannot feed {world} rank(s) x {workers} worker(s) = {world * workers} readers: "
+            f"make more, smaller shards (make-shards --shard-size / make-synthetic --shard-samples) "
+            f"or lower data.workers"
+        )
     if n >= world:
         mine = indexed[rank::world]
         used = max(1, min(workers, len(mine)))
@@ -233,10 +244,10 @@ def _read_exact(fileobj, n: int, what: str) -> bytes:
 def _pax_path(records: bytes) -> Optional[str]:
     """The `path` of a pax extended header ("LEN key=value\n" records), if it has one."""
     path, pos = None, 0
-    while pos < len(records) and records[pos:pos + 1] != tarfile.NUL:
+    while pos < len(records) and records[pos : pos + 1] != tarfile.NUL:
         space = records.index(b" ", pos)
         length = int(records[pos:space])
-        key, _, value = records[space + 1:pos + length - 1].partition(b"=")
+        key, _, value = records[space + 1 : pos + length - 1].partition(b"=")
         if key == b"path":
             path = value.decode("utf-8", "surrogateescape")
         pos += length
@@ -307,8 +318,9 @@ def _tar_members(fileobj) -> Iterator[Tuple[str, bytes]]:
                 yield name, data
 
 
-def iter_shard(shard: Shard, data_cfg=None, bad: Optional[BadLog] = None,
-               keep: Optional[Callable[[int], bool]] = None) -> Iterator[Sample]:
+def iter_shard(
+    shard: Shard, data_cfg=None, bad: Optional[BadLog] = None, keep: Optional[Callable[[int], bool]] = None
+) -> Iterator[Sample]:
     """Samples of one shard in order. Damaged samples are logged in `bad` and skipped; a
     truncated or corrupt tar ends the shard early (logged); a missing shard is a UserError."""
     bad = bad if bad is not None else BadLog()
@@ -382,10 +394,25 @@ class RankStream:
     `occurrence`. `resampled=True` draws shards with replacement instead (always endless).
     """
 
-    def __init__(self, shardset: ShardSet, data_cfg, *, epoch: int, rank: int = 0, world: int = 1,
-                 workers: int = 1, shuffle_shards: bool = True, shuffle_buffer: int = 0, seed: int = 0,
-                 infinite: bool = False, resampled: bool = False, allow_sample_split: bool = False,
-                 bad: Optional[BadLog] = None, queue_size: int = 8, stop: Optional[threading.Event] = None):
+    def __init__(
+        self,
+        shardset: ShardSet,
+        data_cfg,
+        *,
+        epoch: int,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 1,
+        shuffle_shards: bool = True,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        infinite: bool = False,
+        resampled: bool = False,
+        allow_sample_split: bool = False,
+        bad: Optional[BadLog] = None,
+        queue_size: int = 8,
+        stop: Optional[threading.Event] = None,
+    ):
         self.shardset, self.data_cfg = shardset, data_cfg
         self.epoch, self.rank, self.world, self.seed = int(epoch), int(rank), int(world), int(seed)
         self.shuffle_buffer, self.infinite, self.resampled = int(shuffle_buffer), infinite or resampled, resampled
@@ -393,8 +420,16 @@ class RankStream:
         if resampled:
             self.plans = [WorkerPlan(()) for _ in range(max(1, workers))]
         else:
-            self.plans = plan_workers(shardset, epoch=epoch, seed=seed, shuffle=shuffle_shards, rank=rank,
-                                      world=world, workers=max(1, workers), allow_sample_split=allow_sample_split)
+            self.plans = plan_workers(
+                shardset,
+                epoch=epoch,
+                seed=seed,
+                shuffle=shuffle_shards,
+                rank=rank,
+                world=world,
+                workers=max(1, workers),
+                allow_sample_split=allow_sample_split,
+            )
         self._queues = [queue.Queue(maxsize=queue_size) for _ in self.plans]
         self._stop = threading.Event()
         self._consumer_stop = stop  # the consumer's stop: the merge returns as soon as it is set
@@ -429,7 +464,9 @@ class RankStream:
             for pass_ in passes:
                 samples = self._pass_samples(worker, pass_)
                 if self.shuffle_buffer > 1:
-                    rng = random.Random(int(seeded_rng(self.seed, self.epoch, self.rank, worker, pass_).integers(1 << 62)))
+                    rng = random.Random(
+                        int(seeded_rng(self.seed, self.epoch, self.rank, worker, pass_).integers(1 << 62))
+                    )
                     samples = wds_shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
                 for sample in samples:
                     sample.occurrence = pass_
@@ -492,8 +529,10 @@ class RankStream:
                         yield item
                 if all(p or d for p, d in zip(parked, done)):
                     if self.infinite and in_pass == 0:
-                        raise UserError(f"rank {self.rank}: its shards yielded no usable sample in a whole pass "
-                                        f"({len(self.bad.samples)} bad samples, {len(self.bad.shards)} damaged shards)")
+                        raise UserError(
+                            f"rank {self.rank}: its shards yielded no usable sample in a whole pass "
+                            f"({len(self.bad.samples)} bad samples, {len(self.bad.shards)} damaged shards)"
+                        )
                     parked = [False] * self.workers
                     in_pass = 0
         finally:
@@ -509,4 +548,3 @@ class RankStream:
                 pass
         for t in self._threads:
             t.join(timeout=5)
-

@@ -55,8 +55,16 @@ TRAIN_FRAMES = ("{a} {colour} {shape} {motion}", "the {colour} {shape} is {motio
 VAL_FRAMES = ("there is {a} {colour} {shape} {motion}", "watch the {colour} {shape} {motion}")
 SHAPES = ("circle", "square", "diamond", "triangle")
 TEXTURES = ("striped", "checkered", "spotted")
-COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
-           "purple": (150, 50, 190), "orange": (240, 140, 30), "white": (235, 235, 235), "cyan": (40, 200, 210)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (150, 50, 190),
+    "orange": (240, 140, 30),
+    "white": (235, 235, 235),
+    "cyan": (40, 200, 210),
+}
 
 
 def _background_field(rng: np.random.Generator):
@@ -120,8 +128,14 @@ def render_clip(class_index: int, rng: np.random.Generator, frames: int, size: i
     return out, f"{article} {colour} {texture} {shape} and other shapes {CLASSES[class_index][1]}"
 
 
-def render_scene(class_index: int, rng: np.random.Generator, frames: int, size: int, count: int = 4,
-                 radius: Tuple[float, float] = (0.1, 0.16)) -> Tuple[List[np.ndarray], Tuple[str, str, str]]:
+def render_scene(
+    class_index: int,
+    rng: np.random.Generator,
+    frames: int,
+    size: int,
+    count: int = 4,
+    radius: Tuple[float, float] = (0.1, 0.16),
+) -> Tuple[List[np.ndarray], Tuple[str, str, str]]:
     """render_clip's frames with `count` shapes of `radius` x size, and (colour, texture, shape)
     of the first shape (the one captions name)."""
     base = class_index - class_index % 2
@@ -163,8 +177,9 @@ def motion_captions(class_index: int, colour: str, shape: str, split: str) -> Li
     article = "an" if colour[0] in "aeiou" else "a"
     phrases = MOTION_PHRASES[class_index]
     frames = VAL_FRAMES if split == "val" else TRAIN_FRAMES
-    return [f.format(a=article, colour=colour, shape=shape, motion=phrases[k % len(phrases)])
-            for k, f in enumerate(frames)]
+    return [
+        f.format(a=article, colour=colour, shape=shape, motion=phrases[k % len(phrases)]) for k, f in enumerate(frames)
+    ]
 
 
 def _make_one(args) -> Tuple[str, bytes, Dict]:
@@ -178,14 +193,32 @@ def _make_one(args) -> Tuple[str, bytes, Dict]:
         clip, caption = render_clip(class_index, rng, frames, size)
         texts = [caption]
     data = encode_frames(clip, codec="vp9", fps=fps, keyframe_interval=frames)
-    meta = {"label": class_index, "label_name": CLASSES[class_index][0], "captions": texts, "frames": frames,
-            "fps": float(fps), "width": size, "height": size, "codec": "vp9"}
+    meta = {
+        "label": class_index,
+        "label_name": CLASSES[class_index][0],
+        "captions": texts,
+        "frames": frames,
+        "fps": float(fps),
+        "width": size,
+        "height": size,
+        "codec": "vp9",
+    }
     return f"{split}/{index:06d}", data, meta
 
 
-def make_synthetic(out: str, videos: int = 256, classes: int = 8, val_videos=None, frames: int = 16, size: int = 64,
-                   fps: int = 8, seed: int = 0, shard_samples: int = 32, workers: int = 1,
-                   captions: bool = False) -> Dict[str, int]:
+def make_synthetic(
+    out: str,
+    videos: int = 256,
+    classes: int = 8,
+    val_videos=None,
+    frames: int = 16,
+    size: int = 64,
+    fps: int = 8,
+    seed: int = 0,
+    shard_samples: int = 32,
+    workers: int = 1,
+    captions: bool = False,
+) -> Dict[str, int]:
     """Write OUT/train and OUT/val (shards + manifest.json); returns the video counts.
 
     `captions`: retrieval clips (forwards/backwards pairs with motion captions, see above)."""
@@ -207,7 +240,9 @@ def make_synthetic(out: str, videos: int = 256, classes: int = 8, val_videos=Non
     for split, n in (("train", videos), ("val", val_videos)):
         writer = ShardWriter(os.path.join(out, split), max_samples=shard_samples, prefix=split)
         if captions:  # pair k: motion 2 * (k mod classes/2), forwards then backwards
-            jobs = [(split, i, 2 * ((i // 2) % (classes // 2)) + i % 2, seed, frames, size, fps, True) for i in range(n)]
+            jobs = [
+                (split, i, 2 * ((i // 2) % (classes // 2)) + i % 2, seed, frames, size, fps, True) for i in range(n)
+            ]
         else:
             jobs = [(split, i, i % classes, seed, frames, size, fps, False) for i in range(n)]
         for key, data, meta in _map(_make_one, jobs, max(1, int(workers))):

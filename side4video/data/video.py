@@ -80,8 +80,15 @@ def probe(data: bytes) -> VideoInfo:
             raise VideoError("no frame size")
         rate = stream.average_rate or stream.guessed_rate or 0
         fps = float(rate) if rate else 0.0
-        return VideoInfo(codec=ctx.name, frames=frames, width=int(ctx.width), height=int(ctx.height), fps=fps,
-                         duration_s=frames / fps if fps else 0.0, pix_fmt=ctx.format.name if ctx.format else "")
+        return VideoInfo(
+            codec=ctx.name,
+            frames=frames,
+            width=int(ctx.width),
+            height=int(ctx.height),
+            fps=fps,
+            duration_s=frames / fps if fps else 0.0,
+            pix_fmt=ctx.format.name if ctx.format else "",
+        )
 
 
 def _plane(plane, rows: int, cols: int) -> np.ndarray:
@@ -91,6 +98,7 @@ def _plane(plane, rows: int, cols: int) -> np.ndarray:
 
 def _upsample2(c: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """Bilinear 2x upsampling with centred samples (align_corners=False), edge-clamped."""
+
     def axis_weights(n_out: int, n_in: int):
         x = (np.arange(n_out) + 0.5) / 2.0 - 0.5
         x0 = np.floor(x).astype(np.int64)
@@ -169,14 +177,23 @@ def decode_all(data: bytes) -> int:
 # ------------------------------------------------------------------------------------ encoding
 CODECS = {
     # name: (encoder, container, file extension, encoder options)
-    "vp9": ("libvpx-vp9", "webm", "webm", {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0",
-                                             "row-mt": "1", "crf": "32", "b": "0"}),
+    "vp9": (
+        "libvpx-vp9",
+        "webm",
+        "webm",
+        {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0", "row-mt": "1", "crf": "32", "b": "0"},
+    ),
     "h264": ("libx264", "mp4", "mp4", {"preset": "veryfast", "crf": "23", "tune": "fastdecode"}),
 }
 
 
-def encode_frames(frames: Iterable[np.ndarray], codec: str = "vp9", fps: float = 8.0, keyframe_interval: int = 16,
-                  crf: Optional[int] = None) -> bytes:
+def encode_frames(
+    frames: Iterable[np.ndarray],
+    codec: str = "vp9",
+    fps: float = 8.0,
+    keyframe_interval: int = 16,
+    crf: Optional[int] = None,
+) -> bytes:
     """Encode RGB uint8 frames (H, W, 3), even H and W, into a VP9 WebM or H.264 MP4 file."""
     encoder, fmt, _, options = CODECS[codec]
     options = dict(options)

@@ -96,7 +96,8 @@ def fused_attention() -> Iterator[None]:
         if query.device.type != "meta" or attn_mask is not None or dropout_p or set(kwargs) - {"scale"}:
             return original(query, key, value, attn_mask, dropout_p, is_causal, **kwargs)
         out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, bool(is_causal), scale=kwargs.get("scale"))
+            query, key, value, 0.0, bool(is_causal), scale=kwargs.get("scale")
+        )
         return out
 
     F.scaled_dot_product_attention = attention
@@ -109,6 +110,7 @@ def fused_attention() -> Iterator[None]:
 @contextlib.contextmanager
 def gradients_dropped(model: torch.nn.Module) -> Iterator[None]:
     """Parameter gradients freed as soon as they are complete (their home depends on the ZeRO stage)."""
+
     def drop(p):
         p.grad = None
 
@@ -120,8 +122,15 @@ def gradients_dropped(model: torch.nn.Module) -> Iterator[None]:
             h.remove()
 
 
-def step_memory(model: torch.nn.Module, batch: int, frames: int, size: int, clip_dtype: torch.dtype,
-                num_classes: int, backward: bool = True) -> Dict[str, int]:
+def step_memory(
+    model: torch.nn.Module,
+    batch: int,
+    frames: int,
+    size: int,
+    clip_dtype: torch.dtype,
+    num_classes: int,
+    backward: bool = True,
+) -> Dict[str, int]:
     """One training step of `model` (on `meta`) on a (batch, frames, 3, size, size) clip batch.
 
     Returns bytes: `kept` (alive after the forward: what the backward needs, the logits and loss),

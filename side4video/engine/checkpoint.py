@@ -130,8 +130,9 @@ def save(engine, output_dir: str | Path, step: int, client_state: Dict[str, Any]
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)
+    engine.save_checkpoint(
+        str(root), tag=tmp_tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
+    )
     barrier()  # every rank's shard is on disk before the folder becomes visible
     if _rank() == 0:
         _commit(root, tmp_tag, tag)
@@ -145,8 +146,9 @@ def load(engine, root: Path, tag: str) -> Dict[str, Any]:
     """Load the trained weights and optimizer state into the engine; return the trainer state
     saved with them (for engine/state.py `TrainerState.load_state_dict`)."""
     use_safe_loading(engine)
-    path, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    path, client = engine.load_checkpoint(
+        str(root), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if path is None:
         raise UserError(f"checkpoint {root / tag} could not be loaded")
     return client

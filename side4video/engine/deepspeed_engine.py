@@ -204,13 +204,17 @@ def check_trainable(cfg) -> None:
     """Settings DeepSpeed would accept but that cannot train as this loop promises."""
     engine_cfg = cfg.deepspeed
     if engine_cfg.precision == "fp16" and not fp16_supported():
-        raise UserError("deepspeed.precision=fp16 is not supported by DeepSpeed's accelerator on this host "
-                        "(no GPU, no CPU fp16 units): use bf16 or fp32")
+        raise UserError(
+            "deepspeed.precision=fp16 is not supported by DeepSpeed's accelerator on this host "
+            "(no GPU, no CPU fp16 units): use bf16 or fp32"
+        )
     if engine_cfg.zero_stage == 0 and engine_cfg.precision == "fp32":
         # Without ZeRO and without mixed precision DeepSpeed hands the step to the plain torch
         # optimizer, which applies non-finite gradients instead of skipping the step.
-        raise UserError("deepspeed.zero_stage=0 with deepspeed.precision=fp32 cannot skip a step whose gradients "
-                        "are not finite: use deepspeed.zero_stage=1 (same memory on one process) or bf16")
+        raise UserError(
+            "deepspeed.zero_stage=0 with deepspeed.precision=fp32 cannot skip a step whose gradients "
+            "are not finite: use deepspeed.zero_stage=1 (same memory on one process) or bf16"
+        )
 
 
 def initialize(model: nn.Module, cfg, precision: Precision, world_size: int, groups: List[Dict[str, Any]] = None):
@@ -238,8 +242,10 @@ def initialize(model: nn.Module, cfg, precision: Precision, world_size: int, gro
 def initialize_for_inference(model: nn.Module, cfg, precision: Precision, world_size: int):
     """ZeRO-3 inference engine (eval, predict): the frozen weights partitioned and offloaded as in
     training. Other stages need no engine: the caller places the model on its device."""
-    config = {"train_micro_batch_size_per_gpu": 1,
-              "zero_optimization": deepspeed_config(cfg, world_size, _largest_frozen_unit(model))["zero_optimization"]}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": deepspeed_config(cfg, world_size, _largest_frozen_unit(model))["zero_optimization"],
+    }
     mark_backbone_units_as_leaves(model)
     with frozen_towers_kept(model, cfg, precision, config):
         engine = deepspeed.initialize(model=model, config=config)[0]
@@ -289,8 +295,13 @@ def partition_frozen_unit(unit: nn.Module, cfg, precision: Precision, ds_config:
     shard; offloaded to CPU/NVMe with deepspeed.offload_param)."""
     offload = cfg.deepspeed.offload_param
     with torch.no_grad():
-        deepspeed.zero.Init(module=unit, config_dict_or_path=ds_config, dtype=precision.storage,
-                            remote_device=offload if offload != "none" else None, pin_memory=has_cuda())
+        deepspeed.zero.Init(
+            module=unit,
+            config_dict_or_path=ds_config,
+            dtype=precision.storage,
+            remote_device=offload if offload != "none" else None,
+            pin_memory=has_cuda(),
+        )
 
 
 def frozen_unit_placer(cfg, precision: Precision, world_size: int, largest_frozen_unit: int):

@@ -17,8 +17,8 @@ import torch
 
 from side4video import signals
 from side4video.engine.collectives import all_gather_objects, any_rank
-from side4video.signals import StopRequested
 from side4video.logs import get_logger
+from side4video.signals import StopRequested
 
 log = get_logger(__name__)
 
@@ -111,8 +111,12 @@ def write_report(report: Dict[str, Any], out_dir: Path, class_names: Sequence[st
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / f"{tag}.json", {k: v for k, v in report.items() if k != "confusion"})
     if report.get("confusion"):
-        plot_confusion(np.array(report["confusion"]), list(class_names), out_dir / f"{tag}_confusion.png",
-                       title=f"{tag}: top-1 {100 * report['top1']:.1f}%")
+        plot_confusion(
+            np.array(report["confusion"]),
+            list(class_names),
+            out_dir / f"{tag}_confusion.png",
+            title=f"{tag}: top-1 {100 * report['top1']:.1f}%",
+        )
 
 
 # ------------------------------------------------------------------------------------ retrieval
@@ -186,8 +190,10 @@ def retrieval_entries(sim, video_of_caption=None) -> Dict[str, np.ndarray]:
         return {"t2v": _tied_entries(sim.numpy()), "v2t": _tied_entries(sim.T.numpy())}
     sim, video_of_caption, _ = _grouped(sim, video_of_caption)
     ranks = text_to_video_ranks(sim, video_of_caption)
-    return {"t2v": (ranks[ranks > 0] - 1).numpy(),
-            "v2t": _tied_entries(video_to_text_similarity(sim, video_of_caption).numpy())}
+    return {
+        "t2v": (ranks[ranks > 0] - 1).numpy(),
+        "v2t": _tied_entries(video_to_text_similarity(sim, video_of_caption).numpy()),
+    }
 
 
 def retrieval_metrics(sim, video_of_caption=None) -> Dict[str, Dict[str, float]]:
@@ -199,8 +205,9 @@ def retrieval_metrics(sim, video_of_caption=None) -> Dict[str, Dict[str, float]]
     sim = torch.as_tensor(sim).detach().cpu()
     if video_of_caption is None:
         if sim.shape[0] != sim.shape[1]:
-            raise ValueError(f"one caption per video needs a square matrix, got {tuple(sim.shape)}; "
-                             f"pass video_of_caption")
+            raise ValueError(
+                f"one caption per video needs a square matrix, got {tuple(sim.shape)}; pass video_of_caption"
+            )
         return {"t2v": _entry_metrics(_tied_entries(sim.numpy())), "v2t": _entry_metrics(_tied_entries(sim.T.numpy()))}
     sim, video_of_caption, _ = _grouped(sim, video_of_caption)
     ranks = text_to_video_ranks(sim, video_of_caption)
@@ -209,7 +216,11 @@ def retrieval_metrics(sim, video_of_caption=None) -> Dict[str, Dict[str, float]]
     # R@k as the reference computes it (an integer tensor divided: float32), the median with
     # torch.median (lower middle), mean and population std with numpy.
     t2v = {f"R{k}": float(torch.sum(valid < k) * 100 / n) for k in RETRIEVAL_KS}
-    t2v.update(MedianR=float(torch.median(valid + 1)), MeanR=float(np.mean(valid.numpy() + 1)),
-               Std_Rank=float(np.std(valid.numpy() + 1)), entries=n)
+    t2v.update(
+        MedianR=float(torch.median(valid + 1)),
+        MeanR=float(np.mean(valid.numpy() + 1)),
+        Std_Rank=float(np.std(valid.numpy() + 1)),
+        entries=n,
+    )
     v2t = _entry_metrics(_tied_entries(video_to_text_similarity(sim, video_of_caption).numpy()))
     return {"t2v": t2v, "v2t": v2t}

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Dict, Sequence
 
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from side4video.config import redacted
@@ -51,8 +50,15 @@ def write_trainable(engine, checkpoint_dir: Path, zero_stage: int, is_main: bool
         _save(state, Path(checkpoint_dir) / TRAINABLE)
 
 
-def export_model(module: torch.nn.Module, cfg, out_dir: Path, class_names: Sequence[str], zero_stage: int,
-                 is_main: bool, fingerprint: Dict[str, Any]) -> None:
+def export_model(
+    module: torch.nn.Module,
+    cfg,
+    out_dir: Path,
+    class_names: Sequence[str],
+    zero_stage: int,
+    is_main: bool,
+    fingerprint: Dict[str, Any],
+) -> None:
     """Collective: write OUT/model.safetensors + OUT/model.json."""
     state = gathered_trainable_state(module, zero_stage)
     with_backbone = not cfg.model.backbone.weights
@@ -64,8 +70,13 @@ def export_model(module: torch.nn.Module, cfg, out_dir: Path, class_names: Seque
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _save(state, out_dir / MODEL_FILE)
-    meta = {"format": "side4video-export-1", "config": redacted(cfg), "class_names": list(class_names),
-            "backbone": fingerprint, "contains_backbone": with_backbone}
+    meta = {
+        "format": "side4video-export-1",
+        "config": redacted(cfg),
+        "class_names": list(class_names),
+        "backbone": fingerprint,
+        "contains_backbone": with_backbone,
+    }
     (out_dir / MODEL_JSON).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     log.info("exported %s", out_dir)
 

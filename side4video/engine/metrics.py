@@ -72,8 +72,15 @@ class Throughput:
 class MetricsLogger:
     """Writes what rank 0 measures; other ranks hold a no-op instance."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, initial_step: int,
-                 progress: bool = True, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        initial_step: int,
+        progress: bool = True,
+        tensorboard: bool = True,
+    ):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.bar = None
@@ -91,8 +98,14 @@ class MetricsLogger:
             from tqdm import tqdm
 
             # SLURM log files are not terminals: a bar line per update there is still useful.
-            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
-                            mininterval=1.0 if os.isatty(2) else 10.0)
+            self.bar = tqdm(
+                total=total_steps,
+                initial=initial_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=1.0 if os.isatty(2) else 10.0,
+            )
 
     def step(self, step: int, scalars: Dict[str, float]) -> None:
         """Progress bar update for every step; scalars are written by `log`."""

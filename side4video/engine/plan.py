@@ -57,18 +57,24 @@ class ZeroSettings:
 
 def zero_settings(cfg, world_size: int, trainable_params: int = 0) -> ZeroSettings:
     """From the DeepSpeed config the engine builds, through DeepSpeed's own config class."""
-    from side4video.engine.deepspeed_engine import deepspeed_config  # first: it quiets DeepSpeed's import
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from side4video.engine.deepspeed_engine import deepspeed_config  # first: it quiets DeepSpeed's import
 
     zero_dict = deepspeed_config(cfg, world_size, trainable_params=trainable_params)["zero_optimization"]
     z = DeepSpeedZeroConfig(**zero_dict)
     return ZeroSettings(
-        stage=int(z.stage), offload_param=cfg.deepspeed.offload_param if z.stage == 3 else "none",
+        stage=int(z.stage),
+        offload_param=cfg.deepspeed.offload_param if z.stage == 3 else "none",
         offload_optimizer=cfg.deepspeed.offload_optimizer if z.stage >= 1 else "none",
-        reduce_bucket_size=int(z.reduce_bucket_size), overlap_comm=bool(z.overlap_comm),
-        contiguous_gradients=bool(z.contiguous_gradients), prefetch_bucket_size=int(z.prefetch_bucket_size),
-        param_persistence_threshold=int(z.param_persistence_threshold), max_live_parameters=int(z.max_live_parameters),
-        sub_group_size=int(z.sub_group_size))
+        reduce_bucket_size=int(z.reduce_bucket_size),
+        overlap_comm=bool(z.overlap_comm),
+        contiguous_gradients=bool(z.contiguous_gradients),
+        prefetch_bucket_size=int(z.prefetch_bucket_size),
+        param_persistence_threshold=int(z.param_persistence_threshold),
+        max_live_parameters=int(z.max_live_parameters),
+        sub_group_size=int(z.sub_group_size),
+    )
 
 
 # ------------------------------------------------------------------------------------ weights
@@ -79,23 +85,50 @@ def frozen_weights(model, zero: ZeroSettings, world: int, storage: torch.dtype) 
     size = itemsize(storage)
     total = sum(p.numel() for p in params) * size
     if not params:
-        return {"total": 0, "resident": 0, "partition": 0, "persistent": 0, "gathered_unit": 0, "prefetch": 0,
-                "host": 0}
+        return {
+            "total": 0,
+            "resident": 0,
+            "partition": 0,
+            "persistent": 0,
+            "gathered_unit": 0,
+            "prefetch": 0,
+            "host": 0,
+        }
     if zero.stage < 3:  # only ZeRO-3 partitions parameters; the frozen ones are never in the optimizer
-        return {"total": total, "resident": total, "partition": 0, "persistent": 0, "gathered_unit": 0,
-                "prefetch": 0, "host": 0}
+        return {
+            "total": total,
+            "resident": total,
+            "partition": 0,
+            "persistent": 0,
+            "gathered_unit": 0,
+            "prefetch": 0,
+            "host": 0,
+        }
     persistent = sum(p.numel() for p in params if p.numel() <= zero.param_persistence_threshold) * size
     partition = math.ceil((total - persistent) / world)
     unit = max(sum(p.numel() for p in u.parameters() if not p.requires_grad) for u in backbone.units()) * size
     prefetch = min(zero.prefetch_bucket_size * size, total - persistent)
     offloaded = zero.offload_param != "none"
-    return {"total": total, "resident": persistent + (0 if offloaded else partition), "partition": partition,
-            "persistent": persistent, "gathered_unit": unit, "prefetch": prefetch,
-            "host": partition if offloaded else 0}
+    return {
+        "total": total,
+        "resident": persistent + (0 if offloaded else partition),
+        "partition": partition,
+        "persistent": persistent,
+        "gathered_unit": unit,
+        "prefetch": prefetch,
+        "host": partition if offloaded else 0,
+    }
 
 
-def trained_state(trainable: int, train: torch.dtype, optimizer: str, zero: ZeroSettings, world: int,
-                  persistent: int = 0, cuda: bool = True) -> Dict[str, int]:
+def trained_state(
+    trainable: int,
+    train: torch.dtype,
+    optimizer: str,
+    zero: ZeroSettings,
+    world: int,
+    persistent: int = 0,
+    cuda: bool = True,
+) -> Dict[str, int]:
     """Bytes per rank of the trained parameters: weights, gradients, fp32 master copies, optimizer
     state (on the device, or `host` when offloaded) and DeepSpeed's gradient reduce bucket.
 
@@ -105,7 +138,10 @@ def trained_state(trainable: int, train: torch.dtype, optimizer: str, zero: Zero
     t = itemsize(train)
     mixed = train != torch.float32
     per_param_state = 8 if optimizer == "adamw" else 4  # fp32 exp_avg + exp_avg_sq, or momentum
-    shard = (lambda n: math.ceil(n / world))
+
+    def shard(n: int) -> int:
+        return math.ceil(n / world)
+
     stage = zero.stage
     weights = trainable * t if stage < 3 else (persistent + shard(trainable - persistent)) * t
     # ZeRO-3 gathers trained parameters for their forward and keeps them until their backward.
@@ -129,8 +165,16 @@ def trained_state(trainable: int, train: torch.dtype, optimizer: str, zero: Zero
     # DeepSpeed's CPU Adam (optimizer offloaded) makes none
     stepped = min(zero.sub_group_size, shard(trainable)) if stage == 3 else shard(trainable)
     temporaries = 2 * 4 * stepped if optimizer == "adamw" and zero.offload_optimizer == "none" and stage >= 1 else 0
-    return {"weights": weights, "gathered": gathered, "gradients": grads, "master": master,
-            "optimizer_state": states, "reduce_bucket": bucket, "host": host, "step_temporaries": temporaries}
+    return {
+        "weights": weights,
+        "gathered": gathered,
+        "gradients": grads,
+        "master": master,
+        "optimizer_state": states,
+        "reduce_bucket": bucket,
+        "host": host,
+        "step_temporaries": temporaries,
+    }
 
 
 # -------------------------------------------------------------------------------- activations
@@ -143,16 +187,18 @@ def _cast_trained(model, train: torch.dtype) -> None:
             module.to(train)
 
 
-def activation_memory(model, cfg, precision: Precision, batch: int,
-                      checkpointing: Optional[bool] = None) -> Dict[str, int]:
+def activation_memory(
+    model, cfg, precision: Precision, batch: int, checkpointing: Optional[bool] = None
+) -> Dict[str, int]:
     """One meta training step of the model at `batch` clips (side checkpointing switched as asked)."""
     side = model.side
     configured = side.checkpointing if side is not None else None
     if side is not None and checkpointing is not None:
         side.set_checkpointing(checkpointing)
     try:
-        return step_memory(model, batch, int(cfg.data.frames), int(cfg.data.size), precision.clips,
-                           int(cfg.data.num_classes))
+        return step_memory(
+            model, batch, int(cfg.data.frames), int(cfg.data.size), precision.clips, int(cfg.data.num_classes)
+        )
     finally:
         if side is not None:
             side.set_checkpointing(configured)
@@ -194,8 +240,13 @@ def dali_buffer_bytes(cfg, source: Tuple[int, int] = DEFAULT_SOURCE) -> Dict[str
     return {"train": train, "val": val if cfg.data.val.shards else 0, "source": f"{width}x{height}"}
 
 
-def plan(cfg, gpus: Optional[int] = None, gpu_mem_gib: Optional[float] = None,
-         link_gbs: float = DEFAULT_LINK_GBS, source: Tuple[int, int] = DEFAULT_SOURCE) -> Dict:
+def plan(
+    cfg,
+    gpus: Optional[int] = None,
+    gpu_mem_gib: Optional[float] = None,
+    link_gbs: float = DEFAULT_LINK_GBS,
+    source: Tuple[int, int] = DEFAULT_SOURCE,
+) -> Dict:
     """One JSON-ready dict: the model (counts), the weights, and the per-rank memory plan."""
     t0 = time.perf_counter()
     nodes = max(int(cfg.slurm.nodes), 1)
@@ -211,8 +262,11 @@ def plan(cfg, gpus: Optional[int] = None, gpu_mem_gib: Optional[float] = None,
     model = meta_model(cfg, precision)
     report = _model_report(cfg, model, precision)
     # the per-rank plan counts a recognition step's activations; retrieval plans its weights
-    report["plan"] = (_rank_plan(cfg, model, precision, world, per_node, cuda, gpu_mem_gib, link_gbs, source)
-                      if cfg.task == "recognition" else None)
+    report["plan"] = (
+        _rank_plan(cfg, model, precision, world, per_node, cuda, gpu_mem_gib, link_gbs, source)
+        if cfg.task == "recognition"
+        else None
+    )
     report["plan_seconds"] = round(time.perf_counter() - t0, 2)
     return report
 
@@ -238,24 +292,38 @@ def _model_report(cfg, model, precision: Precision) -> Dict:
         text = list(model.text.parameters())
         frozen_text = 0 if text[0].requires_grad else counts["text_params"]
         memory["frozen_text_weights_bytes"] = frozen_text * itemsize(text[0].dtype)
-    memory["weights_total_bytes"] = (memory["backbone_weights_bytes"] + memory["trainable_weights_bytes"]
-                                     + memory["gradients_bytes"] + memory["master_weights_bytes"]
-                                     + memory["optimizer_state_bytes"] + memory.get("frozen_text_weights_bytes", 0))
+    memory["weights_total_bytes"] = (
+        memory["backbone_weights_bytes"]
+        + memory["trainable_weights_bytes"]
+        + memory["gradients_bytes"]
+        + memory["master_weights_bytes"]
+        + memory["optimizer_state_bytes"]
+        + memory.get("frozen_text_weights_bytes", 0)
+    )
     if cfg.model.method == "full":  # its trained weights are the backbone's: do not count them twice
         memory["weights_total_bytes"] -= memory["backbone_weights_bytes"]
     return {
-        "task": cfg.task, "method": cfg.model.method, "backbone": spec.name, "backbone_family": spec.family,
-        "backbone_width": spec.width, "backbone_layers": spec.layers, "patch_size": spec.patch_size,
-        "image_size": spec.image_size, "patches_per_frame": spec.num_patches, "frames": frames,
+        "task": cfg.task,
+        "method": cfg.model.method,
+        "backbone": spec.name,
+        "backbone_family": spec.family,
+        "backbone_width": spec.width,
+        "backbone_layers": spec.layers,
+        "patch_size": spec.patch_size,
+        "image_size": spec.image_size,
+        "patches_per_frame": spec.num_patches,
+        "frames": frames,
         "batch_size": int(cfg.train.batch_size) * int(cfg.data.repeated_views),
-        "storage_precision": dtype_name(storage), "compute_precision": dtype_name(precision.compute),
+        "storage_precision": dtype_name(storage),
+        "compute_precision": dtype_name(precision.compute),
         "train_precision": dtype_name(train_dtype),
         "side_variant": side.variant if side is not None else None,
         "side_dim": side.dim if side is not None else None,
         "side_blocks": len(side.blocks) if side is not None else 0,
         "side_checkpointing": bool(side.checkpointing) if side is not None else False,
         "tap_layers": list(backbone.taps) if side is not None else [],
-        **counts, "memory": memory,
+        **counts,
+        "memory": memory,
     }
 
 
@@ -265,15 +333,25 @@ def kept_taps_bytes(model, frames: int, storage: torch.dtype) -> int:
     return len(model.backbone.taps) * frames * (1 + spec.num_patches) * spec.width * itemsize(storage)
 
 
-def _rank_plan(cfg, model, precision: Precision, world: int, per_node: int, cuda: bool,
-               gpu_mem_gib: Optional[float], link_gbs: float, source: Tuple[int, int] = DEFAULT_SOURCE) -> Dict:
+def _rank_plan(
+    cfg,
+    model,
+    precision: Precision,
+    world: int,
+    per_node: int,
+    cuda: bool,
+    gpu_mem_gib: Optional[float],
+    link_gbs: float,
+    source: Tuple[int, int] = DEFAULT_SOURCE,
+) -> Dict:
     trainable = model.parameter_counts()["trainable_params"]
     zero = zero_settings(cfg, world, trainable)
     batch = int(cfg.train.batch_size) * int(cfg.data.repeated_views)
     frames = int(cfg.data.frames)
     method = cfg.model.method
-    persistent_trained = sum(p.numel() for p in model.parameters()
-                             if p.requires_grad and p.numel() <= zero.param_persistence_threshold)
+    persistent_trained = sum(
+        p.numel() for p in model.parameters() if p.requires_grad and p.numel() <= zero.param_persistence_threshold
+    )
 
     frozen = frozen_weights(model, zero, world, precision.storage)
     state = trained_state(trainable, precision.train, cfg.train.optimizer, zero, world, persistent_trained, cuda)
@@ -282,20 +360,28 @@ def _rank_plan(cfg, model, precision: Precision, world: int, per_node: int, cuda
     # checkpointing setting, and one backbone block's working set.
     step = activation_memory(model, cfg, precision, batch)
     one = activation_memory(model, cfg, precision, 1) if batch > 1 else step
-    activations = {"step_peak": step["peak"], "kept": step["kept"], "kept_per_clip": round(step["kept"] / batch),
-                   "peak_per_added_clip": round((step["peak"] - one["peak"]) / (batch - 1)) if batch > 1 else 0,
-                   "peak_batch_1": one["peak"]}
+    activations = {
+        "step_peak": step["peak"],
+        "kept": step["kept"],
+        "kept_per_clip": round(step["kept"] / batch),
+        "peak_per_added_clip": round((step["peak"] - one["peak"]) / (batch - 1)) if batch > 1 else 0,
+        "peak_batch_1": one["peak"],
+    }
     block = backbone_block_memory(model, batch, frames, precision.compute)
     activations["backbone_block_working_set"] = block["peak"]
     if method == "side4video":
         on = bool(cfg.model.side.checkpointing)
         other = activation_memory(model, cfg, precision, batch, checkpointing=not on)
         with_ckpt, without = (step, other) if on else (other, step)
-        activations.update({
-            "side_kept_per_clip": round(without["kept"] / batch),
-            "side_kept_per_clip_checkpointed": round(with_ckpt["kept"] / batch),
-            "step_peak_checkpointed": with_ckpt["peak"], "step_peak_not_checkpointed": without["peak"],
-            "kept_taps_per_clip": kept_taps_bytes(model, frames, precision.storage)})
+        activations.update(
+            {
+                "side_kept_per_clip": round(without["kept"] / batch),
+                "side_kept_per_clip_checkpointed": round(with_ckpt["kept"] / batch),
+                "step_peak_checkpointed": with_ckpt["peak"],
+                "step_peak_not_checkpointed": without["peak"],
+                "kept_taps_per_clip": kept_taps_bytes(model, frames, precision.storage),
+            }
+        )
 
     dali = dali_buffer_bytes(cfg, source)
     device = _device_total(frozen, state, activations["step_peak"], zero) + dali["train"] + dali["val"]
@@ -303,21 +389,36 @@ def _rank_plan(cfg, model, precision: Precision, world: int, per_node: int, cuda
     host_per_node = (frozen["host"] + state["host"]) * per_node
     traffic = offload_traffic(frozen, state, zero, cfg, trainable, world, precision.train)
     plan = {
-        "device": "cuda" if cuda else "cpu", "ranks": world, "ranks_per_node": per_node,
-        "nodes": math.ceil(world / per_node), "micro_batch": batch, "grad_accum": int(cfg.train.grad_accum),
-        "zero": zero.__dict__, "frozen_weights": frozen, "trained_state": state, "activations": activations,
-        "dali_buffers": dali, "peak_per_rank": device, "host_per_node_offloaded": host_per_node,
-        "offload_traffic_per_step": dict(traffic, link_gbs=link_gbs,
-                                         seconds=round(traffic["bytes"] / (link_gbs * 1e9), 3)),
+        "device": "cuda" if cuda else "cpu",
+        "ranks": world,
+        "ranks_per_node": per_node,
+        "nodes": math.ceil(world / per_node),
+        "micro_batch": batch,
+        "grad_accum": int(cfg.train.grad_accum),
+        "zero": zero.__dict__,
+        "frozen_weights": frozen,
+        "trained_state": state,
+        "activations": activations,
+        "dali_buffers": dali,
+        "peak_per_rank": device,
+        "host_per_node_offloaded": host_per_node,
+        "offload_traffic_per_step": dict(
+            traffic, link_gbs=link_gbs, seconds=round(traffic["bytes"] / (link_gbs * 1e9), 3)
+        ),
     }
     if budget is not None:
         fits = device <= budget * (1 - HEADROOM)
-        plan["verdict"] = {"memory_gib": gpu_mem_gib, "usable_bytes": int(budget * (1 - HEADROOM)),
-                           "headroom": HEADROOM, "fits": fits}
+        plan["verdict"] = {
+            "memory_gib": gpu_mem_gib,
+            "usable_bytes": int(budget * (1 - HEADROOM)),
+            "headroom": HEADROOM,
+            "fits": fits,
+        }
         if not fits:
             checkpointed = {"peak": activations.get("step_peak_checkpointed", step["peak"])}
-            plan["verdict"]["what_would_fit"] = _alternatives(cfg, model, precision, world, budget, step, one, batch,
-                                                              checkpointed, cuda, dali["train"] + dali["val"])
+            plan["verdict"]["what_would_fit"] = _alternatives(
+                cfg, model, precision, world, budget, step, one, batch, checkpointed, cuda, dali["train"] + dali["val"]
+            )
     return plan
 
 
@@ -325,12 +426,24 @@ def _device_total(frozen: Dict[str, int], state: Dict[str, int], activation_peak
     working = frozen["gathered_unit"] + frozen["prefetch"]
     trained = state["weights"] + state["gathered"] + state["gradients"] + state["master"] + state["optimizer_state"]
     # the optimizer's temporaries come after the backward, when the activations are gone
-    return frozen["resident"] + working + trained + state["reduce_bucket"] + max(activation_peak,
-                                                                               state["step_temporaries"])
+    return (
+        frozen["resident"]
+        + working
+        + trained
+        + state["reduce_bucket"]
+        + max(activation_peak, state["step_temporaries"])
+    )
 
 
-def offload_traffic(frozen: Dict[str, int], state: Dict[str, int], zero: ZeroSettings, cfg, trainable: int,
-                    world: int, train: torch.dtype) -> Dict[str, int]:
+def offload_traffic(
+    frozen: Dict[str, int],
+    state: Dict[str, int],
+    zero: ZeroSettings,
+    cfg,
+    trainable: int,
+    world: int,
+    train: torch.dtype,
+) -> Dict[str, int]:
     """Bytes one rank moves over its host link per optimizer step.
 
     Offloaded parameters: each rank copies its partition to the device whenever the unit is
@@ -349,8 +462,19 @@ def offload_traffic(frozen: Dict[str, int], state: Dict[str, int], zero: ZeroSet
     return {"bytes": params + optimizer, "parameters": params, "optimizer": optimizer}
 
 
-def _alternatives(cfg, model, precision: Precision, world: int, budget: int, step: Dict, one: Dict,
-                  batch: int, checkpointed: Dict, cuda: bool, outside: int = 0) -> List[Dict]:
+def _alternatives(
+    cfg,
+    model,
+    precision: Precision,
+    world: int,
+    budget: int,
+    step: Dict,
+    one: Dict,
+    batch: int,
+    checkpointed: Dict,
+    cuda: bool,
+    outside: int = 0,
+) -> List[Dict]:
     """Changes that would fit, each with its predicted peak (the first is the least disruptive).
     `outside`: memory the changes leave as it is (DALI's buffers)."""
     usable = budget * (1 - HEADROOM) - outside
@@ -360,8 +484,13 @@ def _alternatives(cfg, model, precision: Precision, world: int, budget: int, ste
     if cfg.deepspeed.zero_stage < 3:
         options.append(("deepspeed.zero_stage=3", None, {"deepspeed.zero_stage": 3}))
     if cfg.deepspeed.offload_param == "none":
-        options.append(("deepspeed.zero_stage=3 deepspeed.offload_param=cpu", None,
-                        {"deepspeed.zero_stage": 3, "deepspeed.offload_param": "cpu"}))
+        options.append(
+            (
+                "deepspeed.zero_stage=3 deepspeed.offload_param=cpu",
+                None,
+                {"deepspeed.zero_stage": 3, "deepspeed.offload_param": "cpu"},
+            )
+        )
     if cfg.deepspeed.offload_optimizer == "none":
         options.append(("deepspeed.offload_optimizer=cpu", None, {"deepspeed.offload_optimizer": "cpu"}))
     found = []
@@ -369,8 +498,9 @@ def _alternatives(cfg, model, precision: Precision, world: int, budget: int, ste
         alt = cfg
         for key, value in changes.items():
             alt = _with(alt, key, value)
-        peak = _predicted_peak(alt, model, precision, world,
-                               checkpointed if "model.side.checkpointing" in changes else step, cuda)
+        peak = _predicted_peak(
+            alt, model, precision, world, checkpointed if "model.side.checkpointing" in changes else step, cuda
+        )
         if peak <= usable:
             found.append({"change": label, "peak_per_rank": peak + outside})
     # The largest batch that fits as configured (the activation peak grows linearly per clip; the
@@ -382,9 +512,13 @@ def _alternatives(cfg, model, precision: Precision, world: int, budget: int, ste
         fitting = 1 + int((usable - fixed - one["peak"]) // per_clip)
         if fitting < batch:
             activations = one["peak"] + (fitting - 1) * per_clip
-            found.append({"change": f"train.batch_size={max(1, fitting // max(int(cfg.data.repeated_views), 1))} "
-                                    f"(micro-batch {fitting} clips, with train.grad_accum to keep the global batch)",
-                          "peak_per_rank": int(fixed + max(activations, temporaries)) + outside})
+            found.append(
+                {
+                    "change": f"train.batch_size={max(1, fitting // max(int(cfg.data.repeated_views), 1))} "
+                    f"(micro-batch {fitting} clips, with train.grad_accum to keep the global batch)",
+                    "peak_per_rank": int(fixed + max(activations, temporaries)) + outside,
+                }
+            )
     return found
 
 
@@ -398,8 +532,9 @@ def _step_temporaries(cfg, model, world: int, cuda: bool) -> int:
 def _predicted_peak(cfg, model, precision: Precision, world: int, step: Dict, cuda: bool) -> int:
     trainable = model.parameter_counts()["trainable_params"]
     zero = zero_settings(cfg, world, trainable)
-    persistent = sum(p.numel() for p in model.parameters()
-                     if p.requires_grad and p.numel() <= zero.param_persistence_threshold)
+    persistent = sum(
+        p.numel() for p in model.parameters() if p.requires_grad and p.numel() <= zero.param_persistence_threshold
+    )
     frozen = frozen_weights(model, zero, world, precision.storage)
     state = trained_state(trainable, precision.train, cfg.train.optimizer, zero, world, persistent, cuda)
     return _device_total(frozen, state, step["peak"], zero)
@@ -417,5 +552,10 @@ def plain_step_peak(cfg) -> Dict[str, int]:
     step = activation_memory(model, cfg, precision, batch)
     per_param_state = 8 if cfg.train.optimizer == "adamw" else 4
     grads, states = trainable * 4, trainable * per_param_state
-    return {"activations_peak": step["peak"], "kept": step["kept"], "gradients": grads, "optimizer_state": states,
-            "peak_above_model": step["peak"] + grads + states}
+    return {
+        "activations_peak": step["peak"],
+        "kept": step["kept"],
+        "gradients": grads,
+        "optimizer_state": states,
+        "peak_above_model": step["peak"] + grads + states,
+    }

@@ -67,8 +67,15 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], out: Path,
         for i in range(n):
             for j in range(n):
                 if confusion[i, j]:
-                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(confusion[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix")
@@ -88,8 +95,13 @@ def plot_recall_curves(report: dict, out: Path, title: str = "") -> Path:
     for direction, label in (("t2v", "text -> video"), ("v2t", "video -> text")):
         dsl = report.get("dual_softmax", {}).get(direction)
         if dsl:  # only R@1/5/10 are computed after re-ranking
-            ax.plot([1, 5, 10], [dsl["R1"], dsl["R5"], dsl["R10"]], linestyle="--", marker="x",
-                    label=f"{label}, dual softmax")
+            ax.plot(
+                [1, 5, 10],
+                [dsl["R1"], dsl["R5"], dsl["R10"]],
+                linestyle="--",
+                marker="x",
+                label=f"{label}, dual softmax",
+            )
     chance = [100.0 * k / report["videos"] for k in curves["k"]]
     ax.plot(curves["k"], chance, color="tab:gray", linestyle=":", label="chance")
     ax.set_xscale("log")

@@ -34,9 +34,17 @@ def clip_views(cfg, video_path: str | Path, dtype: torch.dtype, device: torch.de
         raise UserError(f"{path}: not a readable video ({e})") from None
     request = eval_request(path.name, data, info, cfg.data, crops=cfg.eval.crops, clips=cfg.eval.clips)
     gpu = device.type == "cuda"
-    decoder = ClipDecoder(views=cfg.eval.crops, size=cfg.data.size, mean=list(cfg.data.mean), std=list(cfg.data.std),
-                          batch_size=1, threads=cfg.data.decode_threads, decoder=cfg.data.decoder, gpu=gpu,
-                          device_id=device.index if gpu else None)
+    decoder = ClipDecoder(
+        views=cfg.eval.crops,
+        size=cfg.data.size,
+        mean=list(cfg.data.mean),
+        std=list(cfg.data.std),
+        batch_size=1,
+        threads=cfg.data.decode_threads,
+        decoder=cfg.data.decoder,
+        gpu=gpu,
+        device_id=device.index if gpu else None,
+    )
     try:
         tensors, bad = decoder.decode([request])
     finally:
@@ -47,8 +55,9 @@ def clip_views(cfg, video_path: str | Path, dtype: torch.dtype, device: torch.de
 
 
 @torch.no_grad()
-def predict_video(export_dir: str, video_path: str, top_k: int = 5, overrides: Sequence[str] = (),
-                  captions: Sequence[str] = ()) -> Dict[str, Any]:
+def predict_video(
+    export_dir: str, video_path: str, top_k: int = 5, overrides: Sequence[str] = (), captions: Sequence[str] = ()
+) -> Dict[str, Any]:
     """Recognition exports: the top-k classes of the video. Retrieval exports: `captions` ranked
     by their similarity to the video (the score evaluation ranks by)."""
     from side4video.distributed import select_device
@@ -77,13 +86,18 @@ def predict_video(export_dir: str, video_path: str, top_k: int = 5, overrides: S
         from side4video.data.captions import tokenize
 
         ids, mask = tokenize(list(captions), cfg.model.text.max_words)
-        scores = model.similarity(model.embed_text(ids.to(device), mask.to(device)),
-                                  model.embed_video(views[:, 0]))[:, 0].float().cpu()
+        scores = (
+            model.similarity(model.embed_text(ids.to(device), mask.to(device)), model.embed_video(views[:, 0]))[:, 0]
+            .float()
+            .cpu()
+        )
         order = scores.argsort(descending=True)
         result["captions"] = [{"caption": captions[i], "similarity": float(scores[i])} for i in order.tolist()]
         return result
     probs = view_probabilities(model, views)[0].cpu()
     names: List[str] = meta.get("class_names") or [str(i) for i in range(probs.numel())]
     top = probs.topk(min(top_k, probs.numel()))
-    result["top"] = [{"class": names[i], "index": int(i), "probability": float(p)} for p, i in zip(top.values, top.indices)]
+    result["top"] = [
+        {"class": names[i], "index": int(i), "probability": float(p)} for p, i in zip(top.values, top.indices)
+    ]
     return result

@@ -51,14 +51,22 @@ class EncodedSplit:
     @property
     def one_caption_per_video(self) -> bool:
         return len(self.captions) == len(self.keys) and bool(
-            torch.equal(self.video_of_caption, torch.arange(len(self.keys))))
+            torch.equal(self.video_of_caption, torch.arange(len(self.keys)))
+        )
 
 
 # ----------------------------------------------------------------------------------- encoding
 @torch.no_grad()
-def encode_split(loader: Iterable[Dict[str, Any]], encode_video: EncodeVideo, encode_text: EncodeText, *,
-                 dummy_video: torch.Tensor, text_batch_size: int = 64, max_batches: int = 0,
-                 store_dtype: torch.dtype = torch.float32) -> EncodedSplit:
+def encode_split(
+    loader: Iterable[Dict[str, Any]],
+    encode_video: EncodeVideo,
+    encode_text: EncodeText,
+    *,
+    dummy_video: torch.Tensor,
+    text_batch_size: int = 64,
+    max_batches: int = 0,
+    store_dtype: torch.dtype = torch.float32,
+) -> EncodedSplit:
     """Encode the split on every rank (batches with `video`, `key`, `captions`); the same
     EncodedSplit, gathered from all ranks, on every rank."""
     if text_batch_size < 1:
@@ -79,15 +87,15 @@ def encode_split(loader: Iterable[Dict[str, Any]], encode_video: EncodeVideo, en
         encoded = encode_video(batch["video"] if batch is not None else dummy_video)
         if batch is not None:
             for i, key in enumerate(batch["key"]):
-                videos[key] = encoded[i:i + 1].to("cpu", store_dtype)
+                videos[key] = encoded[i : i + 1].to("cpu", store_dtype)
                 captions.setdefault(key, [])
                 texts.setdefault(key, [])
         for step in range(text_steps):
-            part = pairs[step * text_batch_size:(step + 1) * text_batch_size]
+            part = pairs[step * text_batch_size : (step + 1) * text_batch_size]
             encoded_text = encode_text([c for _, c in part] or [""])  # "" only keeps the calls in step
             for i, (key, caption) in enumerate(part):
                 captions[key].append(caption)
-                texts[key].append(encoded_text[i:i + 1].to("cpu", store_dtype))
+                texts[key].append(encoded_text[i : i + 1].to("cpu", store_dtype))
         if batch is not None:
             done += 1
     merged_videos: Dict[str, VideoEmbedding] = {}
@@ -102,7 +110,9 @@ def _as_list(captions) -> List[str]:
     return [captions] if isinstance(captions, str) else list(captions or [])
 
 
-def _ordered(videos: Dict[str, VideoEmbedding], texts: Dict[str, Tuple[List[str], List[TextEmbedding]]]) -> EncodedSplit:
+def _ordered(
+    videos: Dict[str, VideoEmbedding], texts: Dict[str, Tuple[List[str], List[TextEmbedding]]]
+) -> EncodedSplit:
     keys = sorted(videos)
     flat_captions: List[str] = []
     flat_texts: List[TextEmbedding] = []
@@ -116,8 +126,13 @@ def _ordered(videos: Dict[str, VideoEmbedding], texts: Dict[str, Tuple[List[str]
         raise ValueError("the evaluation split is empty")
     if not flat_texts:
         raise ValueError("the evaluation split has no captions")
-    return EncodedSplit(keys, VideoEmbedding.cat([videos[k] for k in keys]), flat_captions,
-                        TextEmbedding.cat(flat_texts), torch.tensor(video_of_caption, dtype=torch.long))
+    return EncodedSplit(
+        keys,
+        VideoEmbedding.cat([videos[k] for k in keys]),
+        flat_captions,
+        TextEmbedding.cat(flat_texts),
+        torch.tensor(video_of_caption, dtype=torch.long),
+    )
 
 
 # --------------------------------------------------------------------------------- similarity
@@ -130,8 +145,15 @@ def chunk_sizes(texts: int, videos: int, per_pair: int, max_elements: int) -> Tu
 
 
 @torch.no_grad()
-def similarity_matrix(texts: TextEmbedding, videos: VideoEmbedding, similarity: Similarity, *,
-                      max_elements: int = DEFAULT_MAX_ELEMENTS, device="cpu", distributed: bool = True) -> torch.Tensor:
+def similarity_matrix(
+    texts: TextEmbedding,
+    videos: VideoEmbedding,
+    similarity: Similarity,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    device="cpu",
+    distributed: bool = True,
+) -> torch.Tensor:
     """(texts, videos) fp32 on the CPU, computed block by block on `device`.
 
     Each block needs rows x columns x per-pair elements (L x T for WTI) at once, never the whole
@@ -147,11 +169,12 @@ def similarity_matrix(texts: TextEmbedding, videos: VideoEmbedding, similarity: 
     rows, columns = chunk_sizes(n_texts, n_videos, pair_elements(texts[:1], videos[:1]), max_elements)
     out = torch.empty(stop - start, n_videos, dtype=torch.float32)
     for r in range(start, stop, rows):
-        text_block = texts[r:min(stop, r + rows)].to(device, torch.float32)
+        text_block = texts[r : min(stop, r + rows)].to(device, torch.float32)
         for c in range(0, n_videos, columns):
-            video_block = videos[c:c + columns].to(device, torch.float32)
-            out[r - start:r - start + len(text_block), c:c + len(video_block)] = \
+            video_block = videos[c : c + columns].to(device, torch.float32)
+            out[r - start : r - start + len(text_block), c : c + len(video_block)] = (
                 similarity(text_block, video_block).float().cpu()
+            )
     if distributed and is_distributed():
         out = torch.cat(all_gather_objects(out), dim=0)
     return out
@@ -166,30 +189,52 @@ def dual_softmax(sim: torch.Tensor, temperature: float = DUAL_SOFTMAX_TEMPERATUR
 
 
 # ------------------------------------------------------------------------------------ reports
-def retrieval_report(sim: torch.Tensor, video_of_caption: Optional[torch.Tensor] = None,
-                     dual_softmax_temperature: Optional[float] = None) -> Dict[str, Any]:
+def retrieval_report(
+    sim: torch.Tensor, video_of_caption: Optional[torch.Tensor] = None, dual_softmax_temperature: Optional[float] = None
+) -> Dict[str, Any]:
     """Metrics both ways, recall@K curves, chance level; dual-softmax results under their own key."""
     n_texts, n_videos = sim.shape
-    report: Dict[str, Any] = {"videos": int(n_videos), "captions": int(n_texts), "chance_R1": 100.0 / n_videos,
-                              **retrieval_metrics(sim, video_of_caption)}
+    report: Dict[str, Any] = {
+        "videos": int(n_videos),
+        "captions": int(n_texts),
+        "chance_R1": 100.0 / n_videos,
+        **retrieval_metrics(sim, video_of_caption),
+    }
     entries = retrieval_entries(sim, video_of_caption)
     ks = list(range(1, min(RECALL_CURVE_MAX_K, n_videos) + 1))
     report["recall_at_k"] = {"k": ks, **{d: [float(100.0 * np.mean(entries[d] < k)) for k in ks] for d in entries}}
     if dual_softmax_temperature:
         t2v_sim, v2t_sim = dual_softmax(sim, dual_softmax_temperature)
-        report["dual_softmax"] = {"temperature": float(dual_softmax_temperature),
-                                  "t2v": retrieval_metrics(t2v_sim, video_of_caption)["t2v"],
-                                  "v2t": retrieval_metrics(v2t_sim, video_of_caption)["v2t"]}
+        report["dual_softmax"] = {
+            "temperature": float(dual_softmax_temperature),
+            "t2v": retrieval_metrics(t2v_sim, video_of_caption)["t2v"],
+            "v2t": retrieval_metrics(v2t_sim, video_of_caption)["v2t"],
+        }
     return report
 
 
-def evaluate_retrieval(loader: Iterable[Dict[str, Any]], encode_video: EncodeVideo, encode_text: EncodeText,
-                       similarity: Similarity, *, dummy_video: torch.Tensor, text_batch_size: int = 64,
-                       max_elements: int = DEFAULT_MAX_ELEMENTS, device="cpu", dual_softmax: bool = False,
-                       max_batches: int = 0) -> Dict[str, Any]:
+def evaluate_retrieval(
+    loader: Iterable[Dict[str, Any]],
+    encode_video: EncodeVideo,
+    encode_text: EncodeText,
+    similarity: Similarity,
+    *,
+    dummy_video: torch.Tensor,
+    text_batch_size: int = 64,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    device="cpu",
+    dual_softmax: bool = False,
+    max_batches: int = 0,
+) -> Dict[str, Any]:
     """Encode the split across ranks, score it; the same report on every rank."""
-    split = encode_split(loader, encode_video, encode_text, dummy_video=dummy_video, text_batch_size=text_batch_size,
-                         max_batches=max_batches)
+    split = encode_split(
+        loader,
+        encode_video,
+        encode_text,
+        dummy_video=dummy_video,
+        text_batch_size=text_batch_size,
+        max_batches=max_batches,
+    )
     sim = similarity_matrix(split.texts, split.videos, similarity, max_elements=max_elements, device=device)
     video_of_caption = None if split.one_caption_per_video else split.video_of_caption
     return retrieval_report(sim, video_of_caption, DUAL_SOFTMAX_TEMPERATURE if dual_softmax else None)
@@ -214,5 +259,8 @@ def write_retrieval_report(report: Dict[str, Any], out_dir: Path, tag: str) -> N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / f"{tag}.json", report)
-    plot_recall_curves(report, out_dir / f"{tag}_recall.png",
-                       title=f"{tag}: t2v R@1 {report['t2v']['R1']:.1f}%, v2t R@1 {report['v2t']['R1']:.1f}%")
+    plot_recall_curves(
+        report,
+        out_dir / f"{tag}_recall.png",
+        title=f"{tag}: t2v R@1 {report['t2v']['R1']:.1f}%, v2t R@1 {report['v2t']['R1']:.1f}%",
+    )

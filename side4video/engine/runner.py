@@ -18,8 +18,8 @@ from side4video.allocator import release_freed_memory
 from side4video.config import to_yaml
 from side4video.engine import checkpoint, deepspeed_engine, export
 from side4video.engine.collectives import barrier
-from side4video.engine.metrics import held_bytes, rss_bytes
 from side4video.engine.factory import loader_from_config, run_precision
+from side4video.engine.metrics import held_bytes, rss_bytes
 from side4video.engine.schedule import RunLength, run_length
 from side4video.engine.state import TrainerState
 from side4video.engine.tasks import task_for
@@ -63,13 +63,16 @@ class Runner:
         deepspeed_engine.frozen_unit_placer)."""
         if self.cfg.deepspeed.zero_stage != 3:
             return None
-        largest = max(sum(p.numel() for p in unit.parameters())
-                      for unit in self.task.model_on_meta(self.cfg, self.precision).backbone.units())
+        largest = max(
+            sum(p.numel() for p in unit.parameters())
+            for unit in self.task.model_on_meta(self.cfg, self.precision).backbone.units()
+        )
         return deepspeed_engine.frozen_unit_placer(self.cfg, self.precision, self.dist.world_size, largest)
 
     def _build_loader(self, split: str):
-        return loader_from_config(self.cfg, split, rank=self.dist.rank, world_size=self.dist.world_size,
-                                  dtype=self.dtype, device=self.device)
+        return loader_from_config(
+            self.cfg, split, rank=self.dist.rank, world_size=self.dist.world_size, dtype=self.dtype, device=self.device
+        )
 
     def build_training(self) -> RunLength:
         """Train loader, step budget, and the DeepSpeed engine over the model."""
@@ -85,18 +88,25 @@ class Runner:
         # kept by the loop when it sets every step's rate (engine/schedule.py)
         self.lr_scales = [group.get("lr", cfg.train.lr) / cfg.train.lr if cfg.train.lr else 1.0 for group in groups]
         self.engine = deepspeed_engine.initialize(self.model, cfg, self.precision, self.dist.world_size, groups)
-        self.built = {"rss_after_build_bytes": rss_bytes(),
-                      "backbone_bytes_held": held_bytes(self.module.backbone.frozen_parameters())}
-        log.info("run: %s; precision %s; backbone held here %.2f GiB", length.as_dict(), self.precision.describe(),
-                 self.built["backbone_bytes_held"] / 2**30)
+        self.built = {
+            "rss_after_build_bytes": rss_bytes(),
+            "backbone_bytes_held": held_bytes(self.module.backbone.frozen_parameters()),
+        }
+        log.info(
+            "run: %s; precision %s; backbone held here %.2f GiB",
+            length.as_dict(),
+            self.precision.describe(),
+            self.built["backbone_bytes_held"] / 2**30,
+        )
         return length
 
     def build_inference(self) -> None:
         """For eval/predict: ZeRO-3 still partitions (and offloads) the frozen weights; other
         stages just place the model on the device (a device move keeps every dtype)."""
         if self.cfg.deepspeed.zero_stage == 3:
-            self.engine = deepspeed_engine.initialize_for_inference(self.model, self.cfg, self.precision,
-                                                                    self.dist.world_size)
+            self.engine = deepspeed_engine.initialize_for_inference(
+                self.model, self.cfg, self.precision, self.dist.world_size
+            )
         else:
             self.model.to(self.device)
         self.module.eval()
@@ -128,8 +138,9 @@ class Runner:
     # ------------------------------------------------------------------------------ checkpoints
     def save(self, state: TrainerState) -> Path:
         """Collective: the engine's files + the trainer state, then trainable.safetensors."""
-        path = checkpoint.save(self.engine, self.run_dir, state.step, state.state_dict(),
-                               self.cfg.train.keep_checkpoints)
+        path = checkpoint.save(
+            self.engine, self.run_dir, state.step, state.state_dict(), self.cfg.train.keep_checkpoints
+        )
         export.write_trainable(self.engine, path, self.cfg.deepspeed.zero_stage, self.is_main)
         barrier()
         return path

@@ -30,8 +30,13 @@ class RunLength:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
     def as_dict(self) -> dict:
-        return {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps, "grad_accum": self.grad_accum, "epochs": self.epochs}
+        return {
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "grad_accum": self.grad_accum,
+            "epochs": self.epochs,
+        }
 
 
 def run_length(train_cfg, micro_batches_per_epoch: int) -> RunLength:
@@ -44,8 +49,12 @@ def run_length(train_cfg, micro_batches_per_epoch: int) -> RunLength:
         raise UserError("the run has no step: set train.epochs or train.max_steps to at least 1")
     warmup = int(round(float(train_cfg.warmup_epochs) * steps_per_epoch))
     if warmup > total:
-        log.warning("train.warmup_epochs=%s is %d steps, longer than the run's %d: warming up over the whole run",
-                    train_cfg.warmup_epochs, warmup, total)
+        log.warning(
+            "train.warmup_epochs=%s is %d steps, longer than the run's %d: warming up over the whole run",
+            train_cfg.warmup_epochs,
+            warmup,
+            total,
+        )
         warmup = total
     return RunLength(steps_per_epoch, total, warmup, accum)
 

@@ -26,8 +26,12 @@ def rng_state() -> Dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -64,15 +68,25 @@ class TrainerState:
         self.data = self.loader.state_dict()
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"version": VERSION, "step": self.step, "bad_in_row": self.bad_in_row, "bad_total": self.bad_total,
-                "skipped_total": self.skipped_total, "evals": list(self.evals), "data": dict(self.data),
-                "rng": rng_state(), "backbone": self.fingerprint}
+        return {
+            "version": VERSION,
+            "step": self.step,
+            "bad_in_row": self.bad_in_row,
+            "bad_total": self.bad_total,
+            "skipped_total": self.skipped_total,
+            "evals": list(self.evals),
+            "data": dict(self.data),
+            "rng": rng_state(),
+            "backbone": self.fingerprint,
+        }
 
     def load_state_dict(self, saved: Dict[str, Any], where: str = "checkpoint") -> None:
         if saved.get("backbone") != self.fingerprint:
-            raise UserError(f"{where} was made over another frozen backbone ({_describe(saved.get('backbone'))}); "
-                            f"this run's is {_describe(self.fingerprint)}: resume with the same "
-                            f"model.backbone.* or start a new train.output_dir")
+            raise UserError(
+                f"{where} was made over another frozen backbone ({_describe(saved.get('backbone'))}); "
+                f"this run's is {_describe(self.fingerprint)}: resume with the same "
+                f"model.backbone.* or start a new train.output_dir"
+            )
         self.step = int(saved["step"])
         self.bad_in_row = int(saved.get("bad_in_row", 0))
         self.bad_total = int(saved.get("bad_total", 0))

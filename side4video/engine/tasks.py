@@ -14,8 +14,12 @@ from typing import Any, Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from side4video.engine.factory import (model_from_config, model_on_meta, retrieval_model_from_config,
-                                       retrieval_model_on_meta)
+from side4video.engine.factory import (
+    model_from_config,
+    model_on_meta,
+    retrieval_model_from_config,
+    retrieval_model_on_meta,
+)
 from side4video.precision import Precision
 
 
@@ -49,8 +53,12 @@ class RecognitionTask:
 
     def scalars(self, report: Dict[str, Any]) -> Dict[str, float]:
         """The report's figures for metrics.jsonl, TensorBoard and summary.json."""
-        return {"top1": report["top1"], "top5": report["top5"], "mean_class_accuracy": report["mean_class_accuracy"],
-                "eval_samples": report["samples"]}
+        return {
+            "top1": report["top1"],
+            "top5": report["top5"],
+            "mean_class_accuracy": report["mean_class_accuracy"],
+            "eval_samples": report["samples"],
+        }
 
     def headline(self, report: Dict[str, Any]) -> str:
         return f"top-1 {100 * report['top1']:.2f}%  top-5 {100 * report['top5']:.2f}%"
@@ -105,8 +113,12 @@ class RetrievalTask:
             encode_text=lambda captions: model.embed_text(*self._tokens(run, captions)),
             similarity=model.similarity,
             dummy_video=torch.zeros(1, views, d.frames, 3, d.size, d.size, dtype=run.dtype),
-            text_batch_size=cfg.eval.text_batch_size, max_elements=cfg.eval.similarity_chunk, device=run.device,
-            dual_softmax=cfg.eval.dual_softmax, max_batches=cfg.eval.max_batches)
+            text_batch_size=cfg.eval.text_batch_size,
+            max_elements=cfg.eval.similarity_chunk,
+            device=run.device,
+            dual_softmax=cfg.eval.dual_softmax,
+            max_batches=cfg.eval.max_batches,
+        )
 
     def scalars(self, report: Dict[str, Any]) -> Dict[str, float]:
         from side4video.engine.retrieval import flat_metrics
@@ -115,8 +127,10 @@ class RetrievalTask:
 
     def headline(self, report: Dict[str, Any]) -> str:
         t2v, v2t = report["t2v"], report["v2t"]
-        return (f"t2v R@1 {t2v['R1']:.1f} R@5 {t2v['R5']:.1f} R@10 {t2v['R10']:.1f}  "
-                f"v2t R@1 {v2t['R1']:.1f} R@5 {v2t['R5']:.1f} R@10 {v2t['R10']:.1f}")
+        return (
+            f"t2v R@1 {t2v['R1']:.1f} R@5 {t2v['R5']:.1f} R@10 {t2v['R10']:.1f}  "
+            f"v2t R@1 {v2t['R1']:.1f} R@5 {v2t['R5']:.1f} R@10 {v2t['R10']:.1f}"
+        )
 
     def write_report(self, report: Dict[str, Any], run, tag: str) -> None:
         from side4video.engine.retrieval import write_retrieval_report

@@ -66,7 +66,9 @@ def _raise_failure(failure: Optional[BaseException]) -> None:
     """Collective, once some rank failed: the failing rank raises its own error, the others a
     one-line error naming it (UserError when the cause is bad input), so no rank waits forever."""
     line = str(failure).strip().splitlines()[0] if failure is not None and str(failure).strip() else ""
-    reports = all_gather_objects(None if failure is None else (type(failure).__name__, isinstance(failure, UserError), line))
+    reports = all_gather_objects(
+        None if failure is None else (type(failure).__name__, isinstance(failure, UserError), line)
+    )
     if failure is not None:
         raise failure
     rank, (kind, bad_input, line) = next((r, rep) for r, rep in enumerate(reports) if rep is not None)
@@ -140,8 +142,14 @@ def train(cfg) -> Dict[str, Any]:
         run.prepare_run_dir()
         state = run.trainer_state()
         run.resume(state)
-        metrics = MetricsLogger(run.run_dir, run.is_main, length.total_steps, state.step,
-                                progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
+        metrics = MetricsLogger(
+            run.run_dir,
+            run.is_main,
+            length.total_steps,
+            state.step,
+            progress=cfg.logging.progress,
+            tensorboard=cfg.logging.tensorboard,
+        )
         started = time.perf_counter()
         saves, speed = SavePolicy(cfg, length, resumed_at=state.step), Throughput()
         try:
@@ -152,8 +160,15 @@ def train(cfg) -> Dict[str, Any]:
             metrics.close()
 
 
-def _loop(run: Runner, cfg, length: RunLength, state: TrainerState, metrics: MetricsLogger, saves: SavePolicy,
-          speed: Throughput) -> str:
+def _loop(
+    run: Runner,
+    cfg,
+    length: RunLength,
+    state: TrainerState,
+    metrics: MetricsLogger,
+    saves: SavePolicy,
+    speed: Throughput,
+) -> str:
     batches = run.train_loader.batches()
     run.engine.train()
     while state.step < length.total_steps:
@@ -199,8 +214,10 @@ def _count_skips(cfg, state: TrainerState, result: StepResult, metrics: MetricsL
     state.bad_total += 1
     metrics.write(f"step {state.step}: non-finite loss, step skipped ({state.bad_in_row} in a row)")
     if state.bad_in_row >= cfg.train.max_bad_steps:
-        raise RunFailed(f"stopping: {state.bad_in_row} consecutive non-finite losses at step {state.step} "
-                        f"(lower train.lr, check the data, or use bf16/fp32)")
+        raise RunFailed(
+            f"stopping: {state.bad_in_row} consecutive non-finite losses at step {state.step} "
+            f"(lower train.lr, check the data, or use bf16/fp32)"
+        )
 
 
 def _check_backbone_received_no_gradient(run: Runner, cfg) -> None:
@@ -212,14 +229,28 @@ def _check_backbone_received_no_gradient(run: Runner, cfg) -> None:
         raise RuntimeError(f"frozen backbone received gradients: {leaked[:3]}")
 
 
-def _log_step(cfg, length: RunLength, state: TrainerState, metrics: MetricsLogger, result: StepResult,
-              speed: Throughput) -> None:
+def _log_step(
+    cfg, length: RunLength, state: TrainerState, metrics: MetricsLogger, result: StepResult, speed: Throughput
+) -> None:
     figures = speed.read()
-    metrics.step(state.step, {"loss": result.loss, "lr": result.lr, "clips/s": figures["clips_per_s"],
-                              "wait": f"{100 * figures['data_wait_fraction']:.0f}%"})
+    metrics.step(
+        state.step,
+        {
+            "loss": result.loss,
+            "lr": result.lr,
+            "clips/s": figures["clips_per_s"],
+            "wait": f"{100 * figures['data_wait_fraction']:.0f}%",
+        },
+    )
     if state.step % cfg.train.log_every == 0 or state.step == 1 or not result.applied:
-        row = {"loss": result.loss, "lr": result.lr, "skipped": not result.applied, "step_s": result.seconds, **figures,
-               "epoch": round(state.step / length.steps_per_epoch, 4)}
+        row = {
+            "loss": result.loss,
+            "lr": result.lr,
+            "skipped": not result.applied,
+            "step_s": result.seconds,
+            **figures,
+            "epoch": round(state.step / length.steps_per_epoch, 4),
+        }
         if cfg.logging.sample_keys:
             row["keys"] = result.keys
         metrics.log("train", state.step, row)
@@ -239,11 +270,26 @@ def _evaluate(run: Runner, state: TrainerState, metrics: MetricsLogger) -> Dict[
     return report
 
 
-def _finish(run: Runner, cfg, length: RunLength, state: TrainerState, metrics: MetricsLogger, saves: SavePolicy,
-            status: str, speed: Throughput, started: float, training_peak: Dict[str, int]) -> Dict[str, Any]:
+def _finish(
+    run: Runner,
+    cfg,
+    length: RunLength,
+    state: TrainerState,
+    metrics: MetricsLogger,
+    saves: SavePolicy,
+    status: str,
+    speed: Throughput,
+    started: float,
+    training_peak: Dict[str, int],
+) -> Dict[str, Any]:
     """Final eval, checkpoint, export, summary.json and plots (stopped runs only checkpoint)."""
-    summary: Dict[str, Any] = {"status": status, "task": run.task.name, "steps": state.step, "total_steps": length.total_steps,
-                               "epochs": round(state.step / length.steps_per_epoch, 3)}
+    summary: Dict[str, Any] = {
+        "status": status,
+        "task": run.task.name,
+        "steps": state.step,
+        "total_steps": length.total_steps,
+        "epochs": round(state.step / length.steps_per_epoch, 3),
+    }
     if status == "finished":
         try:
             report = _evaluate(run, state, metrics) if run.val_loader is not None else None
@@ -257,8 +303,15 @@ def _finish(run: Runner, cfg, length: RunLength, state: TrainerState, metrics: M
             if run.task.name == "retrieval":  # the recall dicts too, as the demo and README read them
                 summary.update(t2v=report["t2v"], v2t=report["v2t"])
         if cfg.train.export:
-            export.export_model(run.engine.module, cfg, run.run_dir / "export", run.class_names,
-                                cfg.deepspeed.zero_stage, run.is_main, run.fingerprint())
+            export.export_model(
+                run.engine.module,
+                cfg,
+                run.run_dir / "export",
+                run.class_names,
+                cfg.deepspeed.zero_stage,
+                run.is_main,
+                run.fingerprint(),
+            )
     summary.update(_run_figures(run, speed, started, training_peak))
     summary.update(bad_steps=state.bad_total, skipped_steps=state.skipped_total)
     if run.is_main:
@@ -273,10 +326,15 @@ def _finish(run: Runner, cfg, length: RunLength, state: TrainerState, metrics: M
 def _run_figures(run: Runner, speed: Throughput, started: float, training_peak: Dict[str, int]) -> Dict[str, Any]:
     """Throughput (all ranks together), peak memory (the largest rank, and each rank's), bad
     samples and decoder fallbacks (all ranks)."""
-    memory = {"rank": run.dist.rank, **run.built, **{f"{k[:-6]}_training_bytes": v for k, v in training_peak.items()},
-              **peak_memory()}
-    per_rank = all_gather_objects({"memory": memory, "bad": list(run.train_loader.bad_samples),
-                                   "fallbacks": run.train_loader.decoder_fallbacks})
+    memory = {
+        "rank": run.dist.rank,
+        **run.built,
+        **{f"{k[:-6]}_training_bytes": v for k, v in training_peak.items()},
+        **peak_memory(),
+    }
+    per_rank = all_gather_objects(
+        {"memory": memory, "bad": list(run.train_loader.bad_samples), "fallbacks": run.train_loader.decoder_fallbacks}
+    )
     peaks = {key: max(r["memory"][key] for r in per_rank) for key in peak_memory()}
     figures = speed.read()
     return {
@@ -285,7 +343,9 @@ def _run_figures(run: Runner, speed: Throughput, started: float, training_peak: 
         **peaks,
         "bad_samples": sorted({key for r in per_rank for key in r["bad"]}),
         "decoder_fallbacks": sum(r["fallbacks"] for r in per_rank),  # DALI refused, PyAV decoded
-        "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters() if p.requires_grad),
+        "trainable_params": sum(
+            getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters() if p.requires_grad
+        ),
         "world_size": run.dist.world_size,
         "memory_per_rank": [r["memory"] for r in per_rank],
         "wall_s": time.perf_counter() - started,

@@ -46,18 +46,32 @@ def build_tower(spec: BackboneSpec, with_head: bool = False) -> nn.Module:
     if spec.family == "vit":
         from open_clip.model import _build_vision_tower
 
-        vision = dict(spec.vision_cfg, image_size=spec.image_size, patch_size=spec.patch_size, width=spec.width,
-                      layers=spec.layers, head_width=spec.width // spec.heads, patch_dropout=0.0, output_tokens=False)
+        vision = dict(
+            spec.vision_cfg,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+            width=spec.width,
+            layers=spec.layers,
+            head_width=spec.width // spec.heads,
+            patch_dropout=0.0,
+            output_tokens=False,
+        )
         # cast_dtype=None: norms compute in their input's dtype (fp32 on CPUs, half on GPUs).
-        return _build_vision_tower(embed_dim=embed_dim(spec), vision_cfg=vision, quick_gelu=spec.quick_gelu,
-                                   cast_dtype=None)
+        return _build_vision_tower(
+            embed_dim=embed_dim(spec), vision_cfg=vision, quick_gelu=spec.quick_gelu, cast_dtype=None
+        )
     import timm
 
     arch = dict(embed_dim=spec.width, depth=spec.layers, num_heads=spec.heads, patch_size=spec.patch_size)
     if spec.timm_name.startswith("eva02_large") and spec.overridden:
         arch["ref_feat_shape"] = (spec.grid, spec.grid)  # rotary table of the (smaller) grid
-    return timm.create_model(spec.timm_name, pretrained=False, num_classes=embed_dim(spec) if with_head else 0,
-                             img_size=spec.image_size, **arch)
+    return timm.create_model(
+        spec.timm_name,
+        pretrained=False,
+        num_classes=embed_dim(spec) if with_head else 0,
+        img_size=spec.image_size,
+        **arch,
+    )
 
 
 def materialise(module: nn.Module, dtype: torch.dtype, buffer_dtype: torch.dtype, device) -> None:
@@ -65,8 +79,9 @@ def materialise(module: nn.Module, dtype: torch.dtype, buffer_dtype: torch.dtype
     for m in module.modules():
         for name, p in list(m._parameters.items()):
             if p is not None and p.is_meta:
-                m._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
-                                                   requires_grad=p.requires_grad)
+                m._parameters[name] = nn.Parameter(
+                    torch.empty(p.shape, dtype=dtype, device=device), requires_grad=p.requires_grad
+                )
         for name, b in list(m._buffers.items()):
             if b is not None:
                 m._buffers[name] = b.to(device=device, dtype=buffer_dtype if b.is_floating_point() else b.dtype)
@@ -79,8 +94,9 @@ def sincos_position_embedding(rows: int, dim: int, temperature: float = 100.0) -
     if grid * grid != rows - 1 or dim % 4:
         raise ValueError(f"no 2-D position code for {rows} rows x {dim} channels")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                          indexing="ij")
+    y, x = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
     ay, ax = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
     codes = torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), codes]).float()
@@ -118,11 +134,22 @@ def random_init(module: nn.Module, std: float = 0.02, grid_positions: bool = Fal
                 p.copy_(sincos_position_embedding(p.shape[-2], p.shape[-1]).view(p.shape))
 
 
-def build_backbone(spec: BackboneSpec, taps: Sequence[int], *, storage_dtype: torch.dtype, compute_dtype: torch.dtype,
-                   weights: str = "", seed: int = 0, device="cpu", trainable: bool = False,
-                   grad_through: bool = False, keep_final_norm: bool = False, keep_proj: bool = False,
-                   tap_dtype: Optional[torch.dtype] = None,
-                   place_unit: Optional[Callable[[nn.Module], None]] = None) -> FrozenBackbone:
+def build_backbone(
+    spec: BackboneSpec,
+    taps: Sequence[int],
+    *,
+    storage_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    weights: str = "",
+    seed: int = 0,
+    device="cpu",
+    trainable: bool = False,
+    grad_through: bool = False,
+    keep_final_norm: bool = False,
+    keep_proj: bool = False,
+    tap_dtype: Optional[torch.dtype] = None,
+    place_unit: Optional[Callable[[nn.Module], None]] = None,
+) -> FrozenBackbone:
     """Build on meta, then unit by unit (stem, each block, final norm): materialise in
     `storage_dtype` on `device`, load from `weights` or randomly initialise (one RNG stream from
     `seed`, the same whatever happens to the units), then `place_unit(unit)`: e.g. ZeRO-3
@@ -130,9 +157,18 @@ def build_backbone(spec: BackboneSpec, taps: Sequence[int], *, storage_dtype: to
     sets the dtypes (planning)."""
     with parameters_on_meta():
         tower = build_tower(spec, with_head=keep_proj)
-    backbone = FrozenBackbone(spec, tower, taps, storage_dtype, compute_dtype, trainable=trainable,
-                              grad_through=grad_through, keep_final_norm=keep_final_norm, keep_proj=keep_proj,
-                              tap_dtype=tap_dtype)
+    backbone = FrozenBackbone(
+        spec,
+        tower,
+        taps,
+        storage_dtype,
+        compute_dtype,
+        trainable=trainable,
+        grad_through=grad_through,
+        keep_final_norm=keep_final_norm,
+        keep_proj=keep_proj,
+        tap_dtype=tap_dtype,
+    )
     # Tower modules the wrapper does not keep (e.g. the head) stay on meta and go away with `tower`.
     if str(device) == "meta":
         materialise(backbone, storage_dtype, compute_dtype, device)

@@ -23,8 +23,8 @@ from side4video.model.backbone import build_backbone
 from side4video.model.heads import ClassificationHead
 from side4video.model.side import SideNetwork
 from side4video.model.spec import BackboneSpec, resolve_spec, resolve_taps, side_variant
-from side4video.model.trainable import TrainableState
 from side4video.model.tower import FrozenBackbone
+from side4video.model.trainable import TrainableState
 from side4video.precision import FROZEN_METHODS, Precision
 
 METHODS = ("side4video", "adapter", "full", "linear_probe")
@@ -125,24 +125,42 @@ def _build(args: ModelArgs, device, place_unit=None) -> VideoModel:
     taps = _taps(args, spec)
     p = args.precision
     backbone = build_backbone(
-        spec, taps, storage_dtype=p.storage, compute_dtype=p.compute, weights=args.weights, seed=args.seed,
-        device=device, trainable=method == "full", grad_through=method == "adapter",
-        keep_final_norm=method != "side4video", tap_dtype=p.storage if method in FROZEN_METHODS else None,
-        place_unit=place_unit)
+        spec,
+        taps,
+        storage_dtype=p.storage,
+        compute_dtype=p.compute,
+        weights=args.weights,
+        seed=args.seed,
+        device=device,
+        trainable=method == "full",
+        grad_through=method == "adapter",
+        keep_final_norm=method != "side4video",
+        tap_dtype=p.storage if method in FROZEN_METHODS else None,
+        place_unit=place_unit,
+    )
     # Trained modules: fp32 (DeepSpeed casts them to its precision), deterministic from the seed.
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(args.seed + 1)
         side = None
         if method == "side4video":
-            side = SideNetwork(spec.width, args.side_dim, len(taps), spec.patch_size, spec.num_patches,
-                               heads=args.side_heads, variant=side_variant(args.side_variant, spec),
-                               checkpointing=args.side_checkpointing, drop_path=args.side_drop_path)
+            side = SideNetwork(
+                spec.width,
+                args.side_dim,
+                len(taps),
+                spec.patch_size,
+                spec.num_patches,
+                heads=args.side_heads,
+                variant=side_variant(args.side_variant, spec),
+                checkpointing=args.side_checkpointing,
+                drop_path=args.side_drop_path,
+            )
             feat_dim = args.side_dim
         else:
             feat_dim = spec.width
         if method == "adapter":
-            backbone.adapters = nn.ModuleList(STAdapter(spec.width, args.adapter_dim, args.adapter_kernel)
-                                              for _ in range(spec.layers))
+            backbone.adapters = nn.ModuleList(
+                STAdapter(spec.width, args.adapter_dim, args.adapter_kernel) for _ in range(spec.layers)
+            )
         head = ClassificationHead(feat_dim, args.num_classes, args.head_dropout)
     model = VideoModel(method, backbone, side, head)
     model.train(False)

@@ -22,6 +22,7 @@ from side4video.precision import Precision
 
 log = get_logger(__name__)
 
+
 def _squeeze_conv(v: torch.Tensor) -> torch.Tensor:
     """Conv3d weight with unit spatial kernel -> (out, in) or (C, k); a bias stays as it is."""
     return v.reshape(v.shape[0], -1) if v.dim() > 1 else v
@@ -66,7 +67,7 @@ def unwrap_official(obj) -> Dict[str, torch.Tensor]:
     sd = dict(obj.get("model_state_dict", obj.get("state_dict", obj)))
     if isinstance(obj.get("fusion_model_state_dict"), dict):  # the reference's classifier, saved apart
         sd.update(obj["fusion_model_state_dict"])
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items() if torch.is_tensor(v)}
+    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items() if torch.is_tensor(v)}
     if "visual.side_conv1.weight" not in sd:
         raise UserError("not a Side4Video checkpoint: no 'visual.side_conv1.weight' (keys as in the reference's model)")
     return sd
@@ -98,8 +99,15 @@ def official_config(sd: Dict[str, torch.Tensor]) -> Dict:
     layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     side_dim = sd["visual.side_conv1.weight"].shape[0]
-    config = {"width": width, "layers": layers, "heads": width // 64, "patch_size": patch, "image_size": grid * patch,
-              "side_dim": side_dim, "side_heads": max(1, side_dim // 64)}
+    config = {
+        "width": width,
+        "layers": layers,
+        "heads": width // 64,
+        "patch_size": patch,
+        "image_size": grid * patch,
+        "side_dim": side_dim,
+        "side_heads": max(1, side_dim // 64),
+    }
     if "fc.weight" in sd:
         config["num_classes"] = sd["fc.weight"].shape[0]
     return config
@@ -122,11 +130,18 @@ def official_model_args(config: Dict, sd: Optional[Dict[str, torch.Tensor]] = No
             side_layers = tuple(range(layers - n, layers))
     fp32 = torch.float32
     return ModelArgs(
-        num_classes=int(config.get("num_classes", 400)), precision=Precision(fp32, fp32, fp32, fp32),
-        method="side4video", backbone=name if named else "ViT-B-16", quick_gelu=True,
+        num_classes=int(config.get("num_classes", 400)),
+        precision=Precision(fp32, fp32, fp32, fp32),
+        method="side4video",
+        backbone=name if named else "ViT-B-16",
+        quick_gelu=True,
         arch_overrides={} if named else {"width": width, "layers": layers, "heads": heads, "patch_size": patch},
-        image_size=int(config["image_size"]), side_dim=int(config["side_dim"]), side_layers=side_layers,
-        side_variant="clip", side_heads=int(config.get("side_heads", 0)))
+        image_size=int(config["image_size"]),
+        side_dim=int(config["side_dim"]),
+        side_layers=side_layers,
+        side_variant="clip",
+        side_heads=int(config.get("side_heads", 0)),
+    )
 
 
 def from_official(state_dict: Dict[str, torch.Tensor], config: Dict) -> VideoModel:
@@ -142,11 +157,15 @@ def from_official(state_dict: Dict[str, torch.Tensor], config: Dict) -> VideoMod
     missing = [k for k in expected if k not in ours]
     unexpected = [k for k in ours if k not in expected]
     if missing or unexpected:
-        raise UserError(f"reference state dict does not match the model built from its config: "
-                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise UserError(
+            f"reference state dict does not match the model built from its config: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     for k, v in ours.items():
         if v.shape != expected[k].shape:
-            raise UserError(f"reference tensor for {k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}")
+            raise UserError(
+                f"reference tensor for {k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}"
+            )
     model.load_state_dict(ours, strict=True)
     return model.float().eval()
 
@@ -179,17 +198,19 @@ def unwrap_official_retrieval(obj) -> Dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise UserError("not a Side4Video retrieval checkpoint: expected a dict of tensors")
     sd = dict(obj.get("model_state_dict", obj.get("state_dict", obj)))
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items() if torch.is_tensor(v)}
+    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items() if torch.is_tensor(v)}
     if "clip.visual.side_conv1.weight" not in sd:
-        raise UserError("not a Side4Video retrieval checkpoint: no 'clip.visual.side_conv1.weight' "
-                        "(keys as in the reference's retrieval model)")
+        raise UserError(
+            "not a Side4Video retrieval checkpoint: no 'clip.visual.side_conv1.weight' "
+            "(keys as in the reference's retrieval model)"
+        )
     return sd
 
 
 def convert_official_retrieval_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Reference retrieval names -> RetrievalModel's (video encoder by the visual rules above)."""
     sd = unwrap_official_retrieval(sd)
-    out = convert_official_state_dict({k[len("clip."):]: v for k, v in sd.items() if k.startswith("clip.visual.")})
+    out = convert_official_state_dict({k[len("clip.") :]: v for k, v in sd.items() if k.startswith("clip.visual.")})
     dropped = []
     for key, value in sd.items():
         if key.startswith("clip.visual."):
@@ -217,12 +238,23 @@ def official_retrieval_config(sd: Dict[str, torch.Tensor]) -> Dict:
     side_dim = sd["clip.visual.side_conv1.weight"].shape[0]
     vocab, text_width = sd["clip.token_embedding.weight"].shape
     context = sd["clip.positional_embedding"].shape[0]
-    return {"vision_width": width, "vision_layers": layers, "vision_heads": width // 64, "patch_size": patch,
-            "image_size": grid * patch, "side_dim": side_dim, "side_heads": max(1, side_dim // 64),
-            "embed_dim": sd["clip.text_projection"].shape[1], "text_width": text_width,
-            "text_layers": len({k.split(".")[3] for k in sd if k.startswith("clip.transformer.resblocks.")}),
-            "text_heads": max(1, text_width // 64), "vocab_size": vocab, "context_length": context,
-            "max_words": min(32, context), "interaction": "wti" if "text_weight_fc.0.weight" in sd else "meanp"}
+    return {
+        "vision_width": width,
+        "vision_layers": layers,
+        "vision_heads": width // 64,
+        "patch_size": patch,
+        "image_size": grid * patch,
+        "side_dim": side_dim,
+        "side_heads": max(1, side_dim // 64),
+        "embed_dim": sd["clip.text_projection"].shape[1],
+        "text_width": text_width,
+        "text_layers": len({k.split(".")[3] for k in sd if k.startswith("clip.transformer.resblocks.")}),
+        "text_heads": max(1, text_width // 64),
+        "vocab_size": vocab,
+        "context_length": context,
+        "max_words": min(32, context),
+        "interaction": "wti" if "text_weight_fc.0.weight" in sd else "meanp",
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,13 +318,17 @@ def convert_official_eva_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, to
             dropped.append(key)
     for (block, kind), parts in sorted(qkv.items()):
         if sorted(parts) != ["k", "q", "v"]:
-            raise UserError(f"reference EVA side block {block}: attention {kind} lacks "
-                            f"{', '.join(sorted(set('qkv') - set(parts)))}_proj")
+            raise UserError(
+                f"reference EVA side block {block}: attention {kind} lacks "
+                f"{', '.join(sorted(set('qkv') - set(parts)))}_proj"
+            )
         out[f"side.blocks.{block}.attn.in_proj.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     unknown = [k for k in dropped if k.startswith("visual.") and not _EVA_UNUSED.match(k)]
     if unknown:  # a backbone or side tensor we would silently ignore: another architecture
-        raise UserError(f"reference EVA checkpoint: {len(unknown)} tensors have no place in the model "
-                        f"(e.g. {unknown[0]}); only the post-norm EVA02-CLIP-bigE-14 layout is supported")
+        raise UserError(
+            f"reference EVA checkpoint: {len(unknown)} tensors have no place in the model "
+            f"(e.g. {unknown[0]}); only the post-norm EVA02-CLIP-bigE-14 layout is supported"
+        )
     log.debug("EVA: not converted (not part of the visual model): %d keys", len(dropped))
     return out
 
@@ -305,9 +341,16 @@ def official_eva_config(sd: Dict[str, torch.Tensor]) -> Dict:
     grid = round((sd["visual.pos_embed"].shape[-2] - 1) ** 0.5)
     side_dim = sd["visual.side_conv1.weight"].shape[0]
     heads = _OFFICIAL_EVA_NAMES.get((width, layers, patch), (None, width // 64))[1]
-    config = {"width": width, "layers": layers, "heads": heads, "patch_size": patch, "image_size": grid * patch,
-              "side_dim": side_dim, "side_heads": max(1, side_dim // 64),
-              "mlp_hidden": sd["visual.blocks.0.mlp.fc1.weight"].shape[0]}
+    config = {
+        "width": width,
+        "layers": layers,
+        "heads": heads,
+        "patch_size": patch,
+        "image_size": grid * patch,
+        "side_dim": side_dim,
+        "side_heads": max(1, side_dim // 64),
+        "mlp_hidden": sd["visual.blocks.0.mlp.fc1.weight"].shape[0],
+    }
     if "fc.weight" in sd:
         config["num_classes"] = sd["fc.weight"].shape[0]
     return config
@@ -319,16 +362,26 @@ def official_eva_model_args(config: Dict, sd: Dict[str, torch.Tensor]) -> ModelA
     block, the 'eva' side variant; fp32 throughout."""
     width, layers, patch, heads = (int(config[k]) for k in ("width", "layers", "patch_size", "heads"))
     named = _OFFICIAL_EVA_NAMES.get((width, layers, patch))
-    overrides = {} if named and named[1] == heads else {"width": width, "layers": layers, "heads": heads,
-                                                         "patch_size": patch}
+    overrides = (
+        {} if named and named[1] == heads else {"width": width, "layers": layers, "heads": heads, "patch_size": patch}
+    )
     sd = unwrap_official(sd)
     taps = len({k.split(".")[2] for k in sd if k.startswith("visual.side_linears.")})
     if taps != layers // 2:
-        raise UserError(f"reference EVA checkpoint has {taps} side taps; the reference taps after every other "
-                        f"of its {layers} blocks ({layers // 2})")
+        raise UserError(
+            f"reference EVA checkpoint has {taps} side taps; the reference taps after every other "
+            f"of its {layers} blocks ({layers // 2})"
+        )
     fp32 = torch.float32
     return ModelArgs(
-        num_classes=int(config.get("num_classes", 400)), precision=Precision(fp32, fp32, fp32, fp32),
-        method="side4video", backbone="EVA02-E-14", arch_overrides=overrides, image_size=int(config["image_size"]),
-        side_dim=int(config["side_dim"]), side_layers="every_other", side_variant="eva",
-        side_heads=int(config.get("side_heads", 0)))
+        num_classes=int(config.get("num_classes", 400)),
+        precision=Precision(fp32, fp32, fp32, fp32),
+        method="side4video",
+        backbone="EVA02-E-14",
+        arch_overrides=overrides,
+        image_size=int(config["image_size"]),
+        side_dim=int(config["side_dim"]),
+        side_layers="every_other",
+        side_variant="eva",
+        side_heads=int(config.get("side_heads", 0)),
+    )

@@ -30,12 +30,19 @@ from side4video.errors import UserError
 from side4video.model.backbone import build_backbone
 from side4video.model.contrastive import gather_text, gather_video, symmetric_cross_entropy, world_size
 from side4video.model.side import SideNetwork
-from side4video.model.similarity import (SIMILARITIES, SIMILARITY_FUNCTIONS, TextEmbedding, TokenWeights,
-                                         VideoEmbedding, text_embedding, video_embedding)
+from side4video.model.similarity import (
+    SIMILARITIES,
+    SIMILARITY_FUNCTIONS,
+    TextEmbedding,
+    TokenWeights,
+    VideoEmbedding,
+    text_embedding,
+    video_embedding,
+)
 from side4video.model.spec import BackboneSpec, embed_dim, resolve_spec, resolve_taps, side_variant
 from side4video.model.text import TextTower, build_text_tower, resolve_text_spec
-from side4video.model.trainable import TrainableState
 from side4video.model.tower import FrozenBackbone
+from side4video.model.trainable import TrainableState
 from side4video.precision import Precision
 
 RETRIEVAL_METHODS = ("side4video", "linear_probe")
@@ -76,8 +83,9 @@ class LogitScale(nn.Module):
             self.value.clamp_(max=self.max_value)
 
 
-def frame_embeddings(backbone: FrozenBackbone, side: Optional[SideNetwork], side_proj: Optional[SideProjection],
-                     video: torch.Tensor) -> torch.Tensor:
+def frame_embeddings(
+    backbone: FrozenBackbone, side: Optional[SideNetwork], side_proj: Optional[SideProjection], video: torch.Tensor
+) -> torch.Tensor:
     """video (B, T, 3, H, W) -> frame embeddings (B, T, E)."""
     B, T = video.shape[:2]
     taps = backbone(video.flatten(0, 1), num_frames=T)
@@ -112,13 +120,21 @@ def _check_backbone(backbone: FrozenBackbone) -> None:
 class RetrievalModel(TrainableState, nn.Module):
     """Captions + videos -> embeddings -> similarity matrix -> symmetric contrastive loss."""
 
-    def __init__(self, method: str, backbone: FrozenBackbone, side: Optional[SideNetwork], text: TextTower,
-                 similarity: str = "wti", logit_scale: float = CLIP_LOGIT_SCALE,
-                 logit_scale_max: float = MAX_LOGIT_SCALE):
+    def __init__(
+        self,
+        method: str,
+        backbone: FrozenBackbone,
+        side: Optional[SideNetwork],
+        text: TextTower,
+        similarity: str = "wti",
+        logit_scale: float = CLIP_LOGIT_SCALE,
+        logit_scale_max: float = MAX_LOGIT_SCALE,
+    ):
         super().__init__()
         if similarity not in SIMILARITIES:
-            raise UserError(f"config key 'model.retrieval.similarity' is {similarity!r}; allowed: "
-                            f"{', '.join(SIMILARITIES)}")
+            raise UserError(
+                f"config key 'model.retrieval.similarity' is {similarity!r}; allowed: {', '.join(SIMILARITIES)}"
+            )
         _check_backbone(backbone)
         self.method = method
         self.similarity_kind = similarity
@@ -160,8 +176,14 @@ class RetrievalModel(TrainableState, nn.Module):
         return SIMILARITY_FUNCTIONS[self.similarity_kind](text, video)
 
     # -- training
-    def forward(self, input_ids: torch.Tensor, text_mask: torch.Tensor, video: torch.Tensor,
-                video_mask: Optional[torch.Tensor] = None, gather: Optional[bool] = None) -> Dict[str, Any]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        video: torch.Tensor,
+        video_mask: Optional[torch.Tensor] = None,
+        gather: Optional[bool] = None,
+    ) -> Dict[str, Any]:
         """One batch of (caption, video) pairs, pair i matching.
 
         `video_mask` is accepted for the reference's signature and ignored, as WTI ignores it.
@@ -238,8 +260,10 @@ def retrieval_param_groups(model: RetrievalModel, lr: float, coef_lr: float, wei
         slow = name.startswith(slow_prefixes)
         decay = not (param.ndim <= 1 or name.endswith(".bias"))
         groups.setdefault((slow, decay), []).append(param)
-    return [{"params": params, "lr": lr * coef_lr if slow else lr, "weight_decay": weight_decay if decay else 0.0}
-            for (slow, decay), params in sorted(groups.items())]
+    return [
+        {"params": params, "lr": lr * coef_lr if slow else lr, "weight_decay": weight_decay if decay else 0.0}
+        for (slow, decay), params in sorted(groups.items())
+    ]
 
 
 # ------------------------------------------------------------------------------------ building
@@ -275,36 +299,71 @@ class RetrievalArgs:
 
 def _build(args: RetrievalArgs, device, place_unit=None) -> RetrievalModel:
     if args.method not in RETRIEVAL_METHODS:
-        raise UserError(f"config key 'model.method' is {args.method!r}; retrieval allows "
-                        f"{', '.join(RETRIEVAL_METHODS)} (linear_probe: the frozen CLIP baseline)")
+        raise UserError(
+            f"config key 'model.method' is {args.method!r}; retrieval allows "
+            f"{', '.join(RETRIEVAL_METHODS)} (linear_probe: the frozen CLIP baseline)"
+        )
     spec = args.spec()
     variant = side_variant(args.side_variant, spec)
     taps = resolve_taps(args.side_layers, spec.layers, variant) if args.method == "side4video" else [spec.layers - 1]
     if taps[-1] != spec.layers - 1:
-        raise UserError(f"config key 'model.side.layers': retrieval needs the last block ({spec.layers - 1}) tapped, "
-                        f"its class token is the frame embedding")
+        raise UserError(
+            f"config key 'model.side.layers': retrieval needs the last block ({spec.layers - 1}) tapped, "
+            f"its class token is the frame embedding"
+        )
     p = args.precision
-    backbone = build_backbone(spec, taps, storage_dtype=p.storage, compute_dtype=p.compute, weights=args.weights,
-                              seed=args.seed, device=device, keep_final_norm=True, keep_proj=True,
-                              tap_dtype=p.storage, place_unit=place_unit)
-    text_spec = resolve_text_spec(args.backbone, int(args.max_words), embed_dim(spec), quick_gelu=spec.quick_gelu,
-                                  **args.text_overrides)
+    backbone = build_backbone(
+        spec,
+        taps,
+        storage_dtype=p.storage,
+        compute_dtype=p.compute,
+        weights=args.weights,
+        seed=args.seed,
+        device=device,
+        keep_final_norm=True,
+        keep_proj=True,
+        tap_dtype=p.storage,
+        place_unit=place_unit,
+    )
+    text_spec = resolve_text_spec(
+        args.backbone, int(args.max_words), embed_dim(spec), quick_gelu=spec.quick_gelu, **args.text_overrides
+    )
     # A frozen text tower computes in the backbone's compute precision; a trained one is fp32
     # (DeepSpeed casts it to its training precision).
-    text, scale = build_text_tower(text_spec, dtype=torch.float32 if args.text_trainable else p.compute,
-                                   device=device, weights=args.weights, seed=args.seed + 2,
-                                   trainable=args.text_trainable)
+    text, scale = build_text_tower(
+        text_spec,
+        dtype=torch.float32 if args.text_trainable else p.compute,
+        device=device,
+        weights=args.weights,
+        seed=args.seed + 2,
+        trainable=args.text_trainable,
+    )
     # Trained modules: fp32, deterministic from the seed.
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(args.seed + 1)
         side = None
         if args.method == "side4video":
-            side = SideNetwork(spec.width, args.side_dim, len(taps), spec.patch_size, spec.num_patches,
-                               heads=args.side_heads, variant=variant, retrieval=True,
-                               checkpointing=args.side_checkpointing, drop_path=args.side_drop_path)
-        model = RetrievalModel(args.method, backbone, side, text, args.similarity,
-                               logit_scale=CLIP_LOGIT_SCALE if scale is None else scale,
-                               logit_scale_max=args.logit_scale_max)
+            side = SideNetwork(
+                spec.width,
+                args.side_dim,
+                len(taps),
+                spec.patch_size,
+                spec.num_patches,
+                heads=args.side_heads,
+                variant=variant,
+                retrieval=True,
+                checkpointing=args.side_checkpointing,
+                drop_path=args.side_drop_path,
+            )
+        model = RetrievalModel(
+            args.method,
+            backbone,
+            side,
+            text,
+            args.similarity,
+            logit_scale=CLIP_LOGIT_SCALE if scale is None else scale,
+            logit_scale_max=args.logit_scale_max,
+        )
     model.train(False)
     return model
 
@@ -326,13 +385,36 @@ def retrieval_encoder_from_official(state_dict: Dict[str, torch.Tensor], config:
     from side4video.model.convert import convert_official_state_dict
 
     width, layers, heads, patch = (int(config[k]) for k in ("width", "layers", "heads", "patch_size"))
-    spec = dataclasses.replace(resolve_spec("ViT-B-16", int(config["image_size"]), quick_gelu=True, width=width,
-                                            layers=layers, heads=heads, patch_size=patch),
-                               embed_dim=int(config["output_dim"]))
-    backbone = build_backbone(spec, range(layers), storage_dtype=torch.float32, compute_dtype=torch.float32,
-                              keep_final_norm=True, keep_proj=True)
-    side = SideNetwork(width, int(config["side_dim"]), layers, patch, spec.num_patches,
-                       heads=int(config.get("side_heads", 0)), variant="clip", retrieval=True)
+    spec = dataclasses.replace(
+        resolve_spec(
+            "ViT-B-16",
+            int(config["image_size"]),
+            quick_gelu=True,
+            width=width,
+            layers=layers,
+            heads=heads,
+            patch_size=patch,
+        ),
+        embed_dim=int(config["output_dim"]),
+    )
+    backbone = build_backbone(
+        spec,
+        range(layers),
+        storage_dtype=torch.float32,
+        compute_dtype=torch.float32,
+        keep_final_norm=True,
+        keep_proj=True,
+    )
+    side = SideNetwork(
+        width,
+        int(config["side_dim"]),
+        layers,
+        patch,
+        spec.num_patches,
+        heads=int(config.get("side_heads", 0)),
+        variant="clip",
+        retrieval=True,
+    )
     model = RetrievalVideoEncoder(backbone, side)
     model.load_state_dict(convert_official_state_dict(state_dict), strict=True)
     return model.float().eval()
@@ -342,22 +424,36 @@ def official_retrieval_args(config: Dict) -> RetrievalArgs:
     """Our arguments for a reference retrieval model of `config` (the WTI fixture's keys): fp32."""
     from side4video.model.convert import OFFICIAL_NAMES
 
-    width, layers, heads, patch = (int(config[k]) for k in ("vision_width", "vision_layers", "vision_heads",
-                                                            "patch_size"))
+    width, layers, heads, patch = (
+        int(config[k]) for k in ("vision_width", "vision_layers", "vision_heads", "patch_size")
+    )
     name = OFFICIAL_NAMES.get((width, layers, patch))
     named = name is not None and heads == width // 64
-    text = {"width": int(config["text_width"]), "layers": int(config["text_layers"]),
-            "heads": int(config["text_heads"]), "vocab_size": int(config["vocab_size"])}
+    text = {
+        "width": int(config["text_width"]),
+        "layers": int(config["text_layers"]),
+        "heads": int(config["text_heads"]),
+        "vocab_size": int(config["vocab_size"]),
+    }
     fp32 = torch.float32
     interaction = str(config.get("interaction", "wti")).lower()
     return RetrievalArgs(
-        precision=Precision(fp32, fp32, fp32, fp32), method="side4video", backbone=name if named else "ViT-B-16",
-        quick_gelu=True, arch_overrides={} if named else {"width": width, "layers": layers, "heads": heads,
-                                                          "patch_size": patch},
-        image_size=int(config["image_size"]), embed_dim=int(config["embed_dim"]), side_dim=int(config["side_dim"]),
-        side_layers="all", side_variant="clip", side_heads=int(config.get("side_heads", 0)), text_trainable=False,
-        text_overrides=text, max_words=int(config.get("max_words", config["context_length"])),
-        similarity="wti" if interaction == "wti" else "meanp")
+        precision=Precision(fp32, fp32, fp32, fp32),
+        method="side4video",
+        backbone=name if named else "ViT-B-16",
+        quick_gelu=True,
+        arch_overrides={} if named else {"width": width, "layers": layers, "heads": heads, "patch_size": patch},
+        image_size=int(config["image_size"]),
+        embed_dim=int(config["embed_dim"]),
+        side_dim=int(config["side_dim"]),
+        side_layers="all",
+        side_variant="clip",
+        side_heads=int(config.get("side_heads", 0)),
+        text_trainable=False,
+        text_overrides=text,
+        max_words=int(config.get("max_words", config["context_length"])),
+        similarity="wti" if interaction == "wti" else "meanp",
+    )
 
 
 def retrieval_from_official(state_dict: Dict[str, torch.Tensor], config: Dict) -> RetrievalModel:
@@ -378,11 +474,14 @@ def retrieval_from_official(state_dict: Dict[str, torch.Tensor], config: Dict) -
     missing = [k for k in expected if k not in ours]
     unexpected = [k for k in ours if k not in expected]
     if missing or unexpected:
-        raise UserError(f"reference retrieval state dict does not match the model built from its config: "
-                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise UserError(
+            f"reference retrieval state dict does not match the model built from its config: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     for k, v in ours.items():
         if v.shape != expected[k].shape:
-            raise UserError(f"reference tensor for {k} has shape {tuple(v.shape)}, the model needs "
-                            f"{tuple(expected[k].shape)}")
+            raise UserError(
+                f"reference tensor for {k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}"
+            )
     model.load_state_dict(ours, strict=True)
     return model.float().eval()

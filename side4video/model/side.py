@@ -132,10 +132,16 @@ class ChannelLastBatchNorm(nn.BatchNorm1d):
                     momentum = 1.0 / float(self.num_batches_tracked)
         xf, keep_x = fp32_input(x.reshape(-1, x.shape[-1]), self.lean)
         with keep_x:
-            y = F.batch_norm(xf, self.running_mean, self.running_var,
-                             self.weight.float() if self.weight is not None else None,
-                             self.bias.float() if self.bias is not None else None,
-                             use_batch_stats, momentum or 0.0, self.eps)
+            y = F.batch_norm(
+                xf,
+                self.running_mean,
+                self.running_var,
+                self.weight.float() if self.weight is not None else None,
+                self.bias.float() if self.bias is not None else None,
+                use_batch_stats,
+                momentum or 0.0,
+                self.eps,
+            )
         return y.view(x.shape).to(x.dtype)
 
 
@@ -170,7 +176,7 @@ class TemporalDepthwiseConv(nn.Module):
             if s == 0 or abs(s) >= T:
                 continue
             if s < 0:
-                out = out + F.pad(x[:, :T + s] * w[:, j], _pad_time(x.dim(), -s, 0))
+                out = out + F.pad(x[:, : T + s] * w[:, j], _pad_time(x.dim(), -s, 0))
             else:
                 out = out + F.pad(x[:, s:] * w[:, j], _pad_time(x.dim(), 0, s))
         return out
@@ -387,8 +393,19 @@ class SideNetwork(nn.Module):
     With retrieval=True, `forward` returns per-frame features (B, T, d) (post BN, spatial mean).
     """
 
-    def __init__(self, in_dim: int, dim: int, num_blocks: int, patch_size: int, num_patches: int, heads: int = 0,
-                 variant: str = "clip", retrieval: bool = False, checkpointing: bool = False, drop_path: float = 0.0):
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        num_blocks: int,
+        patch_size: int,
+        num_patches: int,
+        heads: int = 0,
+        variant: str = "clip",
+        retrieval: bool = False,
+        checkpointing: bool = False,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         if variant not in ("clip", "eva"):
             raise ValueError(f"unknown side variant {variant!r}")
@@ -420,9 +437,9 @@ class SideNetwork(nn.Module):
             nn.init.normal_(self.pos_embed.weight, std=0.02)
             return
         nn.init.normal_(self.pos_embed.weight, std=0.01)
-        proj_std = d ** -0.5 * 24 ** -0.5
+        proj_std = d**-0.5 * 24**-0.5
         for block in self.blocks:
-            nn.init.normal_(block.attn.in_proj.weight, std=d ** -0.5)
+            nn.init.normal_(block.attn.in_proj.weight, std=d**-0.5)
             nn.init.zeros_(block.attn.in_proj.bias)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
             nn.init.zeros_(block.attn.out_proj.bias)
@@ -431,7 +448,7 @@ class SideNetwork(nn.Module):
             if self.retrieval:  # the retrieval model's conv names match its init rules; recognition's do not
                 nn.init.normal_(block.conv.pw1.weight, std=0.02)
                 nn.init.normal_(block.conv.pw2.weight, std=0.02)
-                nn.init.normal_(block.conv.dw.weight, std=d ** -0.5)
+                nn.init.normal_(block.conv.dw.weight, std=d**-0.5)
 
     def embed(self, video: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) -> the initial stream (B, T, N, d)."""

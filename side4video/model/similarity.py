@@ -55,8 +55,9 @@ class TextEmbedding:
         return TextEmbedding(self.features[index], self.mask[index], self.weights[index])
 
     def to(self, *args, **kwargs) -> "TextEmbedding":
-        return TextEmbedding(self.features.to(*args, **kwargs), self.mask.to(*args, **kwargs),
-                             self.weights.to(*args, **kwargs))
+        return TextEmbedding(
+            self.features.to(*args, **kwargs), self.mask.to(*args, **kwargs), self.weights.to(*args, **kwargs)
+        )
 
     @staticmethod
     def cat(parts: Sequence["TextEmbedding"]) -> "TextEmbedding":
@@ -85,8 +86,9 @@ class VideoEmbedding:
 
 
 # ----------------------------------------------------------------------------- reducing a side
-def text_embedding(kind: str, features: torch.Tensor, mask: torch.Tensor,
-                   weight_logits: Optional[torch.Tensor] = None) -> TextEmbedding:
+def text_embedding(
+    kind: str, features: torch.Tensor, mask: torch.Tensor, weight_logits: Optional[torch.Tensor] = None
+) -> TextEmbedding:
     """Token features (N, L, E) + mask (N, L) (+ WTI weight logits (N, L)) -> TextEmbedding."""
     mask = mask.to(torch.float32)
     features = features.float()
@@ -126,7 +128,9 @@ def meanp_similarity(text: TextEmbedding, video: VideoEmbedding) -> torch.Tensor
 
 
 SIMILARITY_FUNCTIONS: Dict[str, Callable[[TextEmbedding, VideoEmbedding], torch.Tensor]] = {
-    "wti": wti_similarity, "meanp": meanp_similarity}
+    "wti": wti_similarity,
+    "meanp": meanp_similarity,
+}
 
 
 def pair_elements(text: TextEmbedding, video: VideoEmbedding) -> int:

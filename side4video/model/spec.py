@@ -50,10 +50,16 @@ EVA_ARCH = {
 # towers (retrieval) keep CLIP's vocabulary so open_clip's tokenizer applies.
 _TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
 LOCAL_MODELS = {
-    "ViT-T-16": {"embed_dim": 128, "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 16},
-                 "text_cfg": _TINY_TEXT},
-    "ViT-T-8": {"embed_dim": 128, "vision_cfg": {"image_size": 32, "layers": 3, "width": 128, "patch_size": 8},
-                "text_cfg": _TINY_TEXT},
+    "ViT-T-16": {
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 16},
+        "text_cfg": _TINY_TEXT,
+    },
+    "ViT-T-8": {
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": 32, "layers": 3, "width": 128, "patch_size": 8},
+        "text_cfg": _TINY_TEXT,
+    },
 }
 
 
@@ -64,28 +70,53 @@ def open_clip_config(name: str) -> Optional[Dict]:
     return LOCAL_MODELS.get(name) or open_clip.get_model_config(name)
 
 
-def resolve_spec(name: str, image_size: int, *, quick_gelu: bool = False, width: int = 0, layers: int = 0,
-                 heads: int = 0, patch_size: int = 0) -> BackboneSpec:
+def resolve_spec(
+    name: str,
+    image_size: int,
+    *,
+    quick_gelu: bool = False,
+    width: int = 0,
+    layers: int = 0,
+    heads: int = 0,
+    patch_size: int = 0,
+) -> BackboneSpec:
     """A backbone name (+ input size and non-zero architecture overrides) -> BackboneSpec."""
     import open_clip
 
     named = open_clip_config(name)
     if named is None:
         known = list(LOCAL_MODELS) + [n for n in open_clip.list_models() if n.startswith(("ViT-B", "ViT-L", "EVA02"))]
-        raise UserError(f"config key 'model.backbone.name' is {name!r}: not an open_clip model name "
-                        f"(e.g. {', '.join(known[:8])}, ...)")
+        raise UserError(
+            f"config key 'model.backbone.name' is {name!r}: not an open_clip model name "
+            f"(e.g. {', '.join(known[:8])}, ...)"
+        )
     vision = dict(named["vision_cfg"])
-    overrides = {k: int(v) for k, v in dict(width=width, layers=layers, heads=heads, patch_size=patch_size).items() if v}
+    overrides = {
+        k: int(v) for k, v in dict(width=width, layers=layers, heads=heads, patch_size=patch_size).items() if v
+    }
     timm_name = vision.get("timm_model_name") or ""
     if timm_name:
         if timm_name not in EVA_ARCH:
-            raise UserError(f"model.backbone.name {name!r}: timm tower {timm_name!r} is not supported "
-                            f"(supported: open_clip ViTs and {', '.join(sorted(EVA_ARCH))})")
+            raise UserError(
+                f"model.backbone.name {name!r}: timm tower {timm_name!r} is not supported "
+                f"(supported: open_clip ViTs and {', '.join(sorted(EVA_ARCH))})"
+            )
         arch = dict(EVA_ARCH[timm_name], **overrides)
         if arch["width"] % arch["heads"]:
             raise UserError(f"model.backbone: width {arch['width']} is not divisible by heads {arch['heads']}")
-        spec = BackboneSpec(name, "eva", image_size, arch["patch_size"], arch["width"], arch["layers"], arch["heads"],
-                            False, vision, timm_name, overridden=bool(overrides))
+        spec = BackboneSpec(
+            name,
+            "eva",
+            image_size,
+            arch["patch_size"],
+            arch["width"],
+            arch["layers"],
+            arch["heads"],
+            False,
+            vision,
+            timm_name,
+            overridden=bool(overrides),
+        )
     else:
         if not isinstance(vision.get("layers"), int):
             raise UserError(f"model.backbone.name {name!r} is not a ViT (ResNet towers are not supported)")
@@ -94,8 +125,17 @@ def resolve_spec(name: str, image_size: int, *, quick_gelu: bool = False, width:
         if tower_width % tower_heads:
             raise UserError(f"model.backbone: width {tower_width} is not divisible by heads {tower_heads}")
         quick = bool(quick_gelu) or bool(named.get("quick_gelu", False))
-        spec = BackboneSpec(name, "vit", image_size, overrides.get("patch_size", vision.get("patch_size", 16)),
-                            tower_width, overrides.get("layers", vision["layers"]), tower_heads, quick, vision)
+        spec = BackboneSpec(
+            name,
+            "vit",
+            image_size,
+            overrides.get("patch_size", vision.get("patch_size", 16)),
+            tower_width,
+            overrides.get("layers", vision["layers"]),
+            tower_heads,
+            quick,
+            vision,
+        )
     if image_size % spec.patch_size:
         raise UserError(f"data.size {image_size} is not a multiple of the backbone's patch size {spec.patch_size}")
     return spec

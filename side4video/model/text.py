@@ -43,26 +43,42 @@ class TextSpec:
     named_context_length: int  # position rows of the named model's weights (77 for CLIP)
 
 
-def resolve_text_spec(name: str, max_words: int, embed_dim: int, *, quick_gelu: bool = False, width: int = 0,
-                      layers: int = 0, heads: int = 0, vocab_size: int = 0) -> TextSpec:
+def resolve_text_spec(
+    name: str,
+    max_words: int,
+    embed_dim: int,
+    *,
+    quick_gelu: bool = False,
+    width: int = 0,
+    layers: int = 0,
+    heads: int = 0,
+    vocab_size: int = 0,
+) -> TextSpec:
     """The text tower of open_clip model `name` (non-zero arguments override its config)."""
     named = open_clip_config(name)
     text = (named or {}).get("text_cfg")
     if not text:
         raise UserError(f"model.backbone.name {name!r} has no text tower in its open_clip config (retrieval needs one)")
     if text.get("hf_model_name"):
-        raise UserError(f"model.backbone.name {name!r}: Hugging Face text towers are not supported (open_clip "
-                        f"TextTransformer only)")
+        raise UserError(
+            f"model.backbone.name {name!r}: Hugging Face text towers are not supported (open_clip TextTransformer only)"
+        )
     if max_words < MIN_WORDS:
         raise UserError(f"config key 'model.text.max_words' is {max_words}: at least {MIN_WORDS} (SOT, a word, EOT)")
     width = int(width or text.get("width", 512))
     heads = int(heads or text.get("heads", max(1, width // 64)))
     if width % heads:
         raise UserError(f"text tower: width {width} is not divisible by heads {heads}")
-    return TextSpec(width=width, layers=int(layers or text.get("layers", 12)), heads=heads,
-                    context_length=int(max_words), vocab_size=int(vocab_size or text.get("vocab_size", 49408)),
-                    embed_dim=int(embed_dim), quick_gelu=bool(quick_gelu) or bool(named.get("quick_gelu", False)),
-                    named_context_length=int(text.get("context_length", 77)))
+    return TextSpec(
+        width=width,
+        layers=int(layers or text.get("layers", 12)),
+        heads=heads,
+        context_length=int(max_words),
+        vocab_size=int(vocab_size or text.get("vocab_size", 49408)),
+        embed_dim=int(embed_dim),
+        quick_gelu=bool(quick_gelu) or bool(named.get("quick_gelu", False)),
+        named_context_length=int(text.get("context_length", 77)),
+    )
 
 
 class TextTower(TextTransformer):
@@ -74,9 +90,16 @@ class TextTower(TextTransformer):
     """
 
     def __init__(self, spec: TextSpec):
-        super().__init__(context_length=spec.context_length, vocab_size=spec.vocab_size, width=spec.width,
-                         heads=spec.heads, layers=spec.layers, output_dim=spec.embed_dim,
-                         act_layer=QuickGELU if spec.quick_gelu else nn.GELU, norm_layer=LayerNorm)
+        super().__init__(
+            context_length=spec.context_length,
+            vocab_size=spec.vocab_size,
+            width=spec.width,
+            heads=spec.heads,
+            layers=spec.layers,
+            output_dim=spec.embed_dim,
+            act_layer=QuickGELU if spec.quick_gelu else nn.GELU,
+            norm_layer=LayerNorm,
+        )
         self.spec = spec
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -97,11 +120,13 @@ _TOP_LEVEL = ("token_embedding.", "positional_embedding", "transformer.", "ln_fi
 def text_state_dict(sd: Dict[str, torch.Tensor], path: str = "weights file") -> Dict[str, torch.Tensor]:
     """The text tower's tensors of a CLIP checkpoint, keyed as TextTower's."""
     if "text.token_embedding.weight" in sd:  # open_clip custom text (EVA02) and ours
-        return {k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")}
+        return {k[len("text.") :]: v for k, v in sd.items() if k.startswith("text.")}
     if "token_embedding.weight" in sd:  # OpenAI / open_clip CLIP: the text tower at the top level
         return {k: v for k, v in sd.items() if k.startswith(_TOP_LEVEL)}
-    raise UserError(f"{path} holds no CLIP text tower (no 'token_embedding.weight'); retrieval needs the whole CLIP "
-                    f"checkpoint, not only its vision tower")
+    raise UserError(
+        f"{path} holds no CLIP text tower (no 'token_embedding.weight'); retrieval needs the whole CLIP "
+        f"checkpoint, not only its vision tower"
+    )
 
 
 @torch.no_grad()
@@ -118,22 +143,27 @@ def load_text_weights(tower: TextTower, path: str) -> Optional[float]:
     for key, target in targets.items():
         value = ours[key]
         if value.shape != target.shape:
-            raise UserError(f"weights file {path}: text.{key} has shape {tuple(value.shape)}, the text tower needs "
-                            f"{tuple(target.shape)} (check model.backbone.name and model.text.*)")
+            raise UserError(
+                f"weights file {path}: text.{key} has shape {tuple(value.shape)}, the text tower needs "
+                f"{tuple(target.shape)} (check model.backbone.name and model.text.*)"
+            )
         target.data.copy_(value)
     scale = sd.get("logit_scale", sd.get("logit_scale.value"))  # open_clip's / ours
     return float(scale) if torch.is_tensor(scale) and scale.numel() == 1 else None
 
 
-def build_text_tower(spec: TextSpec, *, dtype: torch.dtype, device="cpu", weights: str = "", seed: int = 0,
-                     trainable: bool = False) -> Tuple[TextTower, Optional[float]]:
+def build_text_tower(
+    spec: TextSpec, *, dtype: torch.dtype, device="cpu", weights: str = "", seed: int = 0, trainable: bool = False
+) -> Tuple[TextTower, Optional[float]]:
     """Build on meta, materialise in `dtype` on `device`, load or initialise as open_clip does.
 
     Returns (tower, logit_scale of the weights file or None).
     """
     if weights and spec.context_length > spec.named_context_length:
-        raise UserError(f"config key 'model.text.max_words' is {spec.context_length}: the pretrained text tower has "
-                        f"{spec.named_context_length} positions")
+        raise UserError(
+            f"config key 'model.text.max_words' is {spec.context_length}: the pretrained text tower has "
+            f"{spec.named_context_length} positions"
+        )
     with parameters_on_meta():
         tower = TextTower(spec)
     materialise(tower, dtype, dtype, device)

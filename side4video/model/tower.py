@@ -28,8 +28,15 @@ class Stem(nn.Module):
     hooks. Built from the library tower's modules; the maths is the libraries' own.
     """
 
-    def __init__(self, patch: nn.Conv2d, class_embedding: nn.Parameter, positional_embedding: nn.Parameter,
-                 norm: Optional[nn.Module] = None, rope: Optional[nn.Module] = None, grid_size=None):
+    def __init__(
+        self,
+        patch: nn.Conv2d,
+        class_embedding: nn.Parameter,
+        positional_embedding: nn.Parameter,
+        norm: Optional[nn.Module] = None,
+        rope: Optional[nn.Module] = None,
+        grid_size=None,
+    ):
         super().__init__()
         self.stride = patch.stride
         self.patch_weight = patch.weight
@@ -56,7 +63,9 @@ class Stem(nn.Module):
             x = F.layer_norm(x, (D,), self.norm_weight, self.norm_bias, self.norm_eps)
         rope = None
         if self.rope is not None:
-            rope = self.rope.get_embed() if hasattr(self.rope, "feat_shape") else self.rope.get_embed(shape=self.grid_size)
+            rope = (
+                self.rope.get_embed() if hasattr(self.rope, "feat_shape") else self.rope.get_embed(shape=self.grid_size)
+            )
         return x, rope
 
 
@@ -67,11 +76,23 @@ def vit_stem(tower: nn.Module) -> Stem:
 
 def eva_stem(tower: nn.Module) -> Stem:
     """timm Eva: patch_embed.proj, cls_token, pos_embed (covering the class token), rope, norm_pre."""
-    if (tower.no_embed_class or tower.reg_token is not None or tower.cls_token is None or tower.pos_embed is None
-            or not isinstance(tower.patch_embed.norm, nn.Identity) or tower.dynamic_img_size):
+    if (
+        tower.no_embed_class
+        or tower.reg_token is not None
+        or tower.cls_token is None
+        or tower.pos_embed is None
+        or not isinstance(tower.patch_embed.norm, nn.Identity)
+        or tower.dynamic_img_size
+    ):
         raise UserError("EVA backbone: only towers with a class token and a position embedding over it are supported")
-    return Stem(tower.patch_embed.proj, tower.cls_token, tower.pos_embed, tower.norm_pre, tower.rope,
-                tower.patch_embed.grid_size)
+    return Stem(
+        tower.patch_embed.proj,
+        tower.cls_token,
+        tower.pos_embed,
+        tower.norm_pre,
+        tower.rope,
+        tower.patch_embed.grid_size,
+    )
 
 
 class FinalNorm(nn.Module):
@@ -114,9 +135,19 @@ class FrozenBackbone(nn.Module):
     storage precision, for taps a side network keeps).
     """
 
-    def __init__(self, spec: BackboneSpec, tower: nn.Module, taps: Sequence[int], storage_dtype: torch.dtype,
-                 compute_dtype: torch.dtype, trainable: bool = False, grad_through: bool = False,
-                 keep_final_norm: bool = False, keep_proj: bool = False, tap_dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        tower: nn.Module,
+        taps: Sequence[int],
+        storage_dtype: torch.dtype,
+        compute_dtype: torch.dtype,
+        trainable: bool = False,
+        grad_through: bool = False,
+        keep_final_norm: bool = False,
+        keep_proj: bool = False,
+        tap_dtype: Optional[torch.dtype] = None,
+    ):
         super().__init__()
         self.spec = spec
         self.tap_dtype = tap_dtype  # taps kept for a side network's backward: the storage precision
@@ -161,8 +192,12 @@ class FrozenBackbone(nn.Module):
 
     def named_units(self) -> List[tuple]:
         """(name in this module, unit) in forward order: stem, blocks.0, ..., final_norm, proj."""
-        named = [("stem", self.stem), *((f"blocks.{i}", b) for i, b in enumerate(self.blocks)),
-                 ("final_norm", self.final_norm), ("proj", self.proj)]
+        named = [
+            ("stem", self.stem),
+            *((f"blocks.{i}", b) for i, b in enumerate(self.blocks)),
+            ("final_norm", self.final_norm),
+            ("proj", self.proj),
+        ]
         return [(name, unit) for name, unit in named if unit is not None]
 
     def leaf_module_types(self) -> List[type]:
@@ -197,7 +232,9 @@ class FrozenBackbone(nn.Module):
         if self.compute_dtype == self.storage_dtype:
             return
         if self.grad_through:
-            raise RuntimeError("compute hooks swap weight data and cannot be used when gradients flow through the backbone")
+            raise RuntimeError(
+                "compute hooks swap weight data and cannot be used when gradients flow through the backbone"
+            )
         for unit in (self.stem, *self.blocks):  # final norm and projection cast on the fly
             self._hook_handles.append(unit.register_forward_pre_hook(self._upcast))
             self._hook_handles.append(unit.register_forward_hook(self._restore, prepend=True))
@@ -248,7 +285,9 @@ class FrozenBackbone(nn.Module):
     def fingerprint(self) -> Dict:
         """What the frozen weights are: name, architecture, weights file + sha256 (or random + seed)."""
         fp = dict(self._fingerprint)
-        fp["architecture"] = {k: getattr(self.spec, k) for k in ("width", "layers", "heads", "patch_size", "image_size")}
+        fp["architecture"] = {
+            k: getattr(self.spec, k) for k in ("width", "layers", "heads", "patch_size", "image_size")
+        }
         if fp["weights"] != "random":
             if self._sha256 is None:
                 self._sha256 = sha256_file(fp["weights"])

@@ -18,7 +18,6 @@ from side4video.errors import UserError
 from side4video.model.spec import BackboneSpec
 from side4video.model.tower import FrozenBackbone
 
-
 WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "model_ema")
 
 
@@ -48,7 +47,7 @@ def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not sd:
         raise UserError(f"weights file {path} holds no state dict")
     if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -57,11 +56,11 @@ def tower_keys(sd: Dict[str, torch.Tensor], spec: BackboneSpec, tower: nn.Module
     if spec.family == "vit":
         for prefix in ("visual.", ""):
             if prefix + "conv1.weight" in sd:
-                return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+                return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         raise UserError("weights file holds no open_clip ViT vision tower (no 'visual.conv1.weight')")
     for prefix in ("visual.trunk.", "trunk."):  # open_clip's TimmModel layout: timm names under a prefix
         if prefix + "pos_embed" in sd:
-            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     from timm.models.eva import checkpoint_filter_fn
 
     # EVA-CLIP's own layout (visual.blocks.N.attn.q_proj...): timm knows how to convert it.
@@ -69,10 +68,19 @@ def tower_keys(sd: Dict[str, torch.Tensor], spec: BackboneSpec, tower: nn.Module
 
 
 STEM_KEYS = {
-    "vit": {"conv1.weight": "patch_weight", "class_embedding": "class_embedding",
-            "positional_embedding": "positional_embedding", "ln_pre.weight": "norm_weight", "ln_pre.bias": "norm_bias"},
-    "eva": {"patch_embed.proj.weight": "patch_weight", "patch_embed.proj.bias": "patch_bias",
-            "cls_token": "class_embedding", "pos_embed": "positional_embedding"},
+    "vit": {
+        "conv1.weight": "patch_weight",
+        "class_embedding": "class_embedding",
+        "positional_embedding": "positional_embedding",
+        "ln_pre.weight": "norm_weight",
+        "ln_pre.bias": "norm_bias",
+    },
+    "eva": {
+        "patch_embed.proj.weight": "patch_weight",
+        "patch_embed.proj.bias": "patch_bias",
+        "cls_token": "class_embedding",
+        "pos_embed": "positional_embedding",
+    },
 }
 
 
@@ -83,18 +91,18 @@ def backbone_key(key: str, family: str) -> Optional[str]:
         return "stem." + stem
     if family == "vit":
         if key.startswith("transformer.resblocks."):
-            return "blocks." + key[len("transformer.resblocks."):]
+            return "blocks." + key[len("transformer.resblocks.") :]
         if key.startswith("ln_post."):
-            return "final_norm." + key[len("ln_post."):]
+            return "final_norm." + key[len("ln_post.") :]
         if key == "proj":
             return "proj.weight"
         return None
     if key.startswith("blocks."):
         return key
     if key.startswith("norm."):
-        return "final_norm." + key[len("norm."):]
+        return "final_norm." + key[len("norm.") :]
     if key.startswith("head."):  # open_clip's EVA projection (timm's head), kept for retrieval
-        return "proj." + key[len("head."):]
+        return "proj." + key[len("head.") :]
     return None
 
 
@@ -119,19 +127,24 @@ class WeightSource:
         self.path = path
         sd = read_checkpoint(path)
         if any(k.startswith("backbone.") for k in sd):  # our own format (convert-official, exports)
-            self.tensors = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+            self.tensors = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
         else:
             self.tensors = {}
             for k, v in tower_keys(sd, backbone.spec, tower).items():
                 name = backbone_key(k, backbone.spec.family)
                 if name is not None:
                     self.tensors[name] = v
-        needed = [name for unit_name, unit in backbone.named_units()
-                  for name in (f"{unit_name}.{k}" for k, _ in unit.named_parameters())]
+        needed = [
+            name
+            for unit_name, unit in backbone.named_units()
+            for name in (f"{unit_name}.{k}" for k, _ in unit.named_parameters())
+        ]
         missing = [k for k in needed if k not in self.tensors]
         if missing:
-            raise UserError(f"weights file {path} lacks {len(missing)} tensors of {backbone.spec.name}'s vision tower "
-                            f"(e.g. {missing[0]}); is it a checkpoint of that model?")
+            raise UserError(
+                f"weights file {path} lacks {len(missing)} tensors of {backbone.spec.name}'s vision tower "
+                f"(e.g. {missing[0]}); is it a checkpoint of that model?"
+            )
 
     @torch.no_grad()
     def load(self, unit_name: str, unit: nn.Module) -> None:
@@ -145,6 +158,8 @@ class WeightSource:
                 if name == "stem.positional_embedding" and value.numel() // value.shape[-1] > 1:
                     value = resize_position_embedding(value, target.shape)
                 if value.shape != target.shape:
-                    raise UserError(f"weights file {self.path}: {name} has shape {tuple(value.shape)}, the model needs "
-                                    f"{tuple(target.shape)} (check model.backbone.name and its overrides)")
+                    raise UserError(
+                        f"weights file {self.path}: {name} has shape {tuple(value.shape)}, the model needs "
+                        f"{tuple(target.shape)} (check model.backbone.name and its overrides)"
+                    )
             target.data.copy_(value)

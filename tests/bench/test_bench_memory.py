@@ -6,7 +6,6 @@ import json
 import pytest
 
 from side4video.bench.memory import BATCHES, allocated
-
 from tests.support.engine import run_cli
 
 
@@ -38,8 +37,12 @@ def test_bench_memory_quick_writes_json_markdown_png(tmp_path):
     trained = {m: row["runs"][0]["trainable_params"] for m, row in methods.items()}
     assert trained["linear probe"] < trained["ST-Adapter"] < trained["full fine-tuning"]
     assert trained["Side4Video light (d=128)"] <= trained["Side4Video"]
-    assert [r["layout"] for r in report["engine_layout"]] == ["shared, ZeRO-2", "separate, ZeRO-2",
-                                                                "shared, ZeRO-3", "separate, ZeRO-3"]
+    assert [r["layout"] for r in report["engine_layout"]] == [
+        "shared, ZeRO-2",
+        "separate, ZeRO-2",
+        "shared, ZeRO-3",
+        "separate, ZeRO-3",
+    ]
     assert set(report["goals"]) == {"side4video_vs_adapter", "side4video_vs_full"}
     assert set(report["plan_within_tolerance"]) == {"Side4Video", "ST-Adapter", "full fine-tuning", "linear probe"}
     text = (out / "memory.md").read_text()

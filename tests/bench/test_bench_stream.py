@@ -22,9 +22,12 @@ def test_bench_stream_quick_writes_json_markdown_png(tmp_path):
         if row["kind"] == "readers":  # every sample of every shard delivered, from every source
             assert row["samples"] == d["shards"] * d["samples_per_shard"]
     assert d["total_bytes"] > d["shards"] * d["samples_per_shard"] * d["sample_bytes"]
-    assert {(q["source"], q["threads"]) for q in report["ratios"]} == {(s, t) for s in ("folder", "http", "s3")
-                                                                       for t in (1, 4)}
+    assert {(q["source"], q["threads"]) for q in report["ratios"]} == {
+        (s, t) for s in ("folder", "http", "s3") for t in (1, 4)
+    }
     assert "| s3 | readers | 4 |" in (out / "stream.md").read_text()
     assert (out / "stream.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the servers it started are gone (their data folder with them)
-    assert "side4video-bench-stream-" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert (
+        "side4video-bench-stream-" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    )

@@ -4,7 +4,6 @@ the per-GPU memory plan: DeepSpeed's arithmetic by ZeRO stage, activations count
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ from side4video.config import load_config
 from side4video.engine.activations import LiveBytes, gradients_dropped, step_memory
 from side4video.engine.factory import model_from_config, model_on_meta, run_precision
 from side4video.engine.plan import ZeroSettings, _with, frozen_weights, plan, trained_state
-
 from tests.support import REPO
+
 DEMO = str(REPO / "configs" / "demo.yaml")
 
 
@@ -70,8 +69,16 @@ def test_eva02_e14_experiment_on_32_gpus_of_80_gib(capsys):
     assert p["verdict"]["fits"] and p["peak_per_rank"] < 80 * 2**30
     text = format_plan(report)
     assert "per GPU: 32 GPUs (8 per node), ZeRO-3, offload_param cpu" in text
-    for row in ("frozen weights", "optimizer state", "side network per clip", "one backbone block",
-                "host memory per node", "offload traffic per step", "DALI decode buffers", "peak per GPU"):
+    for row in (
+        "frozen weights",
+        "optimizer state",
+        "side network per clip",
+        "one backbone block",
+        "host memory per node",
+        "offload traffic per step",
+        "DALI decode buffers",
+        "peak per GPU",
+    ):
         assert row in text
     assert "verdict                   fits" in text
     assert main(["plan", config, "--gpus", "0"]) == 2 and "--gpus" in capsys.readouterr().err
@@ -101,22 +108,44 @@ def test_text_plan_and_bad_input(capsys):
 
 
 # ------------------------------------------------------------------------- the per-GPU planner
-TINY = ["model.backbone.name=ViT-T-16", "data.size=32", "data.frames=4", "data.num_classes=5", "train.batch_size=2",
-        "model.backbone.precision=fp16"]
+TINY = [
+    "model.backbone.name=ViT-T-16",
+    "data.size=32",
+    "data.frames=4",
+    "data.num_classes=5",
+    "train.batch_size=2",
+    "model.backbone.precision=fp16",
+]
 
 
 def zero(stage, **changes):
-    settings = dict(stage=stage, offload_param="none", offload_optimizer="none", reduce_bucket_size=100,
-                    overlap_comm=False, contiguous_gradients=True, prefetch_bucket_size=50,
-                    param_persistence_threshold=10, max_live_parameters=10**9, sub_group_size=10**9)
+    settings = dict(
+        stage=stage,
+        offload_param="none",
+        offload_optimizer="none",
+        reduce_bucket_size=100,
+        overlap_comm=False,
+        contiguous_gradients=True,
+        prefetch_bucket_size=50,
+        param_persistence_threshold=10,
+        max_live_parameters=10**9,
+        sub_group_size=10**9,
+    )
     return ZeroSettings(**{**settings, **changes})
 
 
 def test_trained_state_by_zero_stage():
     P, N, bf16 = 1000, 4, torch.bfloat16  # 1000 trained parameters in bf16 over 4 ranks, AdamW
     assert trained_state(P, bf16, "adamw", zero(0), N) == {
-        "weights": 2000, "gathered": 0, "gradients": 2000, "master": 4000, "optimizer_state": 8000,
-        "reduce_bucket": 0, "host": 0, "step_temporaries": 0}
+        "weights": 2000,
+        "gathered": 0,
+        "gradients": 2000,
+        "master": 4000,
+        "optimizer_state": 8000,
+        "reduce_bucket": 0,
+        "host": 0,
+        "step_temporaries": 0,
+    }
     # ZeRO-1: fp32 master copies and AdamW's two fp32 moments partitioned; the reduce bucket
     s1 = trained_state(P, bf16, "adamw", zero(1), N)
     assert (s1["master"], s1["optimizer_state"], s1["gradients"], s1["reduce_bucket"]) == (1000, 2000, 2000, 200)
@@ -126,7 +155,12 @@ def test_trained_state_by_zero_stage():
     # ZeRO-3: weights partitioned, 40 small ones kept whole, all gathered for the step
     s3 = trained_state(P, bf16, "adamw", zero(3), N, persistent=40)
     assert (s3["weights"], s3["gathered"], s3["gradients"], s3["master"], s3["optimizer_state"]) == (
-        (40 + 240) * 2, 2000, 500, 1000, 2000)
+        (40 + 240) * 2,
+        2000,
+        500,
+        1000,
+        2000,
+    )
     off = trained_state(P, bf16, "adamw", zero(3, offload_param="cpu", offload_optimizer="cpu"), N, persistent=40)
     assert (off["weights"], off["master"], off["optimizer_state"]) == (80, 0, 0)
     assert off["host"] == 240 * 2 + 1000 + 2000 + 250 * 4  # parameter partition, master, moments, fp32 gradients
@@ -151,14 +185,19 @@ def test_frozen_weights_by_zero_stage():
     persistent = 2 * sum(p.numel() for p in params if p.numel() <= 200)
     block = 2 * sum(p.numel() for p in model.backbone.blocks[0].parameters())
     assert (z3["persistent"], z3["partition"], z3["gathered_unit"], z3["prefetch"]) == (
-        persistent, math.ceil((total - persistent) / 4), block, 100)
+        persistent,
+        math.ceil((total - persistent) / 4),
+        block,
+        100,
+    )
     assert z3["resident"] == persistent + z3["partition"] and z3["host"] == 0
     off = frozen_weights(model, zero(3, offload_param="cpu", param_persistence_threshold=200), 4, torch.float16)
     assert (off["resident"], off["host"]) == (persistent, z3["partition"])
 
 
-@pytest.mark.parametrize("case", [("side4video", "false"), ("side4video", "true"), ("adapter", "false"),
-                                  ("linear_probe", "false")])
+@pytest.mark.parametrize(
+    "case", [("side4video", "false"), ("side4video", "true"), ("adapter", "false"), ("linear_probe", "false")]
+)
 def test_activations_counted_on_meta_equal_a_real_step(case):
     """The planner's meta-device step keeps and peaks at exactly what the real step does."""
     method, checkpointing = case
@@ -181,10 +220,20 @@ def test_plan_per_gpu_adds_up_and_says_what_would_fit():
     p = report["plan"]
     fz, st, act = p["frozen_weights"], p["trained_state"], p["activations"]
     assert p["device"] == "cuda" and p["ranks"] == 2 and "verdict" not in p
-    assert p["peak_per_rank"] == (fz["resident"] + fz["gathered_unit"] + fz["prefetch"] + st["weights"] + st["gathered"]
-                                  + st["gradients"] + st["master"] + st["optimizer_state"] + st["reduce_bucket"]
-                                  + max(act["step_peak"], st["step_temporaries"])
-                                  + p["dali_buffers"]["train"] + p["dali_buffers"]["val"])
+    assert p["peak_per_rank"] == (
+        fz["resident"]
+        + fz["gathered_unit"]
+        + fz["prefetch"]
+        + st["weights"]
+        + st["gathered"]
+        + st["gradients"]
+        + st["master"]
+        + st["optimizer_state"]
+        + st["reduce_bucket"]
+        + max(act["step_peak"], st["step_temporaries"])
+        + p["dali_buffers"]["train"]
+        + p["dali_buffers"]["val"]
+    )
     # DALI's decode buffers: a batch of decoded frames per pipeline at the source resolution
     frames = int(cfg.data.frames)
     assert p["dali_buffers"]["train"] == 4 * frames * 1920 * 1080 * 3

@@ -9,8 +9,8 @@ import yaml
 
 from side4video.config import load_config, redacted, schema_fields, to_yaml
 from side4video.errors import UserError
-
 from tests.support import REPO
+
 CONFIGS = REPO / "configs"
 
 
@@ -89,8 +89,14 @@ def test_rejections_in_yaml_files(tmp_path):
 
 
 def test_secrets_are_redacted_but_kept_in_the_config():
-    cfg = load_config(CONFIGS / "demo.yaml", ["data.s3.secret_access_key=hunter2", "data.s3.access_key_id=AKIA123",
-                                              "data.s3.endpoint_url=http://127.0.0.1:9000"])
+    cfg = load_config(
+        CONFIGS / "demo.yaml",
+        [
+            "data.s3.secret_access_key=hunter2",
+            "data.s3.access_key_id=AKIA123",
+            "data.s3.endpoint_url=http://127.0.0.1:9000",
+        ],
+    )
     assert cfg.data.s3.secret_access_key == "hunter2"  # the program still sees the value
     shown = redacted(cfg)["data"]["s3"]
     assert shown["secret_access_key"] == "***" and shown["access_key_id"] == "***"
@@ -118,15 +124,18 @@ def test_cli_config_prints_yaml_with_override():
     assert yaml.safe_load(out.stdout)["train"]["lr"] == 0.5
 
 
-@pytest.mark.parametrize("args, needle", [
-    (("config", "configs/demo.yaml", "train.lrr=1"), "train.lr"),
-    (("config", "configs/demo.yaml", "train.lr=abc"), "train.lr"),
-    (("config", "configs/nope.yaml"), "nope.yaml"),
-    (("trian",), "invalid choice"),
-    (("plan",), "config"),
-    (("make-shards", "--format", "k400"), "--list"),
-    (("predict", "/no-such-export", "/no-such-video.webm"), "not found"),  # imports DeepSpeed: no notice lines
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("config", "configs/demo.yaml", "train.lrr=1"), "train.lr"),
+        (("config", "configs/demo.yaml", "train.lr=abc"), "train.lr"),
+        (("config", "configs/nope.yaml"), "nope.yaml"),
+        (("trian",), "invalid choice"),
+        (("plan",), "config"),
+        (("make-shards", "--format", "k400"), "--list"),
+        (("predict", "/no-such-export", "/no-such-video.webm"), "not found"),  # imports DeepSpeed: no notice lines
+    ],
+)
 def test_cli_bad_input_is_one_line_exit_2(args, needle):
     out = run_cli(*args)
     assert out.returncode == 2
@@ -140,8 +149,20 @@ def test_cli_help_for_every_command():
     from side4video.cli.main import build_parser
 
     commands = build_parser()._subparsers._group_actions[0].choices
-    expected = {"make-shards", "inspect", "make-synthetic", "train", "eval", "predict", "submit", "plan", "bench",
-                "convert-official", "config", "demo"}
+    expected = {
+        "make-shards",
+        "inspect",
+        "make-synthetic",
+        "train",
+        "eval",
+        "predict",
+        "submit",
+        "plan",
+        "bench",
+        "convert-official",
+        "config",
+        "demo",
+    }
     assert expected <= set(commands)
     assert run_cli("--help").returncode == 0
     for name in sorted(expected):

@@ -67,8 +67,7 @@ SIDE_BLOCKS = {"ViT-B-32": 12, "ViT-B-16": 12, "ViT-L-14": 24, "EVA02-E-14": 32}
 
 def experiment_configs() -> List[str]:
     """The recognition experiments (retrieval ones: tests/config/test_retrieval_config.py)."""
-    return sorted(p.stem for p in (CONFIGS / "experiments").glob("*.yaml")
-                  if load_config(p).task == "recognition")
+    return sorted(p.stem for p in (CONFIGS / "experiments").glob("*.yaml") if load_config(p).task == "recognition")
 
 
 def test_every_experiment_config_has_a_row_and_every_row_a_config():
@@ -89,7 +88,13 @@ def test_recipe_matches_the_reference(name):
     assert cfg.model.side.drop_path == 0.0 and cfg.model.head.dropout == 0.0
     # schedule and optimizer (shared by every reference config)
     assert (t.batch_size, t.lr, t.epochs, t.warmup_epochs) == (r.batch, r.lr, r.epochs, r.warmup)
-    assert (t.optimizer, list(t.betas), t.eps, t.weight_decay, t.label_smoothing) == ("adamw", [0.9, 0.999], 1e-8, 0.15, 0.1)
+    assert (t.optimizer, list(t.betas), t.eps, t.weight_decay, t.label_smoothing) == (
+        "adamw",
+        [0.9, 0.999],
+        1e-8,
+        0.15,
+        0.1,
+    )
     assert (t.grad_accum, t.min_lr) == (1, 0.0)
     # data and augmentation
     assert (d.num_classes, d.frames, d.size, d.sampling, list(d.resize)) == (num_classes, r.frames, 224, "tsn", resize)

@@ -7,7 +7,6 @@ import pytest
 from side4video.config import describe_schema, load_config
 from side4video.engine.factory import retrieval_args
 from side4video.errors import UserError
-
 from tests.support import CONFIGS
 
 RETRIEVAL = ["msrvtt_vitb16", "msrvtt_vitb32", "msvd_vitb32", "vatex_vitb16", "msrvtt_eva02e14"]
@@ -15,10 +14,19 @@ RETRIEVAL = ["msrvtt_vitb16", "msrvtt_vitb32", "msvd_vitb32", "vatex_vitb16", "m
 
 def test_schema_documents_the_task_switch_and_the_retrieval_keys():
     schema = describe_schema()
-    for key in ("task = 'recognition' [recognition|retrieval]", "model.text.max_words", "model.text.trainable",
-                "model.retrieval.similarity = 'wti' [wti|meanp]", "model.retrieval.coef_lr",
-                "model.retrieval.logit_scale_max", "eval.dual_softmax", "eval.text_batch_size",
-                "eval.similarity_chunk", "model.backbone.embed_dim", "model.text.vocab_size"):
+    for key in (
+        "task = 'recognition' [recognition|retrieval]",
+        "model.text.max_words",
+        "model.text.trainable",
+        "model.retrieval.similarity = 'wti' [wti|meanp]",
+        "model.retrieval.coef_lr",
+        "model.retrieval.logit_scale_max",
+        "eval.dual_softmax",
+        "eval.text_batch_size",
+        "eval.similarity_chunk",
+        "model.backbone.embed_dim",
+        "model.text.vocab_size",
+    ):
         assert key in schema, key
     with pytest.raises(UserError, match="task"):
         load_config(None, ["task=captioning"])
@@ -40,8 +48,13 @@ def test_retrieval_configs_carry_the_reference_recipe(name):
     assert (cfg.data.crop_area[0], cfg.data.flip, cfg.eval.crops, cfg.eval.clips) == (1.0, False, 1, 1)
     args = retrieval_args(cfg)
     assert args.similarity == "wti" and args.max_words == 32
-    backbone = {"msrvtt_vitb16": "ViT-B-16", "msrvtt_vitb32": "ViT-B-32", "msvd_vitb32": "ViT-B-32",
-                "vatex_vitb16": "ViT-B-16", "msrvtt_eva02e14": "EVA02-E-14"}[name]
+    backbone = {
+        "msrvtt_vitb16": "ViT-B-16",
+        "msrvtt_vitb32": "ViT-B-32",
+        "msvd_vitb32": "ViT-B-32",
+        "vatex_vitb16": "ViT-B-16",
+        "msrvtt_eva02e14": "EVA02-E-14",
+    }[name]
     assert cfg.model.backbone.name == backbone
     assert cfg.model.text.trainable == (name != "msrvtt_eva02e14")  # frozen for EVA: a stated deviation
     text = (CONFIGS / "experiments" / f"{name}.yaml").read_text()

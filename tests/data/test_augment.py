@@ -14,16 +14,25 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from tests.support.data import load_cfg
 from side4video.data import augment as A
 from side4video.data.decode import ClipDecoder, ClipRequest
 from side4video.data.video import encode_frames
+from tests.support.data import load_cfg
 
 SIZE = 64
 FULL = (np.zeros(2, np.float32), np.ones(2, np.float32))  # the whole frame, no crop
 LEVELS = (2.0, 5.0, 8.0)
-SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "ColorIncreasing", "ContrastIncreasing",
-          "BrightnessIncreasing", "SharpnessIncreasing"}
+SIGNED = {
+    "Rotate",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+}
 
 
 def ramp_frames(frames: int = 4) -> List[np.ndarray]:
@@ -34,7 +43,7 @@ def ramp_frames(frames: int = 4) -> List[np.ndarray]:
     for t in range(frames):
         # blue differs frame to frame: statistics (AutoContrast, Contrast's mean) must be per frame
         img = np.stack([xx * 255 / (SIZE - 1), yy * 255 / (SIZE - 1), np.full_like(xx, 40.0 + 50 * t)], axis=-1)
-        img[24:40, 24 + t:40 + t] = (250, 240, 230)
+        img[24:40, 24 + t : 40 + t] = (250, 240, 230)
         out.append(img.astype(np.uint8))
     return out
 
@@ -46,12 +55,22 @@ def video() -> bytes:
 
 def decoder(path: str, batch: int, ra_steps: int, grayscale: bool = False) -> ClipDecoder:
     # mean 0, std 1/255: outputs stay on the 0..255 scale
-    return ClipDecoder(views=1, size=SIZE, mean=[0, 0, 0], std=[1 / 255] * 3, batch_size=batch, ra_steps=ra_steps,
-                       threads=2, decoder=path, grayscale=grayscale)
+    return ClipDecoder(
+        views=1,
+        size=SIZE,
+        mean=[0, 0, 0],
+        std=[1 / 255] * 3,
+        batch_size=batch,
+        ra_steps=ra_steps,
+        threads=2,
+        decoder=path,
+        grayscale=grayscale,
+    )
 
 
-def run(path: str, video: bytes, views: List[A.ViewParams], indices=(0, 1, 2, 3), ra_steps: int = 1,
-        grayscale: bool = False) -> List[torch.Tensor]:
+def run(
+    path: str, video: bytes, views: List[A.ViewParams], indices=(0, 1, 2, 3), ra_steps: int = 1, grayscale: bool = False
+) -> List[torch.Tensor]:
     reqs = [ClipRequest(f"v{i}", video, "vp9", np.asarray(indices, np.int32), [v]) for i, v in enumerate(views)]
     dec = decoder(path, len(reqs), ra_steps, grayscale)
     out, bad = dec.decode(reqs)
@@ -65,20 +84,27 @@ def test_the_increasing_set_is_timm_inc1_and_the_default():
     assert load_cfg().data.randaugment.ops == "increasing"
     assert len(A.RAND_INCREASING_OPS) == len(A.RAND_OPS) == 15
     renamed = {a: b for a, b in zip(A.RAND_OPS, A.RAND_INCREASING_OPS) if a != b}
-    assert renamed == {op: op + "Increasing" for op in ("Posterize", "Solarize", "Color", "Contrast", "Brightness",
-                                                        "Sharpness")}
+    assert renamed == {
+        op: op + "Increasing" for op in ("Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness")
+    }
     # arguments at m = 7 (the reference's magnitude)
     assert A.op_step("PosterizeIncreasing", 7, 1, SIZE).arg == 0b11000000  # 4 - int(2.8) = 2 bits kept
     assert A.op_step("SolarizeIncreasing", 7, 1, SIZE).arg == 256 - 179
     assert A.op_step("ContrastIncreasing", 7, -1, SIZE).arg == pytest.approx(1 - 0.63)
     assert A.op_step("ContrastIncreasing", 7, 1, SIZE).arg == pytest.approx(1 + 0.63)
-    assert A.op_step("Solarize", 7, 1, SIZE).arg == 179 and A.op_step("Contrast", 7, -1, SIZE).arg == pytest.approx(1.36)
+    assert A.op_step("Solarize", 7, 1, SIZE).arg == 179 and A.op_step("Contrast", 7, -1, SIZE).arg == pytest.approx(
+        1.36
+    )
 
 
 @pytest.mark.parametrize("ops, expected", [("increasing", 256 - 230), ("standard", 230)])
 def test_the_configured_op_set_is_the_one_drawn(ops, expected):
-    cfg = load_cfg("data.randaugment.enabled=true", "data.randaugment.magnitude=9", "data.randaugment.magnitude_std=0",
-                   f"data.randaugment.ops={ops}")
+    cfg = load_cfg(
+        "data.randaugment.enabled=true",
+        "data.randaugment.magnitude=9",
+        "data.randaugment.magnitude_std=0",
+        f"data.randaugment.ops={ops}",
+    )
     steps = [s for seed in range(300) for s in A.train_view(np.random.default_rng(seed), 240, 320, cfg.data).ra]
     solarize = {s.arg for s in steps if s.kind == A.RA_SOLARIZE}
     assert solarize == {float(expected)}
@@ -88,8 +114,9 @@ def test_one_program_per_clip_with_one_magnitude_and_sign():
     """A view carries one RandAugment program: nothing in it is per frame."""
     rng = np.random.default_rng(0)
     steps = A.randaugment_program(rng, 4, 7.0, 0.5, SIZE)
-    assert len(steps) == 4 and all(isinstance(s, A.RAStep) and np.ndim(s.arg) == 0 and s.matrix.shape == (2, 3)
-                                   for s in steps)
+    assert len(steps) == 4 and all(
+        isinstance(s, A.RAStep) and np.ndim(s.arg) == 0 and s.matrix.shape == (2, 3) for s in steps
+    )
 
 
 # ------------------------------------------------------------------------------- the graph
@@ -97,7 +124,7 @@ def strength_requests() -> Dict[tuple, A.ViewParams]:
     views = {("none", 0, 0): A.ViewParams(*FULL)}
     levelled = [op for op in A.RAND_INCREASING_OPS if op not in A.UNLEVELLED_OPS] + ["Posterize", "Solarize"]
     for op in levelled:
-        for sign in ((1.0, -1.0) if op in SIGNED else (1.0,)):
+        for sign in (1.0, -1.0) if op in SIGNED else (1.0,):
             for level in LEVELS:
                 views[(op, sign, level)] = A.ViewParams(*FULL, False, [A.op_step(op, level, sign, SIZE)])
     return views
@@ -113,7 +140,7 @@ def test_increasing_ops_grow_stronger_with_the_magnitude(video, path):
         if op in A.UNLEVELLED_OPS:  # no argument: the same step at every magnitude
             assert len({(A.op_step(op, lv, 1.0, SIZE).kind, A.op_step(op, lv, 1.0, SIZE).arg) for lv in LEVELS}) == 1
             continue
-        for sign in ((1.0, -1.0) if op in SIGNED else (1.0,)):
+        for sign in (1.0, -1.0) if op in SIGNED else (1.0,):
             s = [strength[(op, sign, lv)] for lv in LEVELS]
             assert s[0] > 0.05 and s[1] > 1.1 * s[0] and s[2] > 1.1 * s[1], (op, sign, s)
     # the standard set's Posterize and Solarize do the opposite: that is what the option changes
@@ -126,10 +153,11 @@ def test_increasing_ops_grow_stronger_with_the_magnitude(video, path):
 def test_every_frame_of_a_clip_gets_the_same_ops(video, path):
     """Four copies of one frame stay four copies through any op, program and grayscale."""
     rng = np.random.default_rng(5)
-    views = [A.ViewParams(*FULL, False, [A.op_step(op, 7.0, float(rng.choice([-1, 1])), SIZE)], bool(i % 2))
-             for i, op in enumerate(A.RAND_INCREASING_OPS)]
-    views += [A.ViewParams(*FULL, False, A.randaugment_program(rng, 4, 7.0, 0.5, SIZE), bool(i % 2))
-              for i in range(8)]
+    views = [
+        A.ViewParams(*FULL, False, [A.op_step(op, 7.0, float(rng.choice([-1, 1])), SIZE)], bool(i % 2))
+        for i, op in enumerate(A.RAND_INCREASING_OPS)
+    ]
+    views += [A.ViewParams(*FULL, False, A.randaugment_program(rng, 4, 7.0, 0.5, SIZE), bool(i % 2)) for i in range(8)]
     out = run(path, video, views, indices=(1, 1, 1, 1), ra_steps=4, grayscale=True)
     plain = run(path, video, [A.ViewParams(*FULL)], indices=(1, 1, 1, 1), ra_steps=0)[0]
     changed = 0
@@ -143,7 +171,7 @@ def test_every_frame_of_a_clip_gets_the_same_ops(video, path):
 def pil_op(op: str, step: A.RAStep, frame: np.ndarray) -> np.ndarray:
     """What the reference does to one frame: PIL's ImageOps / ImageEnhance (timm's op functions)."""
     img = Image.fromarray(frame)
-    name = op[:-len("Increasing")] if op.endswith("Increasing") else op
+    name = op[: -len("Increasing")] if op.endswith("Increasing") else op
     if name == "AutoContrast":
         out = ImageOps.autocontrast(img)
     elif name == "Invert":
@@ -155,8 +183,12 @@ def pil_op(op: str, step: A.RAStep, frame: np.ndarray) -> np.ndarray:
     elif name == "SolarizeAdd":
         out = img.point([min(255, i + int(step.arg)) if i < 128 else i for i in range(256)] * 3)
     else:
-        enhance = {"Color": ImageEnhance.Color, "Contrast": ImageEnhance.Contrast,
-                   "Brightness": ImageEnhance.Brightness, "Sharpness": ImageEnhance.Sharpness}[name]
+        enhance = {
+            "Color": ImageEnhance.Color,
+            "Contrast": ImageEnhance.Contrast,
+            "Brightness": ImageEnhance.Brightness,
+            "Sharpness": ImageEnhance.Sharpness,
+        }[name]
         out = enhance(img).enhance(step.arg)
     return np.asarray(out, dtype=np.float32)
 
@@ -166,8 +198,11 @@ def test_pixel_ops_match_pil_frame_by_frame(video, path):
     """The reference runs PIL on each frame: the graph must give the same pixels (PIL rounds to
     integers, so within 2 levels), with image statistics taken per frame. Equalize is DALI's
     (OpenCV's) histogram equalisation, a few levels from PIL's: docs/model.md, deviations."""
-    ops = [op for op in A.RAND_INCREASING_OPS if op not in ("Equalize", "Rotate", "ShearX", "ShearY",
-                                                              "TranslateXRel", "TranslateYRel")]
+    ops = [
+        op
+        for op in A.RAND_INCREASING_OPS
+        if op not in ("Equalize", "Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+    ]
     cases = [(op, sign) for op in ops for sign in ((1.0, -1.0) if op in SIGNED else (1.0,))]
     views = [A.ViewParams(*FULL)] + [A.ViewParams(*FULL, False, [A.op_step(op, 7.0, sign, SIZE)]) for op, sign in cases]
     out = run(path, video, views)
@@ -201,8 +236,13 @@ def test_grayscale_is_a_seeded_per_clip_draw():
 @pytest.mark.parametrize("ra_steps", [0, 1])
 def test_grayscale_turns_every_frame_grey(video, path, ra_steps):
     steps = [A.op_step("ContrastIncreasing", 5.0, 1.0, SIZE)] if ra_steps else []
-    colour, grey = run(path, video, [A.ViewParams(*FULL, False, steps, False), A.ViewParams(*FULL, False, steps, True)],
-                       ra_steps=ra_steps, grayscale=True)
+    colour, grey = run(
+        path,
+        video,
+        [A.ViewParams(*FULL, False, steps, False), A.ViewParams(*FULL, False, steps, True)],
+        ra_steps=ra_steps,
+        grayscale=True,
+    )
     assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])  # every frame, every pixel
     luma = 0.299 * colour[:, 0] + 0.587 * colour[:, 1] + 0.114 * colour[:, 2]
     assert (grey[:, 0] - luma).abs().max().item() <= 0.5 + 1e-3  # PIL's convert("L"), rounded when uint8
@@ -214,7 +254,9 @@ def test_grayscale_turns_every_frame_grey(video, path, ra_steps):
 def test_a_decoder_without_grayscale_refuses_a_grey_view(video):
     dec = decoder("dali", 1, 0, grayscale=False)
     with pytest.raises(ValueError, match="grayscale"):
-        dec.decode([ClipRequest("g", video, "vp9", np.arange(4, dtype=np.int32), [A.ViewParams(*FULL, grayscale=True)])])
+        dec.decode(
+            [ClipRequest("g", video, "vp9", np.arange(4, dtype=np.int32), [A.ViewParams(*FULL, grayscale=True)])]
+        )
     dec.close()
 
 

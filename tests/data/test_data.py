@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from tests.support.data import load_cfg
 from side4video.cli import main as cli_main
 from side4video.data import augment as A
 from side4video.data.sampling import dense_indices, eval_indices, train_indices, tsn_indices
 from side4video.data.stream import RankStream, resolve_shards
 from side4video.data.synthetic import CLASSES, make_synthetic, render_clip
 from side4video.errors import UserError
+from tests.support.data import load_cfg
 
 
 # ------------------------------------------------------------------------------- sampling
@@ -120,8 +120,9 @@ def test_make_synthetic_writes_train_and_val(synthetic_data):
 
 def test_make_synthetic_with_workers_is_identical(tmp_path):
     make_synthetic(str(tmp_path / "one"), videos=6, classes=2, val_videos=0, frames=4, size=16, shard_samples=3)
-    make_synthetic(str(tmp_path / "two"), videos=6, classes=2, val_videos=0, frames=4, size=16, shard_samples=3,
-                   workers=2)
+    make_synthetic(
+        str(tmp_path / "two"), videos=6, classes=2, val_videos=0, frames=4, size=16, shard_samples=3, workers=2
+    )
     for name in ("train-000000.tar", "train-000001.tar"):
         assert (tmp_path / "one/train" / name).read_bytes() == (tmp_path / "two/train" / name).read_bytes()
     with pytest.raises(UserError, match="classes"):
@@ -130,9 +131,9 @@ def test_make_synthetic_with_workers_is_identical(tmp_path):
 
 # ------------------------------------------------------------------------------- inspect
 def test_inspect_json(synthetic_data, tmp_path, capsys):
+    import io
     import shutil
     import tarfile
-    import io
 
     folder = tmp_path / "ds"
     shutil.copytree(synthetic_data["val"], folder)

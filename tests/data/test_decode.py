@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from side4video.errors import UserError
 import torch
 
-from tests.support.data import data_cfg_for, encode, load_cfg
 from side4video.data import augment as A
 from side4video.data.decode import ClipDecoder, ClipRequest, build_pipeline
-from side4video.engine.factory import loader_from_config as build_loader
 from side4video.data.shards import ShardWriter
 from side4video.data.synthetic import render_clip
 from side4video.data.video import decode_frames, encode_frames, probe
+from side4video.engine.factory import loader_from_config as build_loader
+from side4video.errors import UserError
+from tests.support.data import data_cfg_for, encode, load_cfg
 
 
 def dali_raw_frames(data: bytes, indices) -> np.ndarray:
@@ -52,7 +51,10 @@ def requests_for(videos, cfg, views=1, train=True, seed=0):
         info = probe(data)
         idx = np.array([0, 3, 6, 9], dtype=np.int32)
         if train:
-            v = [A.train_view(np.random.default_rng([seed, i, r]), info.height, info.width, cfg.data) for r in range(views)]
+            v = [
+                A.train_view(np.random.default_rng([seed, i, r]), info.height, info.width, cfg.data)
+                for r in range(views)
+            ]
         else:
             v = A.eval_views(info.height, info.width, cfg.data, views)
         out.append(ClipRequest(f"k{i}", data, codec, idx, v, info))
@@ -112,8 +114,9 @@ def test_gpu_routing_sends_what_nvdec_refuses_to_pyav():
     assert dali_decodes("vp9", 32, 32, "yuv420p", gpu=False)
     cfg = load_cfg("data.size=32", "data.resize=[36]")
     small = requests_for([("vp9", encode(0))], cfg, views=1, train=False)[0]
-    gpu_decoder = ClipDecoder(views=1, size=32, mean=cfg.data.mean, std=cfg.data.std, batch_size=1, gpu=True,
-                              device_id=0)  # routing only: no pipeline is built
+    gpu_decoder = ClipDecoder(
+        views=1, size=32, mean=cfg.data.mean, std=cfg.data.std, batch_size=1, gpu=True, device_id=0
+    )  # routing only: no pipeline is built
     assert small.info.width == 48 and gpu_decoder.route(small) == "pyav"
     gpu_decoder.close()
 
@@ -140,15 +143,16 @@ def test_a_dali_failure_is_retried_through_pyav_and_counted():
 
 
 def test_every_randaugment_op_runs_on_dali():
-    cfg = load_cfg("data.size=32", "data.resize=[32]", "data.crop_area=[1.0,1.0]", "data.crop_aspect=[1.0,1.0]")
     frames, _ = render_clip(0, np.random.default_rng(1), 8, 32)
     data = encode_frames(frames, codec="vp9", fps=8)
     full = (np.zeros(2, np.float32), np.ones(2, np.float32))
     rng = np.random.default_rng(0)
     ops = list(dict.fromkeys(A.RAND_OPS + A.RAND_INCREASING_OPS))  # both op sets: 21 ops
     steps = [A.RAStep()] + [A.op_step(op, 7.0, float(rng.choice([-1, 1])), 32) for op in ops]
-    reqs = [ClipRequest(f"op{i}", data, "vp9", np.arange(4, dtype=np.int32), [A.ViewParams(*full, False, [st])])
-            for i, st in enumerate(steps)]
+    reqs = [
+        ClipRequest(f"op{i}", data, "vp9", np.arange(4, dtype=np.int32), [A.ViewParams(*full, False, [st])])
+        for i, st in enumerate(steps)
+    ]
     dec = ClipDecoder(views=1, size=32, mean=[0, 0, 0], std=[1 / 255] * 3, batch_size=len(reqs), ra_steps=1)
     out, bad = dec.decode(reqs)
     dec.close()
@@ -167,8 +171,9 @@ def test_eval_views_three_crops_two_clips(synthetic_data, tmp_path):
     for i in range(5):
         writer.write(f"w{i}", encode(i, frames=16, height=32, width=64), "webm", {"label": i % 4})
     writer.close([f"c{i}" for i in range(4)], [], "test")
-    cfg = data_cfg_for(str(tmp_path / "wide"), str(tmp_path / "wide"), "eval.crops=3", "eval.clips=2",
-                       "eval.batch_size=2")
+    cfg = data_cfg_for(
+        str(tmp_path / "wide"), str(tmp_path / "wide"), "eval.crops=3", "eval.clips=2", "eval.batch_size=2"
+    )
     loader = build_loader(cfg, "val")
     batches = list(loader)
     loader.close()
@@ -185,8 +190,15 @@ def test_eval_views_three_crops_two_clips(synthetic_data, tmp_path):
 
 
 def test_flip_mirrors_the_view_and_swaps_paired_labels(synthetic_data):
-    cfg = data_cfg_for(str(synthetic_data["train"]), None, "data.repeated_views=2", "data.flip=true",
-                       "data.flip_label_pairs=[[0,1],[2,3]]", "data.crop_area=[1.0,1.0]", "data.crop_aspect=[1.0,1.0]")
+    cfg = data_cfg_for(
+        str(synthetic_data["train"]),
+        None,
+        "data.repeated_views=2",
+        "data.flip=true",
+        "data.flip_label_pairs=[[0,1],[2,3]]",
+        "data.crop_area=[1.0,1.0]",
+        "data.crop_aspect=[1.0,1.0]",
+    )
     loader = build_loader(cfg, "train")
     flips_seen = 0
     for batch in loader:
@@ -208,13 +220,13 @@ def test_flip_mirrors_the_view_and_swaps_paired_labels(synthetic_data):
 def test_training_loader_applies_grayscale_as_drawn(synthetic_data):
     """data.grayscale (K400's p=0.2) through the loader: grey views have equal channels before
     normalisation, the others colour, and which views are grey follows the seeded draw."""
-    import numpy as np
 
     from side4video.data import augment as A
     from side4video.data.stream import seeded_rng, stable_hash
 
-    cfg = data_cfg_for(str(synthetic_data["train"]), None, "data.grayscale=0.5", "data.flip=false",
-                       "data.shuffle_buffer=0")
+    cfg = data_cfg_for(
+        str(synthetic_data["train"]), None, "data.grayscale=0.5", "data.flip=false", "data.shuffle_buffer=0"
+    )
     loader = build_loader(cfg, "train")
     mean, std = torch.tensor(cfg.data.mean).view(3, 1, 1), torch.tensor(cfg.data.std).view(3, 1, 1)
     grey_seen = colour_seen = 0
@@ -285,13 +297,15 @@ def test_a_run_of_undecodable_samples_ends_with_one_line(tmp_path):
         writer.write(f"s{i:02d}", encode(i) if ok else b"\x1aE\xdf\xa3" + bytes([i]) * 600, "webm", {"label": i % 4})
     writer.close([f"c{i}" for i in range(4)], [], "test")
     spec = str(tmp_path / "bad")
-    loader = build_loader(data_cfg_for(spec, spec, "data.max_bad_in_row=5", "data.shuffle_buffer=0",
-                                       "train.batch_size=2"), "train")
+    loader = build_loader(
+        data_cfg_for(spec, spec, "data.max_bad_in_row=5", "data.shuffle_buffer=0", "train.batch_size=2"), "train"
+    )
     with pytest.raises(UserError, match=r"5 samples in a row could not be used \(the last, s09: undecodable"):
         list(loader)
     loader.close()
-    lenient = build_loader(data_cfg_for(spec, spec, "data.max_bad_in_row=0", "data.shuffle_buffer=0",
-                                        "train.batch_size=2"), "train")
+    lenient = build_loader(
+        data_cfg_for(spec, spec, "data.max_bad_in_row=0", "data.shuffle_buffer=0", "train.batch_size=2"), "train"
+    )
     assert len(list(lenient)) == len(lenient)  # 0: never stop for bad samples
     lenient.close()
 
@@ -300,6 +314,17 @@ def test_pipeline_builds_for_gpu_layout_without_running():
     """The 'mixed' graph is only run on GPU hosts; on every host it must at least be constructible."""
     from nvidia.dali import fn, types  # noqa: F401
 
-    pipe = build_pipeline("bytes", batch_size=2, views=1, ra_steps=0, size=32, mean=[0.5] * 3, std=[0.5] * 3,
-                          fp16=True, threads=1, gpu=False, device_id=None)
+    pipe = build_pipeline(
+        "bytes",
+        batch_size=2,
+        views=1,
+        ra_steps=0,
+        size=32,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        fp16=True,
+        threads=1,
+        gpu=False,
+        device_id=None,
+    )
     assert pipe is not None

@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.support.data import data_cfg_for
-from tests.support.engine import DEMO, run_cli, tiny_overrides
-from tests.support.videos import CLASSES, REAL_VIDEOS, SHORT_SIDE, key_of
 from side4video.cli import main as cli_main
 from side4video.data.sample import Sample
 from side4video.data.sampling import eval_indices
 from side4video.data.stream import BadLog, iter_shard, resolve_shards
 from side4video.engine.factory import loader_from_config as build_loader
+from tests.support.data import data_cfg_for
+from tests.support.engine import DEMO, run_cli, tiny_overrides
+from tests.support.videos import CLASSES, REAL_VIDEOS, SHORT_SIDE, key_of
 
 SIZE, RESIZE = 64, 72  # the loader's eval view: short side to 72, centre 64 x 64 crop
 SHIFTS = (-2, -1, 1, 2)  # neighbouring frames the right ones must match better than
@@ -33,8 +33,9 @@ def shard_samples(folder: Path) -> Tuple[dict, Dict[str, Sample]]:
     """The manifest and every sample of a make-shards output folder, by key (nothing bad read)."""
     manifest = json.loads((folder / "manifest.json").read_text())
     bad = BadLog()
-    samples = {s.key: s for shard in resolve_shards(str(folder / "manifest.json")).shards
-               for s in iter_shard(shard, bad=bad)}
+    samples = {
+        s.key: s for shard in resolve_shards(str(folder / "manifest.json")).shards for s in iter_shard(shard, bad=bad)
+    }
     assert not bad.samples and not bad.shards, (bad.samples, bad.shards)
     return manifest, samples
 
@@ -81,8 +82,9 @@ def loader_clips(folder: Path):
     """The val loader's clips of a shard folder, by key, normalisation undone: (T, S, S, 3) RGB on
     0..255. Also the route each sample takes ('dali' or 'pyav'), the bad samples and the config."""
     spec = str(folder / "manifest.json")
-    cfg = data_cfg_for(spec, spec, f"data.size={SIZE}", f"data.resize=[{RESIZE}]", "data.num_classes=3",
-                       "eval.batch_size=4")
+    cfg = data_cfg_for(
+        spec, spec, f"data.size={SIZE}", f"data.resize=[{RESIZE}]", "data.num_classes=3", "eval.batch_size=4"
+    )
     loader = build_loader(cfg, "val")
     try:
         batches = list(loader)
@@ -162,7 +164,7 @@ def test_loader_frames_are_the_plain_pyav_frames_at_the_eval_indices(real_video_
         count, frames = plain_pyav_frames(samples[key].video, np.concatenate(list(near.values())))
         assert count == real.frames, (name, count)
 
-        def diff(indices: np.ndarray) -> np.ndarray:
+        def diff(indices: np.ndarray, frames=frames, key=key) -> np.ndarray:
             reference = np.stack([centre_view(frames[int(i)], RESIZE, SIZE) for i in indices])
             return np.abs(clips[key] - reference).mean(axis=(1, 2, 3))  # per frame, levels of 255
 
@@ -179,8 +181,10 @@ def test_inspect_decodes_every_real_video(real_video_shards, capsys):
     frame counts and sizes, the classes, and nothing bad. The same H.264 shards forced through
     DALI's CPU decoder (which lacks H.264) report all four as bad: --decode really decodes."""
     view = ["data.frames=4", "data.size=32", "data.resize=[36]"]
-    sizes = {"original": ({"min": 176, "max": 1280}, {"min": 144, "max": 720}),
-             "vp9": ({"min": 156, "max": 302}, {"min": SHORT_SIDE, "max": SHORT_SIDE})}
+    sizes = {
+        "original": ({"min": 176, "max": 1280}, {"min": 144, "max": 720}),
+        "vp9": ({"min": 156, "max": 302}, {"min": SHORT_SIDE, "max": SHORT_SIDE}),
+    }
     for kind, codec in (("original", "h264"), ("vp9", "vp9")):
         manifest = str(real_video_shards[kind] / "manifest.json")
         assert cli_main(["inspect", manifest, *view, "--decode", "--json"]) == 0
@@ -209,8 +213,15 @@ def test_predict_ranks_the_classes_of_a_720p_h264_file(real_video_shards, tmp_pa
     export's three classes with probabilities that sum to 1."""
     run = tmp_path / "run"
     data = {"train": str(real_video_shards["vp9"] / "manifest.json"), "val": ""}
-    run_cli(["train", DEMO, *tiny_overrides(data, run, "data.num_classes=3", "train.epochs=1", "train.export=true",
-                                            "logging.tensorboard=false")])
+    run_cli(
+        [
+            "train",
+            DEMO,
+            *tiny_overrides(
+                data, run, "data.num_classes=3", "train.epochs=1", "train.export=true", "logging.tensorboard=false"
+            ),
+        ]
+    )
     assert json.loads((run / "export" / "model.json").read_text())["class_names"] == CLASSES
     video = real_video_shards["root"] / "bigbuckbunny.mp4"
     out = run_cli(["predict", str(run / "export"), str(video), "eval.crops=3", "--json", "--top-k", "3"])

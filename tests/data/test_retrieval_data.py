@@ -19,7 +19,6 @@ from side4video.data.shards import make_shards
 from side4video.data.stream import BadLog, iter_shard, resolve_shards
 from side4video.data.synthetic import TRAIN_FRAMES, VAL_FRAMES, make_synthetic, motion_captions
 from side4video.errors import UserError
-
 from tests.support import REPO
 from tests.support.data import encode
 
@@ -44,10 +43,17 @@ def captions_of(out):
 # ---------------------------------------------------------------------------------- layouts
 def msrvtt_files(tmp_path, train_ids=IDS[:3], test_ids=IDS[3:]):
     """MSRVTT_data.json, MSRVTT_train.9k.csv and MSRVTT_JSFUSION_test.csv as the reference reads them."""
-    data = {"videos": [{"video_id": v, "category": i, "url": f"https://youtube.com/watch?v={v}", "split": "train"}
-                       for i, v in enumerate(IDS)],
-            "sentences": [{"video_id": v, "caption": f"{v} caption {j}", "sen_id": 10 * i + j}
-                          for i, v in enumerate(IDS) for j in range(3)]}
+    data = {
+        "videos": [
+            {"video_id": v, "category": i, "url": f"https://youtube.com/watch?v={v}", "split": "train"}
+            for i, v in enumerate(IDS)
+        ],
+        "sentences": [
+            {"video_id": v, "caption": f"{v} caption {j}", "sen_id": 10 * i + j}
+            for i, v in enumerate(IDS)
+            for j in range(3)
+        ],
+    }
     (tmp_path / "MSRVTT_data.json").write_text(json.dumps(data))
     with open(tmp_path / "MSRVTT_train.9k.csv", "w", newline="") as f:
         csv.writer(f).writerows([["video_id"], *[[v] for v in train_ids]])
@@ -60,12 +66,18 @@ def msrvtt_files(tmp_path, train_ids=IDS[:3], test_ids=IDS[3:]):
 def test_msrvtt_train_csv_with_data_json_and_jsfusion_test(tmp_path):
     root = videos(tmp_path / "videos", IDS)
     msrvtt_files(tmp_path)
-    make_shards(str(tmp_path / "MSRVTT_train.9k.csv"), "msrvtt", str(root), str(tmp_path / "train"),
-                captions=str(tmp_path / "MSRVTT_data.json"), progress=False)
-    assert captions_of(tmp_path / "train") == {v: (IDS.index(v), [f"{v} caption {j}" for j in range(3)])
-                                               for v in IDS[:3]}
-    make_shards(str(tmp_path / "MSRVTT_JSFUSION_test.csv"), "msrvtt", str(root), str(tmp_path / "test"),
-                progress=False)
+    make_shards(
+        str(tmp_path / "MSRVTT_train.9k.csv"),
+        "msrvtt",
+        str(root),
+        str(tmp_path / "train"),
+        captions=str(tmp_path / "MSRVTT_data.json"),
+        progress=False,
+    )
+    assert captions_of(tmp_path / "train") == {
+        v: (IDS.index(v), [f"{v} caption {j}" for j in range(3)]) for v in IDS[:3]
+    }
+    make_shards(str(tmp_path / "MSRVTT_JSFUSION_test.csv"), "msrvtt", str(root), str(tmp_path / "test"), progress=False)
     assert captions_of(tmp_path / "test") == {"video2": (-1, ["the one test sentence of video2"])}
 
 
@@ -76,10 +88,17 @@ def test_msvd_lists_and_raw_captions_pickle(tmp_path):
     raw = {v: [["a", "man", "is", "cooking", str(i)], ["someone", "cooks"]] for i, v in enumerate(IDS)}
     with open(tmp_path / "raw-captions.pkl", "wb") as f:
         pickle.dump(raw, f)
-    make_shards(str(tmp_path / "test_list.txt"), "msvd", str(root), str(tmp_path / "test"),
-                captions=str(tmp_path / "raw-captions.pkl"), progress=False)
-    assert captions_of(tmp_path / "test") == {v: (-1, [f"a man is cooking {IDS.index(v)}", "someone cooks"])
-                                              for v in IDS[2:]}
+    make_shards(
+        str(tmp_path / "test_list.txt"),
+        "msvd",
+        str(root),
+        str(tmp_path / "test"),
+        captions=str(tmp_path / "raw-captions.pkl"),
+        progress=False,
+    )
+    assert captions_of(tmp_path / "test") == {
+        v: (-1, [f"a man is cooking {IDS.index(v)}", "someone cooks"]) for v in IDS[2:]
+    }
 
 
 def test_vatex_lists_and_data_json(tmp_path):
@@ -87,8 +106,14 @@ def test_vatex_lists_and_data_json(tmp_path):
     data = {v: {"enCap": [f"en {v} {j}" for j in range(10)], "chCap": ["zh"] * 10} for v in IDS}
     (tmp_path / "vatex_data.json").write_text(json.dumps(data))
     (tmp_path / "test_list.txt").write_text("\n".join(IDS[1:]) + "\n")
-    make_shards(str(tmp_path / "test_list.txt"), "vatex", str(root), str(tmp_path / "test"),
-                captions=str(tmp_path / "vatex_data.json"), progress=False)
+    make_shards(
+        str(tmp_path / "test_list.txt"),
+        "vatex",
+        str(root),
+        str(tmp_path / "test"),
+        captions=str(tmp_path / "vatex_data.json"),
+        progress=False,
+    )
     got = captions_of(tmp_path / "test")
     assert got == {v: (-1, [f"en {v} {j}" for j in range(10)]) for v in IDS[1:]}
 
@@ -107,8 +132,9 @@ class Payload:
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "side4video.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "side4video.cli", *map(str, args)], capture_output=True, text=True, cwd=REPO
+    )
 
 
 def bad_inputs(tmp_path):
@@ -134,23 +160,78 @@ def bad_inputs(tmp_path):
     common = ["--root", root]
     return [
         ("csv without video_id", ["--list", tmp_path / "no_video_id.csv", "--format", "msrvtt", *common], "video_id"),
-        ("train csv without captions", ["--list", tmp_path / "MSRVTT_train.9k.csv", "--format", "msrvtt", *common],
-         "--captions"),
-        ("vatex json of another shape", ["--list", tmp_path / "list.txt", "--format", "vatex",
-                                         "--captions", tmp_path / "vatex_wrong.json", *common], "VATEX"),
-        ("pickle holding numbers", ["--list", tmp_path / "with_missing_video.txt", "--format", "msvd",
-                                                "--captions", tmp_path / "numbers.pkl", *common], "int"),
-        ("videos missing under root", ["--list", tmp_path / "with_missing_video.txt", "--format", "msvd",
-                                       "--captions", tmp_path / "raw.pkl", *common], "not found under"),
-        ("captions missing for a listed video", ["--list", tmp_path / "with_missing_video.txt", "--format", "vatex",
-                                                 "--captions", tmp_path / "vatex_data_partial.json", *common],
-         "no captions"),
-        ("pickle that runs code", ["--list", tmp_path / "list.txt", "--format", "msvd",
-                                   "--captions", tmp_path / "code.pkl", *common], "refuses posix.system"),
-        ("pickle of another class", ["--list", tmp_path / "list.txt", "--format", "msvd",
-                                     "--captions", tmp_path / "odict.pkl", *common], "refuses collections.OrderedDict"),
-        ("truncated pickle", ["--list", tmp_path / "list.txt", "--format", "msvd",
-                              "--captions", tmp_path / "short.pkl", *common], "not a readable pickle"),
+        (
+            "train csv without captions",
+            ["--list", tmp_path / "MSRVTT_train.9k.csv", "--format", "msrvtt", *common],
+            "--captions",
+        ),
+        (
+            "vatex json of another shape",
+            [
+                "--list",
+                tmp_path / "list.txt",
+                "--format",
+                "vatex",
+                "--captions",
+                tmp_path / "vatex_wrong.json",
+                *common,
+            ],
+            "VATEX",
+        ),
+        (
+            "pickle holding numbers",
+            [
+                "--list",
+                tmp_path / "with_missing_video.txt",
+                "--format",
+                "msvd",
+                "--captions",
+                tmp_path / "numbers.pkl",
+                *common,
+            ],
+            "int",
+        ),
+        (
+            "videos missing under root",
+            [
+                "--list",
+                tmp_path / "with_missing_video.txt",
+                "--format",
+                "msvd",
+                "--captions",
+                tmp_path / "raw.pkl",
+                *common,
+            ],
+            "not found under",
+        ),
+        (
+            "captions missing for a listed video",
+            [
+                "--list",
+                tmp_path / "with_missing_video.txt",
+                "--format",
+                "vatex",
+                "--captions",
+                tmp_path / "vatex_data_partial.json",
+                *common,
+            ],
+            "no captions",
+        ),
+        (
+            "pickle that runs code",
+            ["--list", tmp_path / "list.txt", "--format", "msvd", "--captions", tmp_path / "code.pkl", *common],
+            "refuses posix.system",
+        ),
+        (
+            "pickle of another class",
+            ["--list", tmp_path / "list.txt", "--format", "msvd", "--captions", tmp_path / "odict.pkl", *common],
+            "refuses collections.OrderedDict",
+        ),
+        (
+            "truncated pickle",
+            ["--list", tmp_path / "list.txt", "--format", "msvd", "--captions", tmp_path / "short.pkl", *common],
+            "not a readable pickle",
+        ),
     ]
 
 
@@ -175,8 +256,15 @@ def test_allow_missing_quarantines_instead(tmp_path):
     root = videos(tmp_path / "videos", IDS)
     (tmp_path / "list.txt").write_text("\n".join(IDS + ["video99"]) + "\n")
     (tmp_path / "caps.json").write_text(json.dumps({v: ["c"] for v in IDS + ["video99"]}))
-    manifest = make_shards(str(tmp_path / "list.txt"), "msvd", str(root), str(tmp_path / "out"),
-                           captions=str(tmp_path / "caps.json"), allow_missing=True, progress=False)
+    manifest = make_shards(
+        str(tmp_path / "list.txt"),
+        "msvd",
+        str(root),
+        str(tmp_path / "out"),
+        captions=str(tmp_path / "caps.json"),
+        allow_missing=True,
+        progress=False,
+    )
     assert manifest["samples"] == 4 and [q["key"] for q in manifest["quarantine"]] == ["video99"]
 
 
@@ -219,8 +307,9 @@ def test_training_caption_is_a_pure_function_of_seed_epoch_key_and_pass():
 def test_make_synthetic_captions_pairs_forwards_and_backwards(tmp_path):
     from side4video.data.video import decode_frames
 
-    counts = make_synthetic(str(tmp_path), videos=8, classes=4, val_videos=4, frames=6, size=32, shard_samples=4,
-                            captions=True)
+    counts = make_synthetic(
+        str(tmp_path), videos=8, classes=4, val_videos=4, frames=6, size=32, shard_samples=4, captions=True
+    )
     assert counts == {"train": 8, "val": 4}
     for split, frames in (("train", TRAIN_FRAMES), ("val", VAL_FRAMES)):
         shardset = resolve_shards(str(tmp_path / split / "manifest.json"))
@@ -236,7 +325,7 @@ def test_make_synthetic_captions_pairs_forwards_and_backwards(tmp_path):
             reversed_gap = np.abs(a.astype(int) - b[::-1].astype(int)).mean()  # VP9 at 32 px is lossy
             assert reversed_gap < 8 and np.abs(a.astype(int) - b.astype(int)).mean() > 2 * reversed_gap
             for s in (fwd, bwd):  # every sentence frame of the split, with the named colour and shape
-                colour, shape = (s.captions[0].split()[3:5] if split == "val" else s.captions[0].split()[1:3])
+                colour, shape = s.captions[0].split()[3:5] if split == "val" else s.captions[0].split()[1:3]
                 assert s.captions == motion_captions(s.label, colour, shape, split)
     train_frames = {f.format(a="a", colour="C", shape="S", motion="M") for f in TRAIN_FRAMES}
     val_frames = {f.format(a="a", colour="C", shape="S", motion="M") for f in VAL_FRAMES}

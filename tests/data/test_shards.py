@@ -8,12 +8,12 @@ import tarfile
 
 import pytest
 
-from tests.support.data import encode, load_cfg, video_folder
 from side4video.cli import main as cli_main
 from side4video.data.annotations import make_key
 from side4video.data.shards import ShardWriter, make_shards, parse_size
 from side4video.data.stream import BadLog, iter_shard, resolve_shards
 from side4video.errors import UserError
+from tests.support.data import encode, load_cfg, video_folder
 
 
 def read_all(out):
@@ -84,8 +84,16 @@ def test_round_trip_keys_labels_captions(tmp_path, fmt):
     rels = video_folder(root, n=4, h264=1)
     listf, labels, expected = write_annotations(fmt, root, rels, tmp_path)
     out = tmp_path / "shards"
-    manifest = make_shards(str(listf), fmt, str(root), str(out), labels=str(labels) if labels else None,
-                           split="train" if fmt == "k400" else None, shard_size="10KB", progress=False)
+    manifest = make_shards(
+        str(listf),
+        fmt,
+        str(root),
+        str(out),
+        labels=str(labels) if labels else None,
+        split="train" if fmt == "k400" else None,
+        shard_size="10KB",
+        progress=False,
+    )
     assert manifest["quarantine"] == []
     assert manifest["samples"] == len(expected) == 4
     assert len(manifest["shards"]) > 1  # 10 KB shards roll over
@@ -127,8 +135,9 @@ def test_transcode_h264_to_vp9_with_short_side(tmp_path):
     rels = video_folder(root, n=2, h264=2)
     listf = tmp_path / "list.txt"
     listf.write_text("".join(f"{r} {i}\n" for i, r in enumerate(rels)))
-    manifest = make_shards(str(listf), "list", str(root), str(tmp_path / "out"), transcode="vp9", short_side=16,
-                           progress=False)
+    manifest = make_shards(
+        str(listf), "list", str(root), str(tmp_path / "out"), transcode="vp9", short_side=16, progress=False
+    )
     assert manifest["samples"] == 2
     _, samples, _ = read_all(tmp_path / "out")
     for s in samples:
@@ -180,12 +189,37 @@ def test_cli_make_shards(tmp_path, capsys):
     listf = tmp_path / "list.txt"
     listf.write_text("".join(f"{r} {i}\n" for i, r in enumerate(rels)))
     out = tmp_path / "out"
-    code = cli_main(["make-shards", "--list", str(listf), "--format", "list", "--root", str(root), "--out", str(out),
-                     "--no-progress", "--validate"])
+    code = cli_main(
+        [
+            "make-shards",
+            "--list",
+            str(listf),
+            "--format",
+            "list",
+            "--root",
+            str(root),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--validate",
+        ]
+    )
     assert code == 0 and (out / "manifest.json").is_file()
     assert "2 samples" in capsys.readouterr().out
-    code = cli_main(["make-shards", "--list", str(tmp_path / "nope.txt"), "--format", "list", "--root", str(root),
-                     "--out", str(out), "--no-progress"])
+    code = cli_main(
+        [
+            "make-shards",
+            "--list",
+            str(tmp_path / "nope.txt"),
+            "--format",
+            "list",
+            "--root",
+            str(root),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "annotation file not found" in capsys.readouterr().err
 
@@ -194,8 +228,8 @@ def test_cli_make_shards(tmp_path, capsys):
 def test_make_shards_uploads_to_s3(tmp_path, s3_server, monkeypatch):
     """Output s3://bucket/prefix: each finished shard is uploaded, the manifest last; credentials
     and endpoint from the standard AWS environment variables."""
-    from tests.support.data import BUCKET
     from side4video.data.inspect import inspect_shards
+    from tests.support.data import BUCKET
 
     for name, value in s3_server.environment().items():
         monkeypatch.setenv(name, value)
@@ -207,8 +241,9 @@ def test_make_shards_uploads_to_s3(tmp_path, s3_server, monkeypatch):
     manifest = make_shards(str(listf), "list", str(root), f"s3://{BUCKET}/ds", shard_size="8KB", progress=False)
     names = sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="ds/")["Contents"])
     assert names == sorted([f"ds/{s['url']}" for s in manifest["shards"]] + ["ds/manifest.json"])
-    report = inspect_shards(f"s3://{BUCKET}/ds/manifest.json", load_cfg().data, batch_size=4, decode=True,
-                            progress=False)
+    report = inspect_shards(
+        f"s3://{BUCKET}/ds/manifest.json", load_cfg().data, batch_size=4, decode=True, progress=False
+    )
     assert report["samples"] == 4 and report["bad_samples"] == []
     assert report["codecs"] == {"vp9": 3, "h264": 1}
 
@@ -223,24 +258,73 @@ def test_make_shards_refuses_a_bad_or_missing_bucket_before_any_work(tmp_path, s
     rels = video_folder(root, n=2, h264=0)
     listf = tmp_path / "list.txt"
     listf.write_text("".join(f"{r} {i}\n" for i, r in enumerate(rels)))
-    cases = {"s3://ab/ds": "'ab' is not a valid S3 bucket name", "s3://Side4Video_Test/ds": "not a valid S3 bucket",
-             "s3://no-such-bucket/ds": "bucket 'no-such-bucket' does not exist"}
+    cases = {
+        "s3://ab/ds": "'ab' is not a valid S3 bucket name",
+        "s3://Side4Video_Test/ds": "not a valid S3 bucket",
+        "s3://no-such-bucket/ds": "bucket 'no-such-bucket' does not exist",
+    }
     for out, message in cases.items():
-        assert cli_main(["make-shards", "--list", str(listf), "--format", "list", "--root", str(root), "--out", out,
-                         "--no-progress"]) == 2
+        assert (
+            cli_main(
+                [
+                    "make-shards",
+                    "--list",
+                    str(listf),
+                    "--format",
+                    "list",
+                    "--root",
+                    str(root),
+                    "--out",
+                    out,
+                    "--no-progress",
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert "no-such-bucket" not in [b["Name"] for b in s3_server.client().list_buckets()["Buckets"]]
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key")
-    assert cli_main(["make-shards", "--list", str(listf), "--format", "list", "--root", str(root), "--out",
-                     "s3://side4video-test/denied", "--no-progress"]) == 2
+    assert (
+        cli_main(
+            [
+                "make-shards",
+                "--list",
+                str(listf),
+                "--format",
+                "list",
+                "--root",
+                str(root),
+                "--out",
+                "s3://side4video-test/denied",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "denied" in capsys.readouterr().err
 
 
 def test_cli_make_synthetic(tmp_path, capsys):
     out = tmp_path / "synth"
-    code = cli_main(["make-synthetic", str(out), "--videos", "6", "--classes", "3", "--frames", "4", "--size", "16",
-                     "--shard-samples", "4", "--val-videos", "3"])
+    code = cli_main(
+        [
+            "make-synthetic",
+            str(out),
+            "--videos",
+            "6",
+            "--classes",
+            "3",
+            "--frames",
+            "4",
+            "--size",
+            "16",
+            "--shard-samples",
+            "4",
+            "--val-videos",
+            "3",
+        ]
+    )
     assert code == 0 and "6 train and 3 val" in capsys.readouterr().out
     train = json.loads((out / "train" / "manifest.json").read_text())
     assert [s["samples"] for s in train["shards"]] == [4, 2] and len(train["classes"]) == 3

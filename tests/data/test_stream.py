@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support.data import BUCKET, FaultyProxy, data_cfg_for, encode, load_cfg
 from side4video.data import sources
-from side4video.engine.factory import loader_from_config as build_loader
 from side4video.data.shards import ShardWriter
 from side4video.data.stream import BadLog, RankStream, expand_spec, iter_shard, resolve_shards
+from side4video.engine.factory import loader_from_config as build_loader
 from side4video.errors import UserError
+from tests.support.data import BUCKET, FaultyProxy, data_cfg_for, encode, load_cfg
 
 
 def keys_of(stream):
@@ -89,8 +89,9 @@ def test_s3_outage_mid_shard_costs_no_sample_and_repeats_none(tmp_path, s3_serve
         writer.write(key, payloads[i], "webm", {"label": i % 3})
     writer.close(None, [], "test")
     url = s3_server.upload_folder(tmp_path / "big", BUCKET, "outage") + "/manifest.json"
-    cfg = load_cfg(*s3_server.overrides(), "data.read_chunk=4096", "data.retries=12", "data.retry_backoff=0.1",
-                   "data.timeout=5")
+    cfg = load_cfg(
+        *s3_server.overrides(), "data.read_chunk=4096", "data.retries=12", "data.retry_backoff=0.1", "data.timeout=5"
+    )
     shard = resolve_shards(url, cfg.data).shards[0]
     assert shard.samples == 30
     retry_log = _RetryLog()
@@ -218,8 +219,10 @@ def test_two_ranks_two_workers_disjoint_union(synthetic_data):
     shardset = resolve_shards(cfg.data.train.shards, cfg.data)
     all_keys = {s.key for shard in shardset.shards for s in iter_shard(shard)}
     assert len(all_keys) == 24
-    per_rank = [set(keys_of(RankStream(shardset, cfg.data, epoch=3, rank=r, world=2, workers=2, shuffle_buffer=4)))
-                for r in range(2)]
+    per_rank = [
+        set(keys_of(RankStream(shardset, cfg.data, epoch=3, rank=r, world=2, workers=2, shuffle_buffer=4)))
+        for r in range(2)
+    ]
     assert not per_rank[0] & per_rank[1]
     assert per_rank[0] | per_rank[1] == all_keys
     # the same through the training loaders, with decoding: equal batch counts, disjoint ranks
@@ -279,8 +282,10 @@ def test_too_few_shards(synthetic_data):
         RankStream(resolve_shards(cfg.data.train.shards, cfg.data), cfg.data, epoch=0, rank=0, world=2, workers=2)
     # evaluation falls back to a per-sample split: each sample on exactly one rank
     one_shard = resolve_shards(str(synthetic_data["val"] / "val-000000.tar"), cfg.data)
-    seen = [keys_of(RankStream(one_shard, cfg.data, epoch=0, rank=r, world=3, workers=2, allow_sample_split=True))
-            for r in range(3)]
+    seen = [
+        keys_of(RankStream(one_shard, cfg.data, epoch=0, rank=r, world=3, workers=2, allow_sample_split=True))
+        for r in range(3)
+    ]
     flat = [k for ks in seen for k in ks]
     assert len(flat) == len(set(flat)) == one_shard.total_samples == 6
 
@@ -322,9 +327,16 @@ def test_resampled_stream_is_endless_and_deterministic(synthetic_data):
 # ---------------------------------------------------------------------------------- resume
 @pytest.mark.timeout(180)
 def test_restoring_state_mid_epoch_yields_exactly_the_remaining_batches(synthetic_data):
-    cfg = data_cfg_for(str(synthetic_data["train"]), None, "data.workers=2", "data.repeated_views=2",
-                       "data.randaugment.enabled=true", "data.randaugment.num_ops=2", "data.flip=true",
-                       "data.flip_label_pairs=[[0,1]]")
+    cfg = data_cfg_for(
+        str(synthetic_data["train"]),
+        None,
+        "data.workers=2",
+        "data.repeated_views=2",
+        "data.randaugment.enabled=true",
+        "data.randaugment.num_ops=2",
+        "data.flip=true",
+        "data.flip_label_pairs=[[0,1]]",
+    )
     straight = build_loader(cfg, "train")
     straight.set_epoch(2)
     reference = epoch_batches(straight)
@@ -393,7 +405,7 @@ def test_tar_reader_reads_what_tarfile_reads(fmt):
     raw = buf.getvalue()
     assert list(_tar_members(io.BytesIO(raw))) == members
     with pytest.raises(tarfile.ReadError, match="unexpected end of data in c.bin"):
-        list(_tar_members(io.BytesIO(raw[:raw.index(bytes(range(256))) + 100])))
+        list(_tar_members(io.BytesIO(raw[: raw.index(bytes(range(256))) + 100])))
     flipped = bytearray(raw)
     flipped[raw.index(b"a.json") + 1] ^= 1  # one bit of a name: the header's checksum no longer holds
     with pytest.raises(tarfile.ReadError, match="checksum"):

@@ -81,9 +81,14 @@ SCRIPT = textwrap.dedent("""
 def test_frozen_backbone_untouched_by_deepspeed_for_every_precision_and_stage(tmp_path):
     script = tmp_path / "engines.py"
     script.write_text(SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(free_port()), DEMO], cwd=REPO, capture_output=True,
-                          text=True, timeout=880, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                                      "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, str(script), str(free_port()), DEMO],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=880,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(results) == 14

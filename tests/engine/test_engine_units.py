@@ -20,9 +20,17 @@ def cfg_with(*overrides):
 
 
 def test_deepspeed_config_maps_our_keys():
-    cfg = cfg_with("train.batch_size=4", "data.repeated_views=2", "train.grad_accum=3", "train.grad_clip=1.0",
-                   "deepspeed.zero_stage=3", "deepspeed.offload_param=cpu", "deepspeed.precision=fp16",
-                   "train.lr=1e-3", "train.min_lr=1e-5")
+    cfg = cfg_with(
+        "train.batch_size=4",
+        "data.repeated_views=2",
+        "train.grad_accum=3",
+        "train.grad_clip=1.0",
+        "deepspeed.zero_stage=3",
+        "deepspeed.offload_param=cpu",
+        "deepspeed.precision=fp16",
+        "train.lr=1e-3",
+        "train.min_lr=1e-5",
+    )
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_micro_batch_size_per_gpu"] == 8  # 4 clips x 2 views
     assert ds["gradient_accumulation_steps"] == 3 and ds["train_batch_size"] == 8 * 3 * 2
@@ -34,8 +42,9 @@ def test_deepspeed_config_maps_our_keys():
     bf16 = deepspeed_config(cfg_with("deepspeed.precision=bf16"), 1)
     assert bf16["bf16"] == {"enabled": True, "check_grad_overflow": True} and "fp16" not in bf16
     assert bf16["communication_data_type"] == "fp32"
-    nvme = deepspeed_config(cfg_with("deepspeed.zero_stage=3", "deepspeed.offload_param=nvme"), 1,
-                            largest_frozen_unit=int(3e8))
+    nvme = deepspeed_config(
+        cfg_with("deepspeed.zero_stage=3", "deepspeed.offload_param=nvme"), 1, largest_frozen_unit=int(3e8)
+    )
     assert nvme["zero_optimization"]["offload_param"]["buffer_size"] == int(3e8)  # a whole block per buffer
 
 
@@ -96,10 +105,10 @@ def test_view_probabilities_softmax_per_view_then_mean():
 def test_accuracy_report():
     p = lambda *v: np.array(v, dtype=np.float32)  # noqa: E731
     preds = {
-        "a": (0, p(0.7, 0.1, 0.1, 0.1)),   # right
-        "b": (1, p(0.5, 0.3, 0.1, 0.1)),   # wrong, top-2
-        "c": (1, p(0.1, 0.6, 0.2, 0.1)),   # right
-        "d": (2, p(0.4, 0.3, 0.2, 0.1)),   # wrong
+        "a": (0, p(0.7, 0.1, 0.1, 0.1)),  # right
+        "b": (1, p(0.5, 0.3, 0.1, 0.1)),  # wrong, top-2
+        "c": (1, p(0.1, 0.6, 0.2, 0.1)),  # right
+        "d": (2, p(0.4, 0.3, 0.2, 0.1)),  # wrong
     }
     report = accuracy_report(preds, num_classes=4, class_names=["w", "x", "y", "z"])
     assert report["samples"] == 4

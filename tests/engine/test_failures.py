@@ -30,10 +30,23 @@ def test_a_reader_thread_error_ends_the_run_in_one_line(one_shard, motion_data, 
     """One shard cannot feed two reader threads: the error raised in the loader's thread reaches
     the training loop, which ends with its line (exit 2) in seconds instead of waiting forever."""
     started = time.time()
-    out = run_cli(["train", DEMO, *tiny_overrides(motion_data, tmp_path / "run", f"data.train.shards={one_shard}",
-                                                "data.val.shards=", "data.workers=2")], check=False, timeout=120)
+    out = run_cli(
+        [
+            "train",
+            DEMO,
+            *tiny_overrides(
+                motion_data, tmp_path / "run", f"data.train.shards={one_shard}", "data.val.shards=", "data.workers=2"
+            ),
+        ],
+        check=False,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
-    assert out.stderr.strip().splitlines()[-1].startswith("side4video: error: 1 shard(s) cannot feed 1 rank(s) x 2 worker(s)")
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .startswith("side4video: error: 1 shard(s) cannot feed 1 rank(s) x 2 worker(s)")
+    )
     assert "Traceback" not in out.stderr
     assert time.time() - started < 90
 
@@ -51,9 +64,23 @@ def test_one_ranks_loader_failing_ends_both_ranks(motion_data, tmp_path):
     broken = tmp_path / MANIFEST_NAME
     broken.write_text(json.dumps(manifest))
     started = time.time()
-    out = run_cli(["train", DEMO, *tiny_overrides(motion_data, tmp_path / "run", f"data.train.shards={broken}",
-                                                "data.val.shards=", "data.shuffle_shards=false", "train.epochs=2")],
-                  nproc=2, check=False, timeout=240)
+    out = run_cli(
+        [
+            "train",
+            DEMO,
+            *tiny_overrides(
+                motion_data,
+                tmp_path / "run",
+                f"data.train.shards={broken}",
+                "data.val.shards=",
+                "data.shuffle_shards=false",
+                "train.epochs=2",
+            ),
+        ],
+        nproc=2,
+        check=False,
+        timeout=240,
+    )
     assert out.returncode != 0
     assert time.time() - started < 200
     assert f"cannot read shard {tmp_path / 'gone.tar'}" in out.stderr
@@ -84,12 +111,34 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_both(motion_data, tmp_pa
     driver = tmp_path / "nan_on_rank1.py"
     driver.write_text(NAN_ON_RANK_1)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(driver), "train", DEMO,
-           *tiny_overrides(motion_data, run, "train.epochs=2", "train.eval_every=0", "data.val.shards=",
-                           "train.export=false", "train.max_bad_steps=2")]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(driver),
+        "train",
+        DEMO,
+        *tiny_overrides(
+            motion_data,
+            run,
+            "train.epochs=2",
+            "train.eval_every=0",
+            "data.val.shards=",
+            "train.export=false",
+            "train.max_bad_steps=2",
+        ),
+    ]
+    out = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     rows = {r["step"]: r for r in train_rows(run)}
     assert sorted(rows) == list(range(1, 7))  # 24 clips / (2 ranks x 4) x 2 epochs

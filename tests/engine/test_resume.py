@@ -35,8 +35,13 @@ def test_resume_continues_with_the_same_data_optimizer_and_losses(motion_data, t
     """12 steps straight == 5 steps, stop, resume, 7 steps: the resumed run starts at step 6, reads
     the clips the straight run read at steps 6..12, and gives bit-equal losses and weights (the
     optimizer's moments came back too: without them the losses after step 5 differ)."""
-    common = ["train.epochs=2", "train.save_every=3", "data.shuffle_buffer=8", "train.export=false",
-              "logging.sample_keys=true"]
+    common = [
+        "train.epochs=2",
+        "train.save_every=3",
+        "data.shuffle_buffer=8",
+        "train.export=false",
+        "logging.sample_keys=true",
+    ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_cli(["train", DEMO, *tiny_overrides(motion_data, straight, *common)])
     run_cli(["train", DEMO, *tiny_overrides(motion_data, split, *common, "train.stop_at_step=5")])
@@ -72,8 +77,14 @@ def test_kill_while_saving_keeps_latest_on_the_previous_checkpoint(motion_data, 
         "from side4video.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    killed = subprocess.run([sys.executable, "-c", driver, "train", DEMO, *overrides], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    killed = subprocess.run(
+        [sys.executable, "-c", driver, "train", DEMO, *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert killed.returncode == -signal.SIGKILL
     root = run / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_0000002"
@@ -90,8 +101,14 @@ def test_kill_while_saving_keeps_latest_on_the_previous_checkpoint(motion_data, 
 
 def _train_until(run: Path, overrides, steps: int, env=None) -> subprocess.Popen:
     """Start `side4video train` and return once it has logged `steps` training rows."""
-    proc = subprocess.Popen(launch_command(1, ["train", DEMO, *overrides]), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    proc = subprocess.Popen(
+        launch_command(1, ["train", DEMO, *overrides]),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -126,9 +143,17 @@ def test_sigterm_while_the_loader_is_stalled_saves_and_exits(motion_data, http_s
     folder = Path(motion_data["train"]).parent
     proxy = FaultyProxy(http_server(folder), stall_after=4)  # 4 shards: the first epoch, then silence
     run = tmp_path / "run"
-    overrides = tiny_overrides(motion_data, run, "train.epochs=4", "train.export=false", "train.eval_every=0",
-                               f"data.train.shards={proxy.url}/manifest.json", "data.timeout=600", "data.prefetch=1",
-                               "train.save_every=1000")
+    overrides = tiny_overrides(
+        motion_data,
+        run,
+        "train.epochs=4",
+        "train.export=false",
+        "train.eval_every=0",
+        f"data.train.shards={proxy.url}/manifest.json",
+        "data.timeout=600",
+        "data.prefetch=1",
+        "train.save_every=1000",
+    )
     try:
         proc = _train_until(run, overrides, 6)  # the whole first epoch (6 steps) has been trained
         time.sleep(5)  # the loader has run into the stalled shard reads; the trainer waits
@@ -148,12 +173,26 @@ def test_sigterm_while_the_loader_is_stalled_saves_and_exits(motion_data, http_s
 @pytest.mark.timeout(600)
 def test_resume_over_another_frozen_backbone_is_refused_in_one_line(motion_data, tmp_path):
     run = tmp_path / "run"
-    run_cli(["train", DEMO, *tiny_overrides(motion_data, run, "train.max_steps=2", "train.save_every=1",
-                                            "train.stop_at_step=1", "train.export=false")])
+    run_cli(
+        [
+            "train",
+            DEMO,
+            *tiny_overrides(
+                motion_data,
+                run,
+                "train.max_steps=2",
+                "train.save_every=1",
+                "train.stop_at_step=1",
+                "train.export=false",
+            ),
+        ]
+    )
     assert _latest_step(run) == 1
     # another seed: another random backbone than the one the checkpoint was trained over
-    out = run_cli(["train", DEMO, *tiny_overrides(motion_data, run, "train.max_steps=2", "train.seed=7",
-                                                  "train.export=false")], check=False)
+    out = run_cli(
+        ["train", DEMO, *tiny_overrides(motion_data, run, "train.max_steps=2", "train.seed=7", "train.export=false")],
+        check=False,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert "another frozen backbone" in last and "Traceback" not in out.stderr

@@ -14,10 +14,17 @@ import torch.multiprocessing as mp
 
 from side4video.distributed import free_port
 from side4video.engine.evaluate import retrieval_entries, retrieval_metrics, text_to_video_ranks
-from side4video.engine.retrieval import (chunk_sizes, dual_softmax, encode_split, evaluate_retrieval, flat_metrics,
-                                         retrieval_report, similarity_matrix, write_retrieval_report)
+from side4video.engine.retrieval import (
+    chunk_sizes,
+    dual_softmax,
+    encode_split,
+    evaluate_retrieval,
+    flat_metrics,
+    retrieval_report,
+    similarity_matrix,
+    write_retrieval_report,
+)
 from side4video.model.similarity import TextEmbedding, VideoEmbedding, unit, wti_similarity
-
 from tests.support.reference import RETRIEVAL_METRICS, load_reference
 
 KEYS = ("R1", "R5", "R10", "MedianR", "MeanR")
@@ -43,7 +50,9 @@ def test_several_captions_per_video_metrics_equal_the_reference(ref):
     assert {k: got["t2v"][k] for k in (*KEYS, "Std_Rank")} == {k: ref["t2v_multi"][k] for k in (*KEYS, "Std_Rank")}
     assert {k: got["v2t"][k] for k in KEYS} == {k: ref["v2t_multi"][k] for k in KEYS}
     assert torch.equal(text_to_video_ranks(ref["sim_multi"], ref["video_of_caption"]), ref["t2v_multi_ranks"])
-    assert [int(i) for i in retrieval_entries(ref["sim_multi"], ref["video_of_caption"])["v2t"]] == ref["v2t_multi"]["cols"]
+    assert [int(i) for i in retrieval_entries(ref["sim_multi"], ref["video_of_caption"])["v2t"]] == ref["v2t_multi"][
+        "cols"
+    ]
     # the caption rows may come in any order
     order = torch.randperm(32, generator=torch.Generator().manual_seed(0))
     shuffled = retrieval_metrics(ref["sim_multi"][order], ref["video_of_caption"][order])
@@ -61,10 +70,14 @@ def _embeddings(texts, videos, tokens=4, frames=3, dim=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(texts, tokens)
     mask[::2, -1] = 0
-    t = TextEmbedding(unit(torch.randn(texts, tokens, dim, generator=g)), mask,
-                      torch.softmax(torch.randn(texts, tokens, generator=g).masked_fill(mask == 0, -1e9), -1))
-    v = VideoEmbedding(unit(torch.randn(videos, frames, dim, generator=g)),
-                       torch.softmax(torch.randn(videos, frames, generator=g), -1))
+    t = TextEmbedding(
+        unit(torch.randn(texts, tokens, dim, generator=g)),
+        mask,
+        torch.softmax(torch.randn(texts, tokens, generator=g).masked_fill(mask == 0, -1e9), -1),
+    )
+    v = VideoEmbedding(
+        unit(torch.randn(videos, frames, dim, generator=g)), torch.softmax(torch.randn(videos, frames, generator=g), -1)
+    )
     return t, v
 
 
@@ -124,7 +137,7 @@ def _loader(rank, world, batch=1):
     """What the eval loader gives a rank: its share of the videos, each once, smaller last batch."""
     keys = sorted(VIDEOS)[rank::world]
     for i in range(0, len(keys), batch):
-        part = keys[i:i + batch]
+        part = keys[i : i + batch]
         video = torch.stack([torch.randn(3, 8, generator=torch.Generator().manual_seed(int(k[1:]))) for k in part])
         yield {"video": video, "key": part, "captions": [VIDEOS[k] for k in part]}
 
@@ -148,23 +161,44 @@ class Encoders:
 
 def _evaluate(rank, world):
     enc = Encoders()
-    split = encode_split(_loader(rank, world), enc.video, enc.text, dummy_video=torch.zeros(1, 3, 8),
-                         text_batch_size=2)
+    split = encode_split(_loader(rank, world), enc.video, enc.text, dummy_video=torch.zeros(1, 3, 8), text_batch_size=2)
     sim = similarity_matrix(split.texts, split.videos, wti_similarity, max_elements=64)
-    report = evaluate_retrieval(_loader(rank, world), enc.video, enc.text, wti_similarity,
-                                dummy_video=torch.zeros(1, 3, 8), text_batch_size=2, max_elements=64)
+    report = evaluate_retrieval(
+        _loader(rank, world),
+        enc.video,
+        enc.text,
+        wti_similarity,
+        dummy_video=torch.zeros(1, 3, 8),
+        text_batch_size=2,
+        max_elements=64,
+    )
     return enc, split, sim, report
 
 
 def _rank(rank, world, port, path):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # ranks out of step fail instead of hanging
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )  # ranks out of step fail instead of hanging
     try:
         enc, split, sim, report = _evaluate(rank, world)
-        torch.save({"calls": (enc.video_calls, enc.text_calls), "keys": split.keys, "captions": split.captions,
-                    "texts": split.texts.features, "videos": split.videos.features,
-                    "video_of_caption": split.video_of_caption, "sim": sim, "report": report}, f"{path}.{rank}")
+        torch.save(
+            {
+                "calls": (enc.video_calls, enc.text_calls),
+                "keys": split.keys,
+                "captions": split.captions,
+                "texts": split.texts.features,
+                "videos": split.videos.features,
+                "video_of_caption": split.video_of_caption,
+                "sim": sim,
+                "report": report,
+            },
+            f"{path}.{rank}",
+        )
     finally:
         dist.destroy_process_group()
 

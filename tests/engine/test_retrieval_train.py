@@ -7,8 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.support.engine import (DEMO_RETRIEVAL, VAL_VIDEOS, retrieval_overrides, run_cli, summary, train_rows,
-                                  train_steps)
+from tests.support.engine import (
+    DEMO_RETRIEVAL,
+    VAL_VIDEOS,
+    retrieval_overrides,
+    run_cli,
+    summary,
+    train_rows,
+    train_steps,
+)
 
 RECALL_KEYS = {"R1", "R5", "R10", "MedianR", "MeanR"}
 
@@ -20,8 +27,13 @@ def test_retrieval_trains_resumes_mid_epoch_and_evaluates(caption_data, tmp_path
     common = ["train.save_every=3", "train.eval_every=0", "logging.sample_keys=true"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_cli(["train", DEMO_RETRIEVAL, *retrieval_overrides(caption_data, straight, *common)])
-    run_cli(["train", DEMO_RETRIEVAL, *retrieval_overrides(caption_data, split, *common, "train.stop_at_step=5",
-                                                          "train.export=false")])
+    run_cli(
+        [
+            "train",
+            DEMO_RETRIEVAL,
+            *retrieval_overrides(caption_data, split, *common, "train.stop_at_step=5", "train.export=false"),
+        ]
+    )
     run_cli(["train", DEMO_RETRIEVAL, *retrieval_overrides(caption_data, split, *common)])
     assert train_steps(straight) == train_steps(split) == list(range(1, 13))
     full, resumed = train_rows(straight), train_rows(split)
@@ -40,12 +52,22 @@ def test_retrieval_trains_resumes_mid_epoch_and_evaluates(caption_data, tmp_path
     report = json.loads((straight / "final_eval.json").read_text())
     assert report["videos"] == VAL_VIDEOS and report["captions"] >= VAL_VIDEOS
     assert (straight / "final_eval_recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    evals = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "eval"]
+    evals = [
+        json.loads(line)
+        for line in (straight / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "eval"
+    ]
     assert evals and "t2v_R1" in evals[-1]
 
-    out = run_cli(["eval", DEMO_RETRIEVAL, *retrieval_overrides(caption_data, straight),
-                   f"checkpoint={straight / 'export'}", "--json"])
+    out = run_cli(
+        [
+            "eval",
+            DEMO_RETRIEVAL,
+            *retrieval_overrides(caption_data, straight),
+            f"checkpoint={straight / 'export'}",
+            "--json",
+        ]
+    )
     again = json.loads(out.stdout)
     assert again["t2v"] == report["t2v"] and again["v2t"] == report["v2t"]
 
@@ -56,8 +78,9 @@ def test_retrieval_two_ranks_zero3_train_and_eval(caption_data, tmp_path):
     """2 ranks under ZeRO-3 + offload: the gathered batch trains, every caption and video is
     scored once, and a 2-rank ZeRO-3 evaluation equals a 1-process plain one."""
     run = tmp_path / "zero3"
-    overrides = retrieval_overrides(caption_data, run, "deepspeed.zero_stage=3", "deepspeed.offload_param=cpu",
-                                    "train.eval_every=0")
+    overrides = retrieval_overrides(
+        caption_data, run, "deepspeed.zero_stage=3", "deepspeed.offload_param=cpu", "train.eval_every=0"
+    )
     run_cli(["train", DEMO_RETRIEVAL, *overrides], nproc=2)
     s = summary(run)
     assert s["world_size"] == 2 and s["steps"] == 6  # 24 clips / (2 ranks x 4) x 2 epochs

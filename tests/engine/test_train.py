@@ -19,11 +19,27 @@ def test_train_writes_the_run_directory_then_eval_and_predict(motion_data, tmp_p
     run_cli(["train", DEMO, *tiny_overrides(motion_data, run, "train.epochs=1", "train.export=true")])
     s = summary(run)
     assert s["status"] == "finished" and s["steps"] == 6  # 24 clips / batch 4
-    for key in ("top1", "top5", "clips_per_s", "data_wait_fraction", "peak_rss_bytes", "bad_samples", "trainable_params"):
+    for key in (
+        "top1",
+        "top5",
+        "clips_per_s",
+        "data_wait_fraction",
+        "peak_rss_bytes",
+        "bad_samples",
+        "trainable_params",
+    ):
         assert key in s, key
     assert 0.0 <= s["top1"] <= 1.0 and s["eval_samples"] == VAL_VIDEOS and s["bad_samples"] == []
-    for name in ("config.yaml", "metrics.jsonl", "curves.png", "final_eval.json", "final_eval_confusion.png",
-                 "checkpoints/latest", "export/model.safetensors", "export/model.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "curves.png",
+        "final_eval.json",
+        "final_eval_confusion.png",
+        "checkpoints/latest",
+        "export/model.safetensors",
+        "export/model.json",
+    ):
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").iterdir())
     tag = (run / "checkpoints" / "latest").read_text().strip()
@@ -35,8 +51,17 @@ def test_train_writes_the_run_directory_then_eval_and_predict(motion_data, tmp_p
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 7))
 
     # multi-view evaluation of the export: 3 crops x 2 clips, every val video once
-    out = run_cli(["eval", DEMO, *tiny_overrides(motion_data, run), f"checkpoint={run / 'export'}", "eval.crops=3",
-                   "eval.clips=2", "--json"])
+    out = run_cli(
+        [
+            "eval",
+            DEMO,
+            *tiny_overrides(motion_data, run),
+            f"checkpoint={run / 'export'}",
+            "eval.crops=3",
+            "eval.clips=2",
+            "--json",
+        ]
+    )
     report = json.loads(out.stdout)
     assert report["views"] == 6 and report["samples"] == VAL_VIDEOS
     assert json.loads((run / "eval.json").read_text())["samples"] == VAL_VIDEOS
@@ -73,8 +98,16 @@ def _backbone_unchanged(run_dir: Path, overrides) -> bool:
 @pytest.mark.parametrize("stage, extra", [(1, []), (2, []), (3, ["deepspeed.offload_param=cpu"])])
 def test_two_rank_zero_stages_train_the_side_network_only(motion_data, tmp_path, stage, extra):
     run = tmp_path / f"zero{stage}"
-    overrides = tiny_overrides(motion_data, run, f"deepspeed.zero_stage={stage}", *extra, "train.epochs=6",
-                               "train.lr=3e-3", "train.eval_every=0", "data.shuffle_buffer=8")
+    overrides = tiny_overrides(
+        motion_data,
+        run,
+        f"deepspeed.zero_stage={stage}",
+        *extra,
+        "train.epochs=6",
+        "train.lr=3e-3",
+        "train.eval_every=0",
+        "data.shuffle_buffer=8",
+    )
     run_cli(["train", DEMO, *overrides], nproc=2)
     s = summary(run)
     assert s["world_size"] == 2 and s["steps"] == 18  # 24 clips / (2 ranks x 4) x 6 epochs
@@ -92,6 +125,7 @@ def test_two_rank_zero_stages_train_the_side_network_only(motion_data, tmp_path,
 def _zero3_eval_matches_plain_eval(run, overrides):
     """`side4video eval` of the latest checkpoint on 2 ranks under ZeRO-3 (frozen weights
     partitioned and offloaded) scores every video once, exactly as a plain 1-process eval."""
+
     def eval_json(nproc, *extra):
         out = run_cli(["eval", DEMO, *overrides, *extra, f"checkpoint={run}", "--json"], nproc=nproc)
         return json.loads(out.stdout)
@@ -104,10 +138,23 @@ def _zero3_eval_matches_plain_eval(run, overrides):
 
 
 def _half_precision_run(motion_data, run: Path, precision: str, check: bool = True):
-    return run_cli(["train", DEMO, *tiny_overrides(motion_data, run, f"deepspeed.precision={precision}",
-                                                 "model.backbone.precision=fp16", "train.max_steps=3",
-                                                 "train.export=false", "train.eval_every=0", "data.val.shards=")],
-                   check=check)
+    return run_cli(
+        [
+            "train",
+            DEMO,
+            *tiny_overrides(
+                motion_data,
+                run,
+                f"deepspeed.precision={precision}",
+                "model.backbone.precision=fp16",
+                "train.max_steps=3",
+                "train.export=false",
+                "train.eval_every=0",
+                "data.val.shards=",
+            ),
+        ],
+        check=check,
+    )
 
 
 def _assert_trained_in(run: Path, dtype: torch.dtype) -> None:
@@ -148,9 +195,23 @@ def test_fp16_training_with_loss_scaling(motion_data, tmp_path):
 @pytest.mark.timeout(300)
 def test_diverging_loss_stops_with_one_line(motion_data, tmp_path):
     run = tmp_path / "run"
-    out = run_cli(["train", DEMO, *tiny_overrides(motion_data, run, "train.lr=1e12", "train.warmup_epochs=0",
-                                                "train.max_bad_steps=2", "train.export=false", "data.val.shards=",
-                                                "train.label_smoothing=0")], check=False)
+    out = run_cli(
+        [
+            "train",
+            DEMO,
+            *tiny_overrides(
+                motion_data,
+                run,
+                "train.lr=1e12",
+                "train.warmup_epochs=0",
+                "train.max_bad_steps=2",
+                "train.export=false",
+                "data.val.shards=",
+                "train.label_smoothing=0",
+            ),
+        ],
+        check=False,
+    )
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
     assert "consecutive non-finite losses" in last and "Traceback" not in out.stderr
@@ -161,9 +222,17 @@ def test_grad_accum_two_equals_a_double_batch(motion_data, tmp_path):
     """grad_accum=2 x 4 clips == 1 x 8 clips: the same clips per step, the same losses and the same
     trained weights (fp32 tolerance). The linear probe has no BatchNorm, whose batch statistics
     would differ between a batch of 4 and one of 8."""
-    common = ["model.method=linear_probe", "train.lr=5e-2", "train.epochs=2", "train.export=false",
-              "train.eval_every=0", "data.val.shards=", "logging.sample_keys=true", "data.shuffle_buffer=8",
-              "train.save_every=3"]
+    common = [
+        "model.method=linear_probe",
+        "train.lr=5e-2",
+        "train.epochs=2",
+        "train.export=false",
+        "train.eval_every=0",
+        "data.val.shards=",
+        "logging.sample_keys=true",
+        "data.shuffle_buffer=8",
+        "train.save_every=3",
+    ]
     accum, double = tmp_path / "accum", tmp_path / "double"
     run_cli(["train", DEMO, *tiny_overrides(motion_data, accum, *common, "train.grad_accum=2", "train.batch_size=4")])
     run_cli(["train", DEMO, *tiny_overrides(motion_data, double, *common, "train.batch_size=8")])
@@ -175,5 +244,7 @@ def test_grad_accum_two_equals_a_double_batch(motion_data, tmp_path):
     wa = load_file(str(accum / "checkpoints" / "step_0000006" / "trainable.safetensors"))
     wb = load_file(str(double / "checkpoints" / "step_0000006" / "trainable.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
-    assert not torch.equal(wa["head.fc.weight"], load_file(str(accum / "checkpoints" / "step_0000003" /
-                                                                "trainable.safetensors"))["head.fc.weight"])
+    assert not torch.equal(
+        wa["head.fc.weight"],
+        load_file(str(accum / "checkpoints" / "step_0000003" / "trainable.safetensors"))["head.fc.weight"],
+    )

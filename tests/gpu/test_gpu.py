@@ -34,14 +34,30 @@ def _requests(n: int):
     for i in range(n):
         data = encode(i, frames=12, height=SIZE, width=SIZE)
         info = probe(data)
-        out.append(ClipRequest(f"k{i}", data, info.codec, np.array([0, 3, 6, 9], np.int32),
-                               A.eval_views(info.height, info.width, cfg.data, 1), info))
+        out.append(
+            ClipRequest(
+                f"k{i}",
+                data,
+                info.codec,
+                np.array([0, 3, 6, 9], np.int32),
+                A.eval_views(info.height, info.width, cfg.data, 1),
+                info,
+            )
+        )
     return cfg, out
 
 
 def _decoder(cfg, gpu: bool, batch: int) -> ClipDecoder:
-    return ClipDecoder(views=1, size=224, mean=cfg.data.mean, std=cfg.data.std, batch_size=batch, threads=2,
-                       gpu=gpu, device_id=0 if gpu else None)
+    return ClipDecoder(
+        views=1,
+        size=224,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        batch_size=batch,
+        threads=2,
+        gpu=gpu,
+        device_id=0 if gpu else None,
+    )
 
 
 def test_dali_mixed_decode_equals_the_cpu_decode():
@@ -70,9 +86,23 @@ def test_a_batch_keeps_its_pixels_after_the_next_run():
 
 def test_fp16_storage_and_compute_with_loss_scaling(motion_data, tmp_path):
     run = tmp_path / "fp16"
-    run_cli(["train", DEMO, *tiny_overrides(motion_data, run, "deepspeed.precision=fp16", "train.device=cuda",
-                                            "model.backbone.precision=fp16", "train.max_steps=3", "train.export=false",
-                                            "train.eval_every=0", "data.val.shards=")])
+    run_cli(
+        [
+            "train",
+            DEMO,
+            *tiny_overrides(
+                motion_data,
+                run,
+                "deepspeed.precision=fp16",
+                "train.device=cuda",
+                "model.backbone.precision=fp16",
+                "train.max_steps=3",
+                "train.export=false",
+                "train.eval_every=0",
+                "data.val.shards=",
+            ),
+        ]
+    )
     s = summary(run)
     assert s["steps"] == 3 and s["bad_steps"] == 0 and "peak_gpu_bytes" in s
     from safetensors.torch import load_file
@@ -84,16 +114,37 @@ def test_fp16_storage_and_compute_with_loss_scaling(motion_data, tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a 2-GPU check: this host has one GPU")
 def test_two_gpu_nccl_zero3_step_of_a_tiny_eva(motion_data, tmp_path):
     run = tmp_path / "eva"
-    run_cli(["train", DEMO, *tiny_overrides(motion_data, run, "model.backbone.name=EVA02-E-14", "model.backbone.width=128",
-                                            "model.backbone.layers=4", "model.backbone.heads=2",
-                                            "model.backbone.patch_size=16", "model.backbone.precision=bf16",
-                                            "deepspeed.precision=bf16", "deepspeed.zero_stage=3",
-                                            "deepspeed.offload_param=cpu", "train.device=cuda", "train.max_steps=2",
-                                            "train.export=false", "train.eval_every=0", "data.val.shards=")], nproc=2)
+    run_cli(
+        [
+            "train",
+            DEMO,
+            *tiny_overrides(
+                motion_data,
+                run,
+                "model.backbone.name=EVA02-E-14",
+                "model.backbone.width=128",
+                "model.backbone.layers=4",
+                "model.backbone.heads=2",
+                "model.backbone.patch_size=16",
+                "model.backbone.precision=bf16",
+                "deepspeed.precision=bf16",
+                "deepspeed.zero_stage=3",
+                "deepspeed.offload_param=cpu",
+                "train.device=cuda",
+                "train.max_steps=2",
+                "train.export=false",
+                "train.eval_every=0",
+                "data.val.shards=",
+            ),
+        ],
+        nproc=2,
+    )
     s = summary(run)
     assert s["world_size"] == 2 and s["steps"] == 2
-    assert all(m["backbone_bytes_held"] < sum(r["backbone_bytes_held"] for r in s["memory_per_rank"])
-               for m in s["memory_per_rank"])  # partitioned between the two GPUs' ranks
+    assert all(
+        m["backbone_bytes_held"] < sum(r["backbone_bytes_held"] for r in s["memory_per_rank"])
+        for m in s["memory_per_rank"]
+    )  # partitioned between the two GPUs' ranks
 
 
 def test_bench_vite_paper_input_beside_the_planner(tmp_path):

@@ -4,16 +4,30 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from side4video.distributed import free_port
-
 from side4video import distributed
-from side4video.distributed import DistEnv, detect, expand_first_host, expand_hostlist, port_for_job, tasks_on_node
+from side4video.distributed import (
+    DistEnv,
+    detect,
+    expand_first_host,
+    expand_hostlist,
+    free_port,
+    port_for_job,
+    tasks_on_node,
+)
+from tests.support import REPO
 
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME")
+LAUNCHER_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GLOO_SOCKET_IFNAME",
+)
 
 
 @pytest.fixture
@@ -27,28 +41,41 @@ def clean_env(monkeypatch, tmp_path):
 
 
 def slurm_task(mp, **extra):
-    env = dict(SLURM_PROCID="5", SLURM_LOCALID="1", SLURM_NTASKS="6", SLURM_STEP_NUM_TASKS="6", SLURM_NODEID="2",
-               SLURM_STEP_ID="0", SLURM_JOB_ID="4321", SLURM_STEP_NODELIST="gpu[07-09]",
-               SLURM_STEP_TASKS_PER_NODE="2(x3)")
+    env = dict(
+        SLURM_PROCID="5",
+        SLURM_LOCALID="1",
+        SLURM_NTASKS="6",
+        SLURM_STEP_NUM_TASKS="6",
+        SLURM_NODEID="2",
+        SLURM_STEP_ID="0",
+        SLURM_JOB_ID="4321",
+        SLURM_STEP_NODELIST="gpu[07-09]",
+        SLURM_STEP_TASKS_PER_NODE="2(x3)",
+    )
     env.update(extra)
     for key, value in env.items():
         mp.setenv(key, value)
 
 
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("node1", ["node1"]),
-    ("gpu[003-005,9]", ["gpu003", "gpu004", "gpu005", "gpu9"]),
-    ("gpu[003-004]-ib,cpu1", ["gpu003-ib", "gpu004-ib", "cpu1"]),
-    ("a[1-2]b[7,8]", ["a1b7", "a1b8", "a2b7", "a2b8"]),
-    ("n[1-2],m[10-11]", ["n1", "n2", "m10", "m11"]),
-])
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node1", ["node1"]),
+        ("gpu[003-005,9]", ["gpu003", "gpu004", "gpu005", "gpu9"]),
+        ("gpu[003-004]-ib,cpu1", ["gpu003-ib", "gpu004-ib", "cpu1"]),
+        ("a[1-2]b[7,8]", ["a1b7", "a1b8", "a2b7", "a2b8"]),
+        ("n[1-2],m[10-11]", ["n1", "n2", "m10", "m11"]),
+    ],
+)
 def test_expand_hostlist(nodelist, hosts):
     assert expand_hostlist(nodelist) == hosts
     assert expand_first_host(nodelist) == hosts[0]
 
 
-@pytest.mark.parametrize("spec, node, expected", [("2(x3)", 0, 2), ("2(x3)", 2, 2), ("4,2(x2),1", 0, 4),
-                                                  ("4,2(x2),1", 2, 2), ("4,2(x2),1", 3, 1), ("8", 0, 8)])
+@pytest.mark.parametrize(
+    "spec, node, expected",
+    [("2(x3)", 0, 2), ("2(x3)", 2, 2), ("4,2(x2),1", 0, 4), ("4,2(x2),1", 2, 2), ("4,2(x2),1", 3, 1), ("8", 0, 8)],
+)
 def test_tasks_on_node(spec, node, expected):
     assert tasks_on_node(spec, node) == expected
 
@@ -61,8 +88,9 @@ def test_single_process(clean_env):
 
 def test_torchrun_variables_win(clean_env):
     slurm_task(clean_env)  # torchrun started inside a SLURM allocation: its variables decide
-    for key, value in dict(RANK="3", LOCAL_RANK="1", WORLD_SIZE="4", LOCAL_WORLD_SIZE="2",
-                           MASTER_ADDR="10.0.0.5", MASTER_PORT="29999").items():
+    for key, value in dict(
+        RANK="3", LOCAL_RANK="1", WORLD_SIZE="4", LOCAL_WORLD_SIZE="2", MASTER_ADDR="10.0.0.5", MASTER_PORT="29999"
+    ).items():
         clean_env.setenv(key, value)
     assert detect() == DistEnv(3, 1, 4, 2, "10.0.0.5", 29999, "torchrun")
 
@@ -84,7 +112,7 @@ def test_slurm_batch_shell_is_not_a_task(clean_env):
 def test_slurm_master_is_the_node_address(clean_env, tmp_path):
     """Nodes registered by address (NodeAddr) are reached there, not by their name."""
     scontrol = tmp_path / "scontrol"
-    scontrol.write_text("#!/bin/sh\necho \"NodeName=$4 Arch=x86_64 NodeAddr=10.201.0.17 NodeHostName=$4\"\n")
+    scontrol.write_text('#!/bin/sh\necho "NodeName=$4 Arch=x86_64 NodeAddr=10.201.0.17 NodeHostName=$4"\n')
     scontrol.chmod(0o755)
     slurm_task(clean_env)
     assert detect().master_addr == "10.201.0.17"
@@ -115,14 +143,25 @@ def test_interface_towards():
 
 
 # ------------------------------------------------------------------------ launch scripts, for real
-from tests.support import REPO
 
 
 def tiny_run(data, run_dir):
-    return ["configs/demo.yaml", f"data.train.shards={data['train'] / 'manifest.json'}",
-            f"data.val.shards={data['val'] / 'manifest.json'}", "data.num_classes=4", "data.frames=4", "data.size=32",
-            "data.resize=[36]", "train.batch_size=2", "train.max_steps=3", "train.eval_every=0",
-            f"train.output_dir={run_dir}", "logging.progress=false", "logging.plots=false", "logging.tensorboard=false"]
+    return [
+        "configs/demo.yaml",
+        f"data.train.shards={data['train'] / 'manifest.json'}",
+        f"data.val.shards={data['val'] / 'manifest.json'}",
+        "data.num_classes=4",
+        "data.frames=4",
+        "data.size=32",
+        "data.resize=[36]",
+        "train.batch_size=2",
+        "train.max_steps=3",
+        "train.eval_every=0",
+        f"train.output_dir={run_dir}",
+        "logging.progress=false",
+        "logging.plots=false",
+        "logging.tensorboard=false",
+    ]
 
 
 def launcher_env(port):
@@ -135,8 +174,14 @@ def launcher_env(port):
 def test_local_launcher_two_processes(synthetic_data, tmp_path):
     """launch/local.sh through the deepspeed launcher: two ranks train together."""
     run_dir = tmp_path / "run"
-    done = subprocess.run(["launch/local.sh", "2", *tiny_run(synthetic_data, run_dir)], cwd=REPO,
-                          env=launcher_env(free_port()), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        ["launch/local.sh", "2", *tiny_run(synthetic_data, run_dir)],
+        cwd=REPO,
+        env=launcher_env(free_port()),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
@@ -149,11 +194,18 @@ def test_multinode_by_hand_two_nodes_on_one_host(synthetic_data, tmp_path):
     run_dir = tmp_path / "run"
     env = launcher_env(free_port())
     args = ["127.0.0.1", "1", *tiny_run(synthetic_data, run_dir)]
-    other = subprocess.Popen(["launch/multinode.sh", "2", "1", *args], cwd=REPO, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    other = subprocess.Popen(
+        ["launch/multinode.sh", "2", "1", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        done = subprocess.run(["launch/multinode.sh", "2", "0", *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            ["launch/multinode.sh", "2", "0", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
         assert other.wait(timeout=120) == 0, other.stderr.read()[-3000:]
     finally:
         if other.poll() is None:
@@ -161,7 +213,6 @@ def test_multinode_by_hand_two_nodes_on_one_host(synthetic_data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
-
 
 
 def test_launch_scripts_refuse_bad_arguments():
@@ -176,14 +227,32 @@ def test_train_device_cuda_without_a_gpu_is_refused_in_one_line(tmp_path):
     cannot use one stops with the reason instead of training on CPUs (the GPU recipes in
     configs/experiments ask for it); `make test-gpu` is refused the same way."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # on a GPU host too: torch then sees none
-    out = subprocess.run([sys.executable, "-m", "side4video.cli", "train", "configs/demo.yaml", "train.device=cuda",
-                          f"train.output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=100,
-                         env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "side4video.cli",
+            "train",
+            "configs/demo.yaml",
+            "train.device=cuda",
+            f"train.output_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=env,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "train.device=cuda, but torch cannot use a GPU here" in out.stderr.strip().splitlines()[-1]
-    slurm_gpus = subprocess.run([sys.executable, "-m", "side4video.cli", "train", "configs/demo.yaml",
-                                 f"train.output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=100,
-                                env={**os.environ, "SLURM_JOB_GPUS": "0,1"})
+    slurm_gpus = subprocess.run(
+        [sys.executable, "-m", "side4video.cli", "train", "configs/demo.yaml", f"train.output_dir={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env={**os.environ, "SLURM_JOB_GPUS": "0,1"},
+    )
     assert slurm_gpus.returncode == 2 and "SLURM gave this job GPUs (SLURM_JOB_GPUS=0,1)" in slurm_gpus.stderr
     make = subprocess.run(["make", "test-gpu"], cwd=REPO, capture_output=True, text=True, timeout=100)
     assert make.returncode == 2 and "make test-gpu: no GPU torch can use here" in make.stdout

@@ -13,13 +13,20 @@ from side4video.precision import Precision
 
 FP32 = Precision(torch.float32, torch.float32, torch.float32, torch.float32)
 HALF_BATCH = 3
-CAPTIONS = ["a red square drifting left", "a red square drifting right", "the blue circle turning clockwise",
-            "green diamond moving up", "a white triangle coming closer", "cyan square moving away"]
+CAPTIONS = [
+    "a red square drifting left",
+    "a red square drifting right",
+    "the blue circle turning clockwise",
+    "green diamond moving up",
+    "a white triangle coming closer",
+    "cyan square moving away",
+]
 
 
 def _model():
-    model = build_retrieval_model(RetrievalArgs(precision=FP32, backbone="ViT-T-8", image_size=32, side_dim=64,
-                                                max_words=10, seed=5))
+    model = build_retrieval_model(
+        RetrievalArgs(precision=FP32, backbone="ViT-T-8", image_size=32, side_dim=64, max_words=10, seed=5)
+    )
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(9)
         model.side_proj.weight.normal_(0, 0.05)  # so that gradients reach the side network
@@ -50,8 +57,9 @@ def _rank(rank, world, port, out_path):
         for g in grads.values():  # what the engine does: average the gradients over ranks
             dist.all_reduce(g)
             g /= world
-        torch.save({"loss": out["loss"].detach(), "logits": out["logits"].detach(), "grads": grads},
-                   f"{out_path}.{rank}")
+        torch.save(
+            {"loss": out["loss"].detach(), "logits": out["logits"].detach(), "grads": grads}, f"{out_path}.{rank}"
+        )
     finally:
         dist.destroy_process_group()
 

@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from side4video.cli import main
+from side4video.cli.convert import FORMAT
 from side4video.config import load_config
 from side4video.engine.factory import model_from_config as build_model
 from side4video.model import from_official
-from side4video.cli.convert import FORMAT
-
 from tests.support.reference import EVA, RECOGNITION, RETRIEVAL_VISUAL, load_reference
 
 
@@ -31,9 +30,11 @@ def test_from_official_reproduces_the_reference(reference):
 
 def test_convert_official_cli_on_a_wrapped_ddp_checkpoint(reference, tmp_path):
     sd = reference["state_dict"]
-    wrapped = {"epoch": 29,
-               "model_state_dict": {f"module.{k}": v for k, v in sd.items() if not k.startswith("fc.")},
-               "fusion_model_state_dict": {f"module.{k}": v for k, v in sd.items() if k.startswith("fc.")}}
+    wrapped = {
+        "epoch": 29,
+        "model_state_dict": {f"module.{k}": v for k, v in sd.items() if not k.startswith("fc.")},
+        "fusion_model_state_dict": {f"module.{k}": v for k, v in sd.items() if k.startswith("fc.")},
+    }
     src, out = tmp_path / "ref.pt", tmp_path / "ours.pt"
     torch.save(wrapped, src)
     assert main(["convert-official", str(src), str(out), "--frames", "4"]) == 0

@@ -4,19 +4,18 @@ Tiny random ViTs (ViT-T-16: 3 blocks, width 128) on 32-64 px, 4 frames: each tes
 well under a second once torch and open_clip are imported.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from side4video.config import load_config
+from side4video.engine.factory import model_from_config as build_model
+from side4video.engine.factory import model_on_meta as build_model_on_meta
 from side4video.errors import UserError
-from side4video.engine.factory import model_from_config as build_model, model_on_meta as build_model_on_meta
 from side4video.model.side import SideNetwork, TemporalDepthwiseConv, shift_class_token
-
 from tests.support import REPO
+
 DEMO = REPO / "configs" / "demo.yaml"
 TINY = ["model.backbone.name=ViT-T-16", "data.size=32", "data.frames=4", "data.num_classes=5"]
 
@@ -107,7 +106,7 @@ def test_eval_outputs_do_not_depend_on_batch_composition():
     x = clips(3, seed=1)
     with torch.no_grad():
         together = model(x)
-        alone = torch.cat([model(x[i:i + 1]) for i in range(3)])
+        alone = torch.cat([model(x[i : i + 1]) for i in range(3)])
         shuffled = model(x[[2, 0, 1]])
     assert torch.allclose(together, alone, atol=1e-5)
     assert torch.allclose(together[[2, 0, 1]], shuffled, atol=1e-5)
@@ -132,8 +131,9 @@ def test_same_seed_same_model():
     a, b = make("train.seed=3"), make("train.seed=3")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     c = make("train.seed=4")
-    assert not torch.equal(a.state_dict()["backbone.blocks.0.attn.in_proj_weight"],
-                           c.state_dict()["backbone.blocks.0.attn.in_proj_weight"])
+    assert not torch.equal(
+        a.state_dict()["backbone.blocks.0.attn.in_proj_weight"], c.state_dict()["backbone.blocks.0.attn.in_proj_weight"]
+    )
     assert a.backbone.fingerprint()["weights"] == "random" and a.backbone.fingerprint()["seed"] == 3
 
 
@@ -197,8 +197,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
     # the recomputation in backward leaves BatchNorm's running statistics alone: moved once per step
-    stats = [{k: v for k, v in m.side.state_dict().items() if "running" in k or "num_batches" in k}
-             for m in (plain, ckpt)]
+    stats = [
+        {k: v for k, v in m.side.state_dict().items() if "running" in k or "num_batches" in k} for m in (plain, ckpt)
+    ]
     assert stats[0].keys() == stats[1].keys() and stats[0]
     for k in stats[0]:
         assert torch.allclose(stats[0][k].float(), stats[1][k].float(), atol=1e-6), k
@@ -206,9 +207,15 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_eva_variant_on_a_small_eva02_e14_shaped_backbone():
-    model = make("model.backbone.name=EVA02-E-14", "model.backbone.width=64", "model.backbone.layers=4",
-                 "model.backbone.heads=2", "model.backbone.patch_size=16", "model.backbone.precision=bf16",
-                 "model.side.dim=64").train()
+    model = make(
+        "model.backbone.name=EVA02-E-14",
+        "model.backbone.width=64",
+        "model.backbone.layers=4",
+        "model.backbone.heads=2",
+        "model.backbone.patch_size=16",
+        "model.backbone.precision=bf16",
+        "model.side.dim=64",
+    ).train()
     assert type(model.backbone.blocks[0]).__name__ == "EvaBlockPostNorm"
     assert model.backbone.taps == [1, 3] and model.side.variant == "eva" and model.side.post_norm is None
     assert model.side.taps[0].norm.normalized_shape == (64,)  # LayerNorm after the linear

@@ -5,20 +5,18 @@ those libraries write, loaded through `model.backbone.weights`, and must give th
 outputs.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from side4video.cli import main
 from side4video.config import load_config
-from side4video.errors import UserError
 from side4video.engine.factory import model_from_config as build_model
+from side4video.errors import UserError
 from side4video.model.backbone import build_backbone
 from side4video.model.spec import resolve_spec
 from side4video.model.tower import sha256_file
-
 from tests.support import REPO
+
 DEMO = REPO / "configs" / "demo.yaml"
 FRAMES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -40,8 +38,15 @@ def test_open_clip_vit_checkpoint_gives_open_clip_outputs(tmp_path):
     torch.save({"epoch": 3, "state_dict": sd}, path)
 
     spec = resolve_spec("ViT-T-16", 32, quick_gelu=True)
-    ours = build_backbone(spec, [2], storage_dtype=torch.float32, compute_dtype=torch.float32, weights=str(path),
-                          keep_final_norm=True, keep_proj=True)
+    ours = build_backbone(
+        spec,
+        [2],
+        storage_dtype=torch.float32,
+        compute_dtype=torch.float32,
+        weights=str(path),
+        keep_final_norm=True,
+        keep_proj=True,
+    )
     with torch.no_grad():
         pooled = ours.proj(ours.class_token(ours(FRAMES)[-1]))
         expected = tower(FRAMES)
@@ -50,8 +55,15 @@ def test_open_clip_vit_checkpoint_gives_open_clip_outputs(tmp_path):
     assert fp["weights"] == str(path.resolve()) and fp["sha256"] == sha256_file(str(path))
 
     # The same file, stored in fp16 and computed in fp32 through the upcast hooks.
-    half = build_backbone(spec, [2], storage_dtype=torch.float16, compute_dtype=torch.float32, weights=str(path),
-                          keep_final_norm=True, keep_proj=True)
+    half = build_backbone(
+        spec,
+        [2],
+        storage_dtype=torch.float16,
+        compute_dtype=torch.float32,
+        weights=str(path),
+        keep_final_norm=True,
+        keep_proj=True,
+    )
     assert {p.dtype for p in half.parameters()} == {torch.float16}
     with torch.no_grad():
         pooled_half = half.proj(half.class_token(half(FRAMES)[-1]))
@@ -62,23 +74,33 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     path = tmp_path / "wide.pt"
     torch.save({f"visual.{k}": v for k, v in open_clip_tower(width=64).state_dict().items()}, path)
     with pytest.raises(UserError, match="shape"):
-        build_model(load_config(DEMO, ["model.backbone.name=ViT-T-16", "data.size=32", f"model.backbone.weights={path}"]))
+        build_model(
+            load_config(DEMO, ["model.backbone.name=ViT-T-16", "data.size=32", f"model.backbone.weights={path}"])
+        )
     torch.save({"visual.conv1.weight": torch.zeros(128, 3, 16, 16)}, path)
     with pytest.raises(UserError, match="lacks"):
-        build_model(load_config(DEMO, ["model.backbone.name=ViT-T-16", "data.size=32", f"model.backbone.weights={path}"]))
+        build_model(
+            load_config(DEMO, ["model.backbone.name=ViT-T-16", "data.size=32", f"model.backbone.weights={path}"])
+        )
     assert main(["plan", str(DEMO), "model.backbone.name=ViT-Nope"]) == 2
 
 
 def test_missing_weights_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        build_model(load_config(DEMO, ["model.backbone.name=ViT-T-16", "data.size=32", f"model.backbone.weights={tmp_path / 'none.pt'}"]))
+        build_model(
+            load_config(
+                DEMO, ["model.backbone.name=ViT-T-16", "data.size=32", f"model.backbone.weights={tmp_path / 'none.pt'}"]
+            )
+        )
 
 
 def test_position_embedding_is_resampled_to_another_input_size(tmp_path):
     tower = open_clip_tower()  # 32 px: 2x2 grid
     path = tmp_path / "clip.pt"
     torch.save({f"visual.{k}": v for k, v in tower.state_dict().items()}, path)
-    model = build_model(load_config(DEMO, ["model.backbone.name=ViT-T-16", "data.size=64", f"model.backbone.weights={path}"]))
+    model = build_model(
+        load_config(DEMO, ["model.backbone.name=ViT-T-16", "data.size=64", f"model.backbone.weights={path}"])
+    )
     assert model.backbone.stem.positional_embedding.shape == (17, 128)
     assert torch.equal(model.backbone.blocks[1].mlp.c_fc.weight, tower.transformer.resblocks[1].mlp.c_fc.weight)
 
@@ -87,13 +109,34 @@ def test_timm_eva_checkpoint_in_open_clip_layout(tmp_path):
     import timm
 
     torch.manual_seed(0)
-    eva = timm.create_model("eva02_enormous_patch14_clip_224", pretrained=False, num_classes=0, img_size=32,
-                            embed_dim=64, depth=2, num_heads=2, patch_size=16).eval()
+    eva = timm.create_model(
+        "eva02_enormous_patch14_clip_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        patch_size=16,
+    ).eval()
     path = tmp_path / "eva.pt"
     torch.save({f"visual.trunk.{k}": v for k, v in eva.state_dict().items()}, path)
-    cfg = load_config(DEMO, ["model.backbone.name=ViT-T-16", "data.size=32", "data.frames=4", "model.method=linear_probe", "model.backbone.name=EVA02-E-14",
-                             "model.backbone.width=64", "model.backbone.layers=2", "model.backbone.heads=2",
-                             "model.backbone.patch_size=16", "model.backbone.precision=bf16", f"model.backbone.weights={path}"])
+    cfg = load_config(
+        DEMO,
+        [
+            "model.backbone.name=ViT-T-16",
+            "data.size=32",
+            "data.frames=4",
+            "model.method=linear_probe",
+            "model.backbone.name=EVA02-E-14",
+            "model.backbone.width=64",
+            "model.backbone.layers=2",
+            "model.backbone.heads=2",
+            "model.backbone.patch_size=16",
+            "model.backbone.precision=bf16",
+            f"model.backbone.weights={path}",
+        ],
+    )
     model = build_model(cfg)
     assert {p.dtype for p in model.backbone.frozen_parameters()} == {torch.bfloat16}
     with torch.no_grad():

@@ -16,13 +16,19 @@ from side4video.model import retrieval_from_official
 from side4video.model.retrieval import RetrievalArgs, build_retrieval_model, retrieval_param_groups
 from side4video.model.similarity import meanp_similarity, text_embedding, video_embedding
 from side4video.precision import Precision
-
 from tests.support import REPO
 from tests.support.reference import RETRIEVAL_WTI, load_reference
 
 FP32 = Precision(torch.float32, torch.float32, torch.float32, torch.float32)
-COMPARED = ("text_features", "video_features", "text_weight_logits", "video_weight_logits", "logits_unscaled",
-            "logits", "loss")
+COMPARED = (
+    "text_features",
+    "video_features",
+    "text_weight_logits",
+    "video_weight_logits",
+    "logits_unscaled",
+    "logits",
+    "loss",
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +48,9 @@ def test_retrieval_from_official_reproduces_the_wti_reference(reference):
     with torch.no_grad():
         out = model(reference["input_ids"], reference["text_mask"], reference["video"], reference["video_mask"])
         # WTI ignores the video mask: two masked frames change nothing
-        partial = model(reference["input_ids"], reference["text_mask"], reference["video"],
-                        reference["video_mask_partial"])
+        partial = model(
+            reference["input_ids"], reference["text_mask"], reference["video"], reference["video_mask_partial"]
+        )
     for key in COMPARED:
         assert out[key].shape == reference[key].shape, key
         assert (out[key] - reference[key]).abs().max() <= 1e-5, key
@@ -66,8 +73,9 @@ def test_convert_official_cli_on_a_retrieval_checkpoint(reference, tmp_path):
     cfg = load_config(None, [*saved["overrides"], f"model.backbone.weights={out}", "model.text.heads=2"])
     model = retrieval_model_from_config(cfg).eval()
     assert model.logit_scale.value.item() == 3.0
-    model.load_trainable_state_dict({k: v for k, v in saved["state_dict"].items()
-                                     if not k.startswith(("backbone.", "text."))})
+    model.load_trainable_state_dict(
+        {k: v for k, v in saved["state_dict"].items() if not k.startswith(("backbone.", "text."))}
+    )
     with torch.no_grad():
         got = model(reference["input_ids"], reference["text_mask"], reference["video"])
     for key in ("logits", "loss"):
@@ -80,18 +88,21 @@ def test_text_and_frozen_video_towers_equal_open_clip(tmp_path):
     import open_clip
 
     torch.manual_seed(0)
-    clip = open_clip.model.CLIP(embed_dim=128, vision_cfg={"image_size": 32, "layers": 3, "width": 128,
-                                                           "patch_size": 8},
-                                text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
-                                          "layers": 2}, quick_gelu=True).eval()
+    clip = open_clip.model.CLIP(
+        embed_dim=128,
+        vision_cfg={"image_size": 32, "layers": 3, "width": 128, "patch_size": 8},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+        quick_gelu=True,
+    ).eval()
     with torch.no_grad():
         for p in clip.parameters():  # CLIP zero-initialises biases; make every tensor matter
             p.add_(0.01 * torch.randn_like(p))
         clip.logit_scale.fill_(2.5)
     path = tmp_path / "clip.pt"
     torch.save(clip.state_dict(), path)
-    model = build_retrieval_model(tiny_args(method="linear_probe", weights=str(path), quick_gelu=True,
-                                            max_words=16, text_trainable=False)).eval()
+    model = build_retrieval_model(
+        tiny_args(method="linear_probe", weights=str(path), quick_gelu=True, max_words=16, text_trainable=False)
+    ).eval()
     assert model.logit_scale.value.item() == pytest.approx(2.5)
     captions = ["a red square drifting left", "the cyan circle is turning clockwise!", "up"]
     ids, mask = tokenize(captions, 16)
@@ -160,7 +171,9 @@ def test_param_groups_follow_the_reference():
     frozen_text = build_retrieval_model(tiny_args(text_trainable=False))
     ids = {id(p) for g in retrieval_param_groups(frozen_text, 1e-4, 1e-3, 0.2) for p in g["params"]}
     assert not any(id(p) in ids for p in frozen_text.text.parameters())
-    assert set(frozen_text.trainable_state_dict()).isdisjoint(k for k in frozen_text.state_dict() if k.startswith("text."))
+    assert set(frozen_text.trainable_state_dict()).isdisjoint(
+        k for k in frozen_text.state_dict() if k.startswith("text.")
+    )
 
 
 def test_retrieval_configs_build_on_meta_and_plan():
@@ -177,9 +190,15 @@ def test_retrieval_configs_build_on_meta_and_plan():
 
 
 def test_tiny_eva_retrieval_runs_forward_and_backward():
-    model = build_retrieval_model(tiny_args(backbone="EVA02-E-14", image_size=32, arch_overrides={
-        "width": 64, "layers": 4, "heads": 1, "patch_size": 16}, text_overrides={"width": 32, "layers": 1, "heads": 1},
-        embed_dim=48))
+    model = build_retrieval_model(
+        tiny_args(
+            backbone="EVA02-E-14",
+            image_size=32,
+            arch_overrides={"width": 64, "layers": 4, "heads": 1, "patch_size": 16},
+            text_overrides={"width": 32, "layers": 1, "heads": 1},
+            embed_dim=48,
+        )
+    )
     assert model.backbone.taps == [1, 3] and model.side.post_norm is not None
     assert model.side.pos_embed.weight.shape[0] == 4  # patches only, as the reference's EVA blocks
     model.train()
@@ -195,22 +214,41 @@ def test_eva_checkpoint_in_open_clip_layout_loads_head_and_custom_text(tmp_path)
     the frozen baseline's frame embeddings are timm's own forward, the text tower's weights load."""
     import timm
 
-    from side4video.model.text import resolve_text_spec, TextTower
+    from side4video.model.text import TextTower, resolve_text_spec
 
     arch = {"width": 64, "layers": 4, "heads": 1, "patch_size": 16}
     torch.manual_seed(0)
-    trunk = timm.create_model("eva02_enormous_patch14_clip_224", pretrained=False, num_classes=48, img_size=32,
-                              embed_dim=64, depth=4, num_heads=1, patch_size=16).eval()
+    trunk = timm.create_model(
+        "eva02_enormous_patch14_clip_224",
+        pretrained=False,
+        num_classes=48,
+        img_size=32,
+        embed_dim=64,
+        depth=4,
+        num_heads=1,
+        patch_size=16,
+    ).eval()
     text = TextTower(resolve_text_spec("EVA02-E-14", 12, 48, width=32, layers=1, heads=1))
     with torch.no_grad():
         for p in [*trunk.parameters(), *text.parameters()]:
             p.add_(0.02 * torch.randn_like(p))
-    sd = {**{f"visual.trunk.{k}": v for k, v in trunk.state_dict().items()},
-          **{f"text.{k}": v for k, v in text.state_dict().items()}, "logit_scale": torch.tensor(4.0)}
+    sd = {
+        **{f"visual.trunk.{k}": v for k, v in trunk.state_dict().items()},
+        **{f"text.{k}": v for k, v in text.state_dict().items()},
+        "logit_scale": torch.tensor(4.0),
+    }
     torch.save(sd, tmp_path / "eva.pt")
-    model = build_retrieval_model(tiny_args(backbone="EVA02-E-14", method="linear_probe", arch_overrides=arch,
-                                            text_overrides={"width": 32, "layers": 1, "heads": 1}, embed_dim=48,
-                                            weights=str(tmp_path / "eva.pt"), text_trainable=False)).eval()
+    model = build_retrieval_model(
+        tiny_args(
+            backbone="EVA02-E-14",
+            method="linear_probe",
+            arch_overrides=arch,
+            text_overrides={"width": 32, "layers": 1, "heads": 1},
+            embed_dim=48,
+            weights=str(tmp_path / "eva.pt"),
+            text_trainable=False,
+        )
+    ).eval()
     video = torch.randn(2, 3, 3, 32, 32)
     ids, _ = tokenize(["a red square drifting left", "up"], 12)
     with torch.no_grad():

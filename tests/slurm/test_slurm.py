@@ -10,13 +10,20 @@ import subprocess
 import sys
 
 import pytest
-from tests.support.data import BUCKET, FaultyProxy
-from tests.support.engine import train_rows
-from tests.support.slurm import (REPO, WaitForStop, register_by_value, side4video, slurm_cluster, slurm_data,  # noqa: F401
-                            train_overrides, wait_for)
 
 from side4video.config import load_config
 from side4video.slurm import follow, submit_job
+from tests.support.data import BUCKET, FaultyProxy
+from tests.support.engine import train_rows
+from tests.support.slurm import (
+    REPO,
+    WaitForStop,
+    register_by_value,
+    side4video,
+    slurm_data,  # noqa: F401
+    train_overrides,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -54,8 +61,13 @@ def checkpoint_steps(run_dir) -> list:
 def reference_run(slurm_cluster, slurm_data, tmp_path_factory):  # noqa: F811
     """1 node x 2 tasks, uninterrupted, through `side4video submit ... --wait`."""
     run_dir = tmp_path_factory.mktemp("slurm-ref") / "run"
-    done = side4video(slurm_cluster, "submit", "configs/demo.yaml",
-                      *train_overrides(slurm_data, run_dir, *ONE_NODE_TWO_TASKS), "--wait")
+    done = side4video(
+        slurm_cluster,
+        "submit",
+        "configs/demo.yaml",
+        *train_overrides(slurm_data, run_dir, *ONE_NODE_TWO_TASKS),
+        "--wait",
+    )
     return run_dir, done
 
 
@@ -83,9 +95,22 @@ def test_preempted_job_is_requeued_and_matches_uninterrupted_run(reference_run, 
     reference, _ = reference_run
     run_dir = tmp_path / "run"
     out = (tmp_path / "submit.out").open("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "side4video.cli", "submit", "configs/demo.yaml",
-                             *train_overrides(slurm_data, run_dir, *ONE_NODE_TWO_TASKS), "--wait"],
-                            cwd=REPO, env=slurm_cluster.env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "side4video.cli",
+            "submit",
+            "configs/demo.yaml",
+            *train_overrides(slurm_data, run_dir, *ONE_NODE_TWO_TASKS),
+            "--wait",
+        ],
+        cwd=REPO,
+        env=slurm_cluster.env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         job_id = wait_for(lambda: job_id_from((tmp_path / "submit.out").read_text()), 60, "the job id")
         wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), 600, "the first checkpoint")
@@ -103,8 +128,13 @@ def test_preempted_job_is_requeued_and_matches_uninterrupted_run(reference_run, 
 
 
 @pytest.mark.timeout(900)
-def test_two_nodes_sbatch_route_requeues_on_sigterm(reference_run, slurm_cluster, slurm_data, s3_server,  # noqa: F811
-                                                    tmp_path):
+def test_two_nodes_sbatch_route_requeues_on_sigterm(
+    reference_run,
+    slurm_cluster,
+    slurm_data,  # noqa: F811
+    s3_server,  # noqa: F811
+    tmp_path,
+):
     """slurm/train.sbatch on 2 nodes x 1 task, reading its shards from the S3 server over the
     nodes' network (a proxy on the bridge address forwards to the server on 127.0.0.1): the ranks
     run on n1 and n2 and meet at n1's namespace address over gloo. SIGTERM to the batch shell alone
@@ -118,19 +148,42 @@ def test_two_nodes_sbatch_route_requeues_on_sigterm(reference_run, slurm_cluster
     bridge = FaultyProxy(s3_server.endpoint, host=f"{slurm_cluster.subnet}.1")
     env = dict(slurm_cluster.env, SIDE4VIDEO_PYTHON=sys.executable)
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=15",
-         f"--output={log}", "slurm/train.sbatch", "configs/demo.yaml",
-         *train_overrides(slurm_data, run_dir, "logging.all_ranks=true", *s3_server.overrides(endpoint=bridge.url),
-                          f"data.train.shards=s3://{BUCKET}/slurm-2n/train/manifest.json",
-                          f"data.val.shards=s3://{BUCKET}/slurm-2n/val/manifest.json")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            "--cpus-per-task=1",
+            "--time=15",
+            f"--output={log}",
+            "slurm/train.sbatch",
+            "configs/demo.yaml",
+            *train_overrides(
+                slurm_data,
+                run_dir,
+                "logging.all_ranks=true",
+                *s3_server.overrides(endpoint=bridge.url),
+                f"data.train.shards=s3://{BUCKET}/slurm-2n/train/manifest.json",
+                f"data.val.shards=s3://{BUCKET}/slurm-2n/val/manifest.json",
+            ),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
     try:
         wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), 600, "the first checkpoint")
         assert slurm_cluster.run("scancel", "--batch", "--signal=TERM", job_id).returncode == 0
-        wait_for(lambda: slurm_cluster.job_info(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
-                 600, "the job to end", poll=1)
+        wait_for(
+            lambda: slurm_cluster.job_info(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
+            600,
+            "the job to end",
+            poll=1,
+        )
     finally:
         slurm_cluster.run("scancel", job_id)  # no-op once it ended
         bridge.close()
@@ -144,8 +197,11 @@ def test_two_nodes_sbatch_route_requeues_on_sigterm(reference_run, slurm_cluster
     assert "stop requested (SIGTERM)" in text and "requeued (restart 1 of at most 10)" in text
     assert summary(run_dir)["world_size"] == 2
     # the shards came from the S3 server: both ranks' GETs of the training shards
-    served = [path for method, path, status in s3_server.logged_requests()
-              if method == "GET" and status in (200, 206) and path.startswith(f"/{BUCKET}/slurm-2n/train/train-")]
+    served = [
+        path
+        for method, path, status in s3_server.logged_requests()
+        if method == "GET" and status in (200, 206) and path.startswith(f"/{BUCKET}/slurm-2n/train/train-")
+    ]
     assert len(set(served)) == 4, served
     assert_same_run(run_dir, reference)
 
@@ -158,8 +214,9 @@ def quick_job(slurm_cluster, monkeypatch, tmp_path):  # noqa: F811
     register_by_value()
 
     def submit(*overrides):
-        cfg = load_config(None, [f"train.output_dir={tmp_path / 'run'}", "slurm.time_minutes=5",
-                                 "slurm.tasks_per_node=2", *overrides])
+        cfg = load_config(
+            None, [f"train.output_dir={tmp_path / 'run'}", "slurm.time_minutes=5", "slurm.tasks_per_node=2", *overrides]
+        )
         return submit_job(cfg, "train", task_class=WaitForStop), tmp_path / "run"
 
     return submit
@@ -169,8 +226,11 @@ def quick_job(slurm_cluster, monkeypatch, tmp_path):  # noqa: F811
 def test_requeues_are_bounded_by_max_requeues(quick_job, slurm_cluster, capsys):  # noqa: F811
     job, run_dir = quick_job("slurm.max_requeues=1")
     for restart in (0, 1):
-        wait_for(lambda: all((run_dir / f"started-{restart}-{rank}").exists() for rank in (0, 1)), 120,
-                 f"both ranks of run {restart}")
+        wait_for(
+            lambda restart=restart: all((run_dir / f"started-{restart}-{rank}").exists() for rank in (0, 1)),
+            120,
+            f"both ranks of run {restart}",
+        )
         assert slurm_cluster.run("scancel", "--signal=USR2", job.job_id).returncode == 0
     assert follow(job.job_id, job.paths.folder, poll_s=0.5, timeout_s=120) == 1
     err = capsys.readouterr().err
@@ -189,9 +249,18 @@ def long_training(slurm_cluster, slurm_data, monkeypatch, tmp_path):  # noqa: F8
     run_dir = tmp_path / "run"
 
     def submit(*overrides):
-        cfg = load_config(REPO / "configs" / "demo.yaml", train_overrides(
-            slurm_data, run_dir, *ONE_NODE_TWO_TASKS, "train.epochs=2000", "train.save_every=1000000",
-            "train.log_every=1", *overrides))
+        cfg = load_config(
+            REPO / "configs" / "demo.yaml",
+            train_overrides(
+                slurm_data,
+                run_dir,
+                *ONE_NODE_TWO_TASKS,
+                "train.epochs=2000",
+                "train.save_every=1000000",
+                "train.log_every=1",
+                *overrides,
+            ),
+        )
         return submit_job(cfg, "train"), run_dir
 
     return submit
@@ -238,8 +307,14 @@ def test_user_cancel_saves_but_is_not_requeued(long_training, slurm_cluster, cap
 
 @pytest.mark.timeout(120)
 def test_sbatch_refusal_is_one_line(slurm_cluster, tmp_path):  # noqa: F811
-    done = side4video(slurm_cluster, "submit", "configs/demo.yaml", f"train.output_dir={tmp_path}",
-                      "slurm.partition=no-such-partition", timeout=120)
+    done = side4video(
+        slurm_cluster,
+        "submit",
+        "configs/demo.yaml",
+        f"train.output_dir={tmp_path}",
+        "slurm.partition=no-such-partition",
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "error: sbatch refused the job:" in done.stderr and "Traceback" not in done.stderr
 
@@ -247,9 +322,17 @@ def test_sbatch_refusal_is_one_line(slurm_cluster, tmp_path):  # noqa: F811
 @pytest.mark.timeout(300)
 def test_failed_job_exit_status_and_reason(slurm_cluster, tmp_path):  # noqa: F811
     missing = tmp_path / "no-such-data" / "manifest.json"
-    done = side4video(slurm_cluster, "submit", "configs/demo.yaml", f"data.train.shards={missing}",
-                      f"data.val.shards={missing}", f"train.output_dir={tmp_path / 'run'}", "slurm.tasks_per_node=2",
-                      "--wait", timeout=300)
+    done = side4video(
+        slurm_cluster,
+        "submit",
+        "configs/demo.yaml",
+        f"data.train.shards={missing}",
+        f"data.val.shards={missing}",
+        f"train.output_dir={tmp_path / 'run'}",
+        "slurm.tasks_per_node=2",
+        "--wait",
+        timeout=300,
+    )
     assert done.returncode == 1
     job_id = job_id_from(done.stdout)
     assert f"job {job_id} failed: side4video.errors.UserError:" in done.stderr and str(missing) in done.stderr

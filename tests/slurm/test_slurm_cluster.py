@@ -7,6 +7,7 @@ import os
 import socket
 
 import pytest
+
 from tests.support.slurm import LocalCluster, missing_slurm, require_slurm
 
 pytestmark = [pytest.mark.slurm]

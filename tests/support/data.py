@@ -19,6 +19,7 @@ from side4video.bench.servers import SeaweedS3
 
 BUCKET = "side4video-test"
 
+
 def noise_frames(seed: int, frames: int = 12, height: int = 32, width: int = 48) -> List[np.ndarray]:
     """A moving smooth pattern with some noise: decodable, and different frame to frame."""
     rng = np.random.default_rng(seed)
@@ -27,8 +28,10 @@ def noise_frames(seed: int, frames: int = 12, height: int = 32, width: int = 48)
     out = []
     for t in range(frames):
         phase = t * 0.6 + seed
-        img = np.stack([base[c] * 0.5 + 60 * np.sin((xx + 3 * t) / (4 + c) + phase) + 40 * np.cos(yy / 5 + c)
-                        for c in range(3)], axis=-1)
+        img = np.stack(
+            [base[c] * 0.5 + 60 * np.sin((xx + 3 * t) / (4 + c) + phase) + 40 * np.cos(yy / 5 + c) for c in range(3)],
+            axis=-1,
+        )
         img += rng.normal(0, 6, img.shape)
         out.append(np.clip(img, 0, 255).astype(np.uint8))
     return out
@@ -73,9 +76,18 @@ def synthetic_data(tmp_path_factory) -> Dict[str, object]:
 def data_cfg_for(train_spec, val_spec=None, *overrides: str):
     """A small config reading the given specs (32 px, 4 frames, batch 4)."""
     spec = lambda s: f"'{s}'" if isinstance(s, str) else str(list(s))  # noqa: E731
-    args = [f"data.train.shards={spec(train_spec)}", "data.num_classes=4", "data.frames=4", "data.size=32",
-            "data.resize=[36]", "data.crop_area=[0.5,1.0]", "train.batch_size=4", "data.decode_threads=2",
-            "data.shuffle_buffer=4", "data.retry_backoff=0.05"]
+    args = [
+        f"data.train.shards={spec(train_spec)}",
+        "data.num_classes=4",
+        "data.frames=4",
+        "data.size=32",
+        "data.resize=[36]",
+        "data.crop_area=[0.5,1.0]",
+        "train.batch_size=4",
+        "data.decode_threads=2",
+        "data.shuffle_buffer=4",
+        "data.retry_backoff=0.05",
+    ]
     if val_spec is not None:
         args.append(f"data.val.shards={spec(val_spec)}")
     return load_cfg(*args, *overrides)
@@ -130,8 +142,9 @@ class FaultyProxy:
     since S3 requests are signed over it. With no faults set it is a plain proxy (the SLURM test
     uses one so that nodes in network namespaces reach the S3 server)."""
 
-    def __init__(self, upstream: str, burst_every: int = 0, burst: int = 0, stall_after: int = -1,
-                 host: str = "127.0.0.1"):
+    def __init__(
+        self, upstream: str, burst_every: int = 0, burst: int = 0, stall_after: int = -1, host: str = "127.0.0.1"
+    ):
         import http.client
         import urllib.parse
 
@@ -177,7 +190,8 @@ class FaultyProxy:
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():  # HEAD keeps the object's length; bodies get their own
                     if k.lower() not in ("transfer-encoding", "connection") and not (
-                            k.lower() == "content-length" and self.command != "HEAD"):
+                        k.lower() == "content-length" and self.command != "HEAD"
+                    ):
                         self.send_header(k, v)
                 if self.command != "HEAD":
                     self.send_header("Content-Length", str(len(data)))

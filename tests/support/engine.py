@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
 
 from tests.support import REPO
+
 DEMO = str(REPO / "configs" / "demo.yaml")
 DEMO_RETRIEVAL = str(REPO / "configs" / "demo_retrieval.yaml")
 TRAIN_VIDEOS, VAL_VIDEOS = 24, 13  # 13: an odd split, so two ranks get unequal shares
@@ -23,8 +23,9 @@ def motion_data(tmp_path_factory) -> Dict[str, str]:
     from side4video.data.synthetic import make_synthetic
 
     out = tmp_path_factory.mktemp("motion")
-    make_synthetic(str(out), videos=TRAIN_VIDEOS, classes=4, val_videos=VAL_VIDEOS, frames=8, size=32, seed=3,
-                   shard_samples=6)
+    make_synthetic(
+        str(out), videos=TRAIN_VIDEOS, classes=4, val_videos=VAL_VIDEOS, frames=8, size=32, seed=3, shard_samples=6
+    )
     return {"train": str(out / "train" / "manifest.json"), "val": str(out / "val" / "manifest.json"), "root": str(out)}
 
 
@@ -34,33 +35,70 @@ def caption_data(tmp_path_factory) -> Dict[str, str]:
     from side4video.data.synthetic import make_synthetic
 
     out = tmp_path_factory.mktemp("captions")
-    make_synthetic(str(out), videos=TRAIN_VIDEOS, classes=4, val_videos=VAL_VIDEOS, frames=8, size=32, seed=4,
-                   shard_samples=6, captions=True)
+    make_synthetic(
+        str(out),
+        videos=TRAIN_VIDEOS,
+        classes=4,
+        val_videos=VAL_VIDEOS,
+        frames=8,
+        size=32,
+        seed=4,
+        shard_samples=6,
+        captions=True,
+    )
     return {"train": str(out / "train" / "manifest.json"), "val": str(out / "val" / "manifest.json"), "root": str(out)}
 
 
 def retrieval_overrides(data: Dict[str, str], out_dir: Path, *extra: str) -> List[str]:
     """The retrieval demo config made tiny: 32 px, 4 frames, ViT-T-8 with its tiny text tower."""
-    return [f"data.train.shards={data['train']}", f"data.val.shards={data['val']}", f"train.output_dir={out_dir}",
-            "data.frames=4", "model.side.dim=64", "model.text.max_words=12", "train.batch_size=4", "eval.batch_size=4",
-            "train.epochs=2", "train.log_every=1", "train.warmup_epochs=0.5", "logging.progress=false", *extra]
+    return [
+        f"data.train.shards={data['train']}",
+        f"data.val.shards={data['val']}",
+        f"train.output_dir={out_dir}",
+        "data.frames=4",
+        "model.side.dim=64",
+        "model.text.max_words=12",
+        "train.batch_size=4",
+        "eval.batch_size=4",
+        "train.epochs=2",
+        "train.log_every=1",
+        "train.warmup_epochs=0.5",
+        "logging.progress=false",
+        *extra,
+    ]
 
 
 def tiny_overrides(data: Dict[str, str], out_dir: Path, *extra: str) -> List[str]:
     """Demo model at 32 px / 4 frames: a step costs a few tens of milliseconds."""
-    return [f"data.train.shards={data['train']}", f"data.val.shards={data['val']}", f"train.output_dir={out_dir}",
-            "model.backbone.name=ViT-T-16", "data.num_classes=4", "data.size=32", "data.resize=[36]", "data.frames=4", "model.side.dim=64",
-            "train.batch_size=4", "train.epochs=2", "train.log_every=1", "train.warmup_epochs=0.5",
-            "logging.progress=false", "logging.tensorboard=true", *extra]
+    return [
+        f"data.train.shards={data['train']}",
+        f"data.val.shards={data['val']}",
+        f"train.output_dir={out_dir}",
+        "model.backbone.name=ViT-T-16",
+        "data.num_classes=4",
+        "data.size=32",
+        "data.resize=[36]",
+        "data.frames=4",
+        "model.side.dim=64",
+        "train.batch_size=4",
+        "train.epochs=2",
+        "train.log_every=1",
+        "train.warmup_epochs=0.5",
+        "logging.progress=false",
+        "logging.tensorboard=true",
+        *extra,
+    ]
 
 
-def run_cli(args: List[str], nproc: int = 1, timeout: float = 600, env: Dict[str, str] | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    args: List[str], nproc: int = 1, timeout: float = 600, env: Dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     from side4video.distributed import launch_command
 
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    result = subprocess.run(launch_command(nproc, args), cwd=REPO, env=full_env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        launch_command(nproc, args), cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"side4video {' '.join(args[:2])} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result

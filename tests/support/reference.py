@@ -46,8 +46,10 @@ def rebuild(shape: List[int], dtype: str, kind: str, a: Any, b: Any, g: torch.Ge
 def check_sum(fixture: str, key: str, tensor: torch.Tensor, expected: float) -> None:
     got = tensor.double().sum().item()
     if not math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-9):
-        raise AssertionError(f"reference fixture {fixture}: rebuilt tensor {key!r} sums to {got!r}, the recipe says "
-                             f"{expected!r}: torch's random stream has changed, the fixture no longer rebuilds")
+        raise AssertionError(
+            f"reference fixture {fixture}: rebuilt tensor {key!r} sums to {got!r}, the recipe says "
+            f"{expected!r}: torch's random stream has changed, the fixture no longer rebuilds"
+        )
 
 
 def _tensor_entry(entry: Dict[str, Any]) -> torch.Tensor:
@@ -64,7 +66,7 @@ def _model_fixture(name: str, doc: Dict[str, Any]) -> Dict[str, Any]:
         t = rebuild(shape, dtype, kind, a, b, g)
         check_sum(name, key, t, doc["checksums"][key])
         if key.startswith(STATE_PREFIX):
-            state[key[len(STATE_PREFIX):]] = t
+            state[key[len(STATE_PREFIX) :]] = t
         else:
             out[key] = t
     for key, value in doc["outputs"].items():
@@ -73,8 +75,9 @@ def _model_fixture(name: str, doc: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _entries_fixture(doc: Dict[str, Any]) -> Dict[str, Any]:
-    return {key: _tensor_entry(v) if isinstance(v, dict) and v.get("tensor") else v
-            for key, v in doc["entries"].items()}
+    return {
+        key: _tensor_entry(v) if isinstance(v, dict) and v.get("tensor") else v for key, v in doc["entries"].items()
+    }
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,7 +11,6 @@ slurm-wlm and munge first): they never skip.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ from typing import Dict, List, Optional
 import pytest
 
 from tests.support import REPO
+
 SCRIPT = REPO / "slurm" / "local-cluster.sh"
 TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo", "ip", "nsenter", "unshare")
 
@@ -50,29 +50,41 @@ class LocalCluster:
         self.folder, self.nodes, self.cpus = Path(folder), nodes, cpus
         self.conf = self.folder / "slurm.conf"
         self.subnet = subnet
-        self.script_env = dict(os.environ, SIDE4VIDEO_SLURM_DIR=str(folder), SIDE4VIDEO_SLURM_PORT=str(port),
-                               SIDE4VIDEO_SLURM_PREFIX=prefix, SIDE4VIDEO_SLURM_SUBNET=subnet)
+        self.script_env = dict(
+            os.environ,
+            SIDE4VIDEO_SLURM_DIR=str(folder),
+            SIDE4VIDEO_SLURM_PORT=str(port),
+            SIDE4VIDEO_SLURM_PREFIX=prefix,
+            SIDE4VIDEO_SLURM_SUBNET=subnet,
+        )
         # What submitters and jobs see: this cluster's SLURM_CONF; no launcher variables of ours.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         self.env["SLURM_CONF"] = str(self.conf)
 
     def script(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(SCRIPT), *args], env=self.script_env, capture_output=True, text=True,
-                              timeout=180, check=check)
+        return subprocess.run(
+            ["bash", str(SCRIPT), *args], env=self.script_env, capture_output=True, text=True, timeout=180, check=check
+        )
 
     def start(self) -> None:
         args = ["start", "--nodes", str(self.nodes)] + (["--cpus", str(self.cpus)] if self.cpus else [])
         done = self.script(*args, check=False)
         if done.returncode != 0:
             logs = self.folder / "log"
-            tails = "".join(f"\n--- {p.name}\n" + p.read_text()[-2000:] for p in sorted(logs.glob("*.log"))) if logs.is_dir() else ""
+            tails = (
+                "".join(f"\n--- {p.name}\n" + p.read_text()[-2000:] for p in sorted(logs.glob("*.log")))
+                if logs.is_dir()
+                else ""
+            )
             raise RuntimeError(f"local-cluster.sh start failed:\n{done.stderr}{tails}")
 
     def stop(self) -> None:
         self.script("stop", check=False)
 
     def run(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=kw.pop("timeout", 60), **kw)
+        return subprocess.run(
+            list(cmd), env=self.env, capture_output=True, text=True, timeout=kw.pop("timeout", 60), **kw
+        )
 
     def job_info(self, job_id: str) -> Dict[str, str]:
         out = self.run("scontrol", "-o", "show", "job", str(job_id)).stdout
@@ -85,8 +97,9 @@ def slurm_cluster(tmp_path_factory):
     reason = missing_slurm()
     if reason:
         require_slurm(reason)
-    cluster = LocalCluster(tmp_path_factory.mktemp("slurm"), nodes=2, cpus=2, port=6937,
-                           prefix="s4vt", subnet="10.202.0")
+    cluster = LocalCluster(
+        tmp_path_factory.mktemp("slurm"), nodes=2, cpus=2, port=6937, prefix="s4vt", subnet="10.202.0"
+    )
     try:
         cluster.start()
     except RuntimeError as e:
@@ -112,19 +125,38 @@ def train_overrides(data: Path, output_dir: Path, *extra: str) -> List[str]:
     return [
         f"data.train.shards={data / 'train' / 'manifest.json'}",
         f"data.val.shards={data / 'val' / 'manifest.json'}",
-        "data.num_classes=4", "data.frames=4", "data.size=32", "data.resize=[36]", "data.workers=1",
-        "train.batch_size=2", "train.epochs=3", "train.eval_every=0", "train.save_every=3", "train.log_every=1",
+        "data.num_classes=4",
+        "data.frames=4",
+        "data.size=32",
+        "data.resize=[36]",
+        "data.workers=1",
+        "train.batch_size=2",
+        "train.epochs=3",
+        "train.eval_every=0",
+        "train.save_every=3",
+        "train.log_every=1",
         f"train.output_dir={output_dir}",
-        "logging.progress=false", "logging.plots=false", "logging.tensorboard=false", "logging.sample_keys=true",
-        "slurm.time_minutes=15", "slurm.cpus_per_task=1",
+        "logging.progress=false",
+        "logging.plots=false",
+        "logging.tensorboard=false",
+        "logging.sample_keys=true",
+        "slurm.time_minutes=15",
+        "slurm.cpus_per_task=1",
         *extra,
     ]
 
 
 def side4video(cluster: LocalCluster, *args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     """Run the `side4video` CLI as a user would, against the test cluster."""
-    return subprocess.run([sys.executable, "-m", "side4video.cli", *args], cwd=REPO, env=cluster.env,
-                          capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "side4video.cli", *args],
+        cwd=REPO,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):

