@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from side4video.errors import UserError
+from side4video.errors import UserError, first_line
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -376,10 +376,10 @@ def _explain(err: OmegaConfBaseException, where: str) -> UserError:
         fields = {k: f for k, f, _ in schema_fields()}
         expected = _type_name(fields[key]) if key in fields else "another type"
         value = getattr(err, "value", None)
-        msg = str(err).splitlines()[0]
+        msg = first_line(err)
         got = f"got {value!r}" if value is not None else msg
         return UserError(f"{where}: config key '{key}' expects {expected}, {got}")
-    return UserError(f"{where}: {str(err).splitlines()[0]}")
+    return UserError(f"{where}: {first_line(err)}")
 
 
 def _find_base(name: str, start: Path) -> Path:
@@ -401,7 +401,7 @@ def _read_yaml(path: Path, chain: tuple = ()) -> DictConfig:
     try:
         raw = OmegaConf.load(path)
     except Exception as e:  # yaml syntax errors come in many types
-        raise UserError(f"{path}: not a valid YAML config: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{path}: not a valid YAML config: {first_line(e)}") from None
     if not isinstance(raw, DictConfig):
         raise UserError(f"{path}: a config must be a mapping of sections")
     defaults = raw.pop("defaults", [])
@@ -429,7 +429,7 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as e:
-        raise UserError(f"overrides: {str(e).splitlines()[0]}") from None
+        raise UserError(f"overrides: {first_line(e)}") from None
 
 
 def _check_choices(cfg: DictConfig) -> None:

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from typing import List
 
-from side4video.errors import UserError
+from side4video.errors import UserError, first_line
 from side4video.logs import get_logger
 from side4video.patterns import split_outside_brackets
 
@@ -224,7 +224,7 @@ def cuda_failure() -> str:
     try:
         torch.cuda.init()
     except Exception as e:  # torch raises RuntimeError/AssertionError with the driver's reason
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
     else:
         reason = "no CUDA device is visible"
     return f"{reason} (torch {torch.__version__} built for CUDA {torch.version.cuda or 'none'})"

@@ -15,3 +15,10 @@ class RunFailed(Exception):
     """A run that cannot go on (e.g. the loss diverged): one line, exit status 1."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty):
+    what a one-line report of it shows."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from side4video.errors import UserError
+from side4video.errors import UserError, first_line
 from side4video.logs import get_logger
 
 log = get_logger(__name__)
@@ -41,7 +41,7 @@ def convert_official_file(input: str, output: str, num_frames: int = 8) -> str:
     try:
         obj = torch.load(input, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"convert-official: cannot read {input}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"convert-official: cannot read {input}: {first_line(e)}") from None
     if is_official_retrieval(obj):
         task, model, config, overrides = _retrieval(obj, num_frames)
     else:

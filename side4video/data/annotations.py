@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from side4video.data.sample import VIDEO_EXTS, check_key
-from side4video.errors import UserError
+from side4video.errors import UserError, first_line
 
 FORMATS = ("k400", "ssv2", "msrvtt", "msvd", "vatex", "list")
 CAPTION_FORMATS = ("msrvtt", "msvd", "vatex")  # retrieval: captions, no classes
@@ -341,9 +341,7 @@ def read_plain_pickle(path: str):
     except _Refused as e:
         raise UserError(f"{path}: not a plain-data pickle ({e}); only dict, list, str and tuple are accepted") from None
     except Exception as e:  # truncated or not a pickle at all
-        raise UserError(
-            f"{path}: not a readable pickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
+        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {first_line(e)})") from None
     stack = [data]
     while stack:
         item = stack.pop()

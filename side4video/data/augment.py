@@ -36,6 +36,8 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
+from side4video.config import DataConfig
+
 # What DALI executes for a RandAugment step (one conditional branch each).
 (
     RA_NONE,
@@ -235,7 +237,7 @@ def randaugment_program(
 
 
 # --------------------------------------------------------------------------------------- views
-def train_view(rng: np.random.Generator, height: int, width: int, data_cfg) -> ViewParams:
+def train_view(rng: np.random.Generator, height: int, width: int, data_cfg: DataConfig) -> ViewParams:
     hr, wr = resized_shape(height, width, list(data_cfg.resize))
     roi_start, roi_end = random_resized_crop(rng, hr, wr, list(data_cfg.crop_area), list(data_cfg.crop_aspect))
     flip = bool(data_cfg.flip) and rng.random() < 0.5
@@ -252,7 +254,7 @@ def train_view(rng: np.random.Generator, height: int, width: int, data_cfg) -> V
     return ViewParams(roi_start, roi_end, flip, steps, grayscale)
 
 
-def eval_views(height: int, width: int, data_cfg, crops: int) -> List[ViewParams]:
+def eval_views(height: int, width: int, data_cfg: DataConfig, crops: int) -> List[ViewParams]:
     if crops == 3:
         return [ViewParams(s, e) for s, e in three_crops(height, width)]
     hr, wr = resized_shape(height, width, list(data_cfg.resize))

@@ -29,6 +29,7 @@ import torch
 
 from side4video.data import augment as A
 from side4video.data.video import VideoError, VideoInfo, dali_decodes, decode_frames
+from side4video.errors import first_line
 from side4video.logs import get_logger
 
 log = get_logger(__name__)
@@ -172,7 +173,7 @@ def _clip_graph(
     return tuple(outputs)
 
 
-def build_pipeline(
+def define_pipeline(
     source: str,
     *,
     batch_size: int,
@@ -187,6 +188,9 @@ def build_pipeline(
     device_id: Optional[int],
     grayscale: bool = False,
 ):
+    """The DALI pipeline of one input kind (see the module doc), defined but not built. Defining
+    it needs no device, so the GPU layout ('mixed' decoder, GPU operators) can be checked on any
+    host; building it needs CUDA for that layout."""
     from nvidia.dali import pipeline_def
 
     @pipeline_def(enable_conditionals=ra_steps > 0 or grayscale)
@@ -206,6 +210,14 @@ def build_pipeline(
             exec_pipelined=False,
             seed=0,
         )
+    return pipe
+
+
+def build_pipeline(source: str, **kwargs):
+    """`define_pipeline(source, **kwargs)`, built: ready to be fed and run."""
+    pipe = define_pipeline(source, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         pipe.build()
     return pipe
 
@@ -333,7 +345,7 @@ class ClipDecoder:
         except Exception as e:  # DALI raises RuntimeError for any operator failure
             self._drop_pipe(source)
             if len(requests) == 1:
-                return [None], [(requests[0].key, f"DALI could not decode it: {_first_line(e)}")]
+                return [None], [(requests[0].key, f"DALI could not decode it: {_dali_reason(e)}")]
         results, bad = [], []
         for i, r in enumerate(requests):
             res, b = self._run_guarded(source, [r], [frames[i]] if frames is not None else None)
@@ -400,7 +412,11 @@ def _pyav_frames(request: ClipRequest):
         return f"PyAV could not decode it: {e}"
 
 
-def _first_line(e: BaseException) -> str:
+def _dali_reason(e: BaseException) -> str:
+    """The line of a DALI error that says what went wrong. Its first line is a generic header
+    ("Critical error in pipeline:"), followed by the graph's traceback; the cause comes last
+    ('Assert on "...IsValid()" failed: Failed to create video decoder ...'). Other errors: their
+    first line."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     useful = [ln for ln in lines if "Error" in ln or "error" in ln or "not supported" in ln or "Assert" in ln]
-    return (useful[-1] if useful else (lines[0] if lines else type(e).__name__))[:200]
+    return (useful[-1] if useful else first_line(e))[:200]

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from side4video.config import DataConfig
 from side4video.data import augment as A
 from side4video.data.decode import ClipDecoder, ClipRequest
 from side4video.data.sampling import eval_indices
@@ -24,7 +25,9 @@ def _range(values: List[float]) -> Optional[Dict[str, float]]:
     return {"min": min(values), "max": max(values)} if values else None
 
 
-def inspect_shards(spec, data, batch_size: int, decode: bool = False, progress: bool = True) -> Dict[str, Any]:
+def inspect_shards(
+    spec, data: DataConfig, batch_size: int, decode: bool = False, progress: bool = True
+) -> Dict[str, Any]:
     """Report on every sample of `spec` (see module doc). `data`: the config's data section (s3,
     decoder, frames, size, workers, ...); `batch_size`: clips decoded together."""
     from tqdm import tqdm

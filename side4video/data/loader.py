@@ -10,9 +10,10 @@ Shard readers, probing, PyAV decoding and the batch builder are threads of the t
 process (DALI adds its own): Python delivers signals to the main thread only, so a preemption
 signal reaches the engine's handler and never a data worker. The background thread builds
 batches while the training step runs; `last_wait_s` is how long the consumer waited for the last
-batch (0 when decoding kept up). The consumer never waits blindly: it polls, so a stop request
-(side4video/signals.py) ends the wait with `StopRequested`, an exception in any loader or reader
-thread is raised in the consumer at its next wait, and a producer that died silently is an error.
+batch (0 when decoding kept up). Batches are handed over through a `Handoff` (threads.py), so the
+consumer never waits blindly: a stop request (side4video/signals.py) ends the wait with
+`StopRequested`, an exception in any loader or reader thread is raised in the consumer at its next
+wait, and a producer that died silently is an error.
 
 Determinism: the sample order is a pure function of (data.seed, epoch, rank, world size,
 workers) and every random parameter of a sample a pure function of (data.seed, epoch, key,
@@ -29,7 +30,6 @@ exactly once across ranks, with a smaller last batch, and has no fixed length.
 from __future__ import annotations
 
 import math
-import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,29 +38,22 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from side4video import signals
+from side4video.config import DataConfig
 from side4video.data import augment as A
 from side4video.data.captions import training_caption
 from side4video.data.decode import ClipDecoder, ClipRequest
 from side4video.data.sample import Sample
 from side4video.data.sampling import eval_indices, train_indices
 from side4video.data.stream import BadLog, RankStream, ShardSet, resolve_shards, seeded_rng, stable_hash
-from side4video.data.video import VideoError, probe
+from side4video.data.threads import END, Handoff
+from side4video.data.video import VideoError, VideoInfo, probe
 from side4video.errors import UserError
 from side4video.logs import get_logger
-from side4video.signals import StopRequested
 
 log = get_logger(__name__)
 
 MAX_BAD_KEYS_IN_STATE = 1000
-WAIT_POLL_S = 0.2  # how often a waiting consumer looks at stop requests and the producer's health
 CPU = torch.device("cpu")
-_END = object()
-
-
-class _Failure:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
 
 
 class VideoLoader:
@@ -77,7 +70,7 @@ class VideoLoader:
 
     def __init__(
         self,
-        data,
+        data: DataConfig,
         split: str,
         *,
         batch_size: int,
@@ -122,7 +115,7 @@ class VideoLoader:
         self._stream_pos = 0  # samples of the rank's stream behind those batches
         self._restored = False
         self._bad = BadLog()
-        self._bad_in_row = 0  # unusable samples since the last usable one (producer thread)
+        self._unusable_in_row = 0  # unusable samples since the last usable one (producer thread)
         self.last_wait_s = 0.0
         self._decoder: Optional[ClipDecoder] = None
         # The GPU this rank trains on (DALI 'mixed' decodes there), given by the caller: the
@@ -130,8 +123,8 @@ class VideoLoader:
         self._gpu = device.type == "cuda"
         self._device_id = device.index if self._gpu else None
         self._probe_pool = ThreadPoolExecutor(max_workers=max(1, int(data.decode_threads)), thread_name_prefix="probe")
-        self._producer: Optional[threading.Thread] = None
-        self._stop = threading.Event()
+        self._out: Optional[Handoff] = None  # batches from the producer thread of the current pass
+        self._stop = threading.Event()  # the producer's: ends its shard readers too
 
     # ------------------------------------------------------------------------- public surface
     def __len__(self) -> int:
@@ -212,24 +205,19 @@ class VideoLoader:
             self.position, self._stream_pos = 0, 0
         self._restored = False
         self._stop_producer()
-        out: "queue.Queue" = queue.Queue(maxsize=max(1, int(self.data.prefetch)))
-        self._stop = threading.Event()
-        self._producer = threading.Thread(
-            target=self._produce,
-            args=(self.epoch, self.position, self._stream_pos, out, self._stop),
-            name=f"loader-{self.split}-{self.rank}",
-            daemon=True,
+        self._stop = stop = threading.Event()
+        self._out = out = Handoff(int(self.data.prefetch), what="data")
+        epoch, position, stream_pos = self.epoch, self.position, self._stream_pos
+        out.start(
+            lambda: self._produce(epoch, position, stream_pos, out, stop), name=f"loader-{self.split}-{self.rank}"
         )
-        self._producer.start()
         try:
             while True:
                 t0 = time.perf_counter()
-                item = self._wait_for(out, self._producer)
+                item = out.get()
                 wait = time.perf_counter() - t0
-                if item is _END:
+                if item is END:
                     return
-                if isinstance(item, _Failure):
-                    raise item.exc
                 batch, batches_done, stream_pos = item
                 self.position, self._stream_pos = batches_done, stream_pos
                 self.last_wait_s = wait
@@ -245,23 +233,11 @@ class VideoLoader:
         while True:
             yield from self
 
-    @staticmethod
-    def _wait_for(out: "queue.Queue", producer: threading.Thread):
-        """The next item from the producer; wakes up to honour stop requests and a dead producer."""
-        while True:
-            try:
-                return out.get(timeout=WAIT_POLL_S)
-            except queue.Empty:
-                if signals.stop_requested():
-                    raise StopRequested(f"stop requested ({signals.stop_reason()}) while waiting for data") from None
-                if not producer.is_alive() and out.empty():
-                    raise RuntimeError(f"loader thread {producer.name} ended without delivering its batches") from None
-
     def _stop_producer(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
+        out, self._out = self._out, None
+        if out is not None:
             self._stop.set()
-            producer.join(timeout=30)
+            out.close(join_s=30)
 
     # -------------------------------------------------------------------------- the producer
     def _epoch_batches(self) -> int:
@@ -275,6 +251,7 @@ class VideoLoader:
         return max(1, math.ceil(total / (self.world_size * self.batch_size)))
 
     def _make_stream(self, epoch: int, stop: threading.Event) -> RankStream:
+        """The rank's stream for `epoch`; `stop` (the producer's) ends it and its readers."""
         d = self.data
         return RankStream(
             self.shardset,
@@ -328,18 +305,9 @@ class VideoLoader:
             return ClipRequest(sample.key, sample.video, info.codec, indices, views, info)
         return eval_request(sample.key, sample.video, info, d, crops=self.views, clips=self.clips)
 
-    def _produce(
-        self, epoch: int, batch_index: int, stream_pos: int, out: "queue.Queue", stop: threading.Event
-    ) -> None:
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
+    def _produce(self, epoch: int, batch_index: int, stream_pos: int, out: Handoff, stop: threading.Event) -> None:
+        """The producer thread: batches of the epoch from `batch_index` on, put into `out` (which
+        adds END after the last, or the exception this ends with)."""
         stream = None
         try:
             if self._gpu:
@@ -357,13 +325,10 @@ class VideoLoader:
                     break
                 batch, stream_pos = built
                 batch_index += 1
-                if not put((batch, batch_index, stream_pos)):
+                if not out.put((batch, batch_index, stream_pos)):
                     return
             if self._decoder is not None:
                 self._decoder.release_memory()  # the epoch is over: DALI's pools may shrink (GPU)
-            put(_END)
-        except BaseException as e:  # handed to the consumer, which raises it in the main thread
-            put(_Failure(e))
         finally:
             if stream is not None:
                 stream.close()
@@ -397,7 +362,7 @@ class VideoLoader:
             for sample in taken:  # in stream order, for the count of unusable samples in a row
                 if sample.key in decoded:
                     good.append(decoded[sample.key])
-                    self._bad_in_row = 0
+                    self._unusable_in_row = 0
                 else:
                     self._unusable(sample.key, reasons.get(sample.key, "not decoded"))
         if not good:
@@ -408,11 +373,11 @@ class VideoLoader:
         """Skip and count a sample; a long run of them is no bad luck but bad data or a decoder
         that refuses everything: end with one line instead of skipping forever."""
         self._bad.sample(key, reason)
-        self._bad_in_row += 1
+        self._unusable_in_row += 1
         limit = int(self.data.max_bad_in_row)
-        if limit and self._bad_in_row >= limit:
+        if limit and self._unusable_in_row >= limit:
             raise UserError(
-                f"data.{self.split}: {self._bad_in_row} samples in a row could not be used (the last, "
+                f"data.{self.split}: {self._unusable_in_row} samples in a row could not be used (the last, "
                 f"{key}: {reason}); check the shards (side4video inspect --decode) and data.decoder, "
                 f"or raise data.max_bad_in_row"
             )
@@ -448,7 +413,7 @@ class VideoLoader:
         return batch
 
 
-def eval_request(key: str, video: bytes, info, data_cfg, crops: int, clips: int) -> ClipRequest:
+def eval_request(key: str, video: bytes, info: VideoInfo, data_cfg: DataConfig, crops: int, clips: int) -> ClipRequest:
     """The test views of one video: `clips` temporal clips (centre sampling) x `crops` crops."""
     indices = np.concatenate(
         eval_indices(info.frames, int(data_cfg.frames), data_cfg.sampling, int(data_cfg.dense_stride), clips)

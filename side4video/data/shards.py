@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from webdataset import TarWriter
 
+from side4video.config import DataConfig
 from side4video.data import sources, video
 from side4video.data.annotations import CAPTION_FORMATS, read_annotations
 from side4video.data.manifest import MANIFEST_NAME, build_manifest, dumps
@@ -69,7 +70,7 @@ class ShardWriter:
         max_bytes: Optional[int] = None,
         max_samples: Optional[int] = None,
         prefix: str = "shard",
-        data_cfg=None,
+        data_cfg: Optional[DataConfig] = None,
     ):
         self.out = out.rstrip("/")
         self.kind = sources.url_kind(self.out)
@@ -244,7 +245,7 @@ def make_shards(
     transcode: str = "none",
     short_side: int = 0,
     progress: bool = True,
-    data_cfg=None,
+    data_cfg: Optional[DataConfig] = None,
     captions: Optional[str] = None,
     allow_missing: bool = False,
 ) -> Dict[str, Any]:

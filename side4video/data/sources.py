@@ -20,9 +20,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
-from side4video.errors import UserError
+from side4video.config import DataConfig
+from side4video.errors import UserError, first_line
 from side4video.logs import get_logger
 
 log = get_logger(__name__)
@@ -75,25 +77,51 @@ def join_url(base: str, relative: str) -> str:
     return f"{head}/{relative}"
 
 
+# ------------------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class SourceOptions:
+    """What opening a URL takes from the data section, read from a `DataConfig` in one place.
+
+    A frozen copy rather than the config itself: the defaults stay in the schema only (`None`,
+    for library callers and tests without a config, means `DataConfig()` here and nowhere
+    else), the reader threads get plain values, and the S3 settings, resolved against the AWS
+    environment once, are hashable: they key the boto3 client cache.
+    """
+
+    allow_pipe: bool
+    retries: int
+    retry_backoff: float
+    read_chunk: int
+    timeout: float
+    s3_endpoint_url: Optional[str]
+    s3_key: Optional[str]
+    s3_secret: Optional[str]
+    s3_region: Optional[str]
+
+    @classmethod
+    def of(cls, data_cfg: Optional[DataConfig]) -> SourceOptions:
+        d = data_cfg if data_cfg is not None else DataConfig()
+        # endpoint and credentials: the config first, else the standard AWS environment
+        s3 = d.s3
+        return cls(
+            allow_pipe=bool(d.allow_pipe),
+            retries=int(d.retries),
+            retry_backoff=float(d.retry_backoff),
+            read_chunk=int(d.read_chunk),
+            timeout=float(d.timeout),
+            s3_endpoint_url=s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+            s3_key=s3.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID") or None,
+            s3_secret=s3.secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+            s3_region=s3.region or os.environ.get("AWS_DEFAULT_REGION") or None,
+        )
+
+
 # ------------------------------------------------------------------------------------------ S3
 _client_lock = threading.Lock()
 _client_cache: dict = {}
 
 
-def s3_settings(data_cfg) -> dict:
-    """Endpoint and credentials: the config first, else the standard AWS environment."""
-    s3 = data_cfg.s3 if data_cfg is not None else None
-    get = lambda name, env: (getattr(s3, name, "") if s3 is not None else "") or os.environ.get(env, "")  # noqa: E731
-    return {
-        "endpoint_url": get("endpoint_url", "AWS_ENDPOINT_URL") or None,
-        "key": get("access_key_id", "AWS_ACCESS_KEY_ID") or None,
-        "secret": get("secret_access_key", "AWS_SECRET_ACCESS_KEY") or None,
-        "region": get("region", "AWS_DEFAULT_REGION") or None,
-        "timeout": float(getattr(data_cfg, "timeout", 60.0) if data_cfg is not None else 60.0),
-    }
-
-
-def s3_client(data_cfg):
+def s3_client(opts: SourceOptions):
     """A boto3 S3 client for these settings (one per distinct setting; clients are thread-safe).
 
     boto3 rather than s3fs: a streamed GET per shard reads at the raw client's speed, where
@@ -102,25 +130,24 @@ def s3_client(data_cfg):
     import boto3
     from botocore.config import Config
 
-    st = s3_settings(data_cfg)
-    cache_key = tuple(sorted(st.items()))
+    cache_key = (opts.s3_endpoint_url, opts.s3_key, opts.s3_secret, opts.s3_region, opts.timeout)
     with _client_lock:
         client = _client_cache.get(cache_key)
         if client is None:
             # ResumableStream owns retrying (backoff + resume at the byte reached); botocore
             # retrying underneath would only multiply the waiting.
             config = Config(
-                connect_timeout=min(st["timeout"], 10.0),
-                read_timeout=st["timeout"],
+                connect_timeout=min(opts.timeout, 10.0),
+                read_timeout=opts.timeout,
                 retries={"max_attempts": 1, "mode": "standard"},
                 max_pool_connections=32,
             )
             client = boto3.session.Session().client(
                 "s3",
-                endpoint_url=st["endpoint_url"],
-                aws_access_key_id=st["key"],
-                aws_secret_access_key=st["secret"],
-                region_name=st["region"] or "us-east-1",
+                endpoint_url=opts.s3_endpoint_url,
+                aws_access_key_id=opts.s3_key,
+                aws_secret_access_key=opts.s3_secret,
+                region_name=opts.s3_region or "us-east-1",
                 config=config,
             )
             _client_cache[cache_key] = client
@@ -155,7 +182,7 @@ def _s3_error(e: Exception, what: str) -> Exception:
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
-def check_s3_output(url: str, data_cfg) -> None:
+def check_s3_output(url: str, data_cfg: Optional[DataConfig]) -> None:
     """Before any work is done for an s3:// output: a valid bucket name, and a bucket that exists
     and takes our credentials (a typo must not cost hours of transcoding first)."""
     bucket, _ = _bucket_key(url)
@@ -164,9 +191,10 @@ def check_s3_output(url: str, data_cfg) -> None:
             f"output {url!r}: {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, "
             f"digits, '.' or '-', starting and ending with a letter or digit)"
         )
-    endpoint = s3_settings(data_cfg)["endpoint_url"] or "AWS"
+    opts = SourceOptions.of(data_cfg)
+    endpoint = opts.s3_endpoint_url or "AWS"
     try:
-        s3_client(data_cfg).head_bucket(Bucket=bucket)
+        s3_client(opts).head_bucket(Bucket=bucket)
     except Exception as e:
         err = _s3_error(e, bucket)
         if isinstance(err, FileNotFoundError):
@@ -177,7 +205,7 @@ def check_s3_output(url: str, data_cfg) -> None:
             raise UserError(
                 f"output {url!r}: access to bucket {bucket!r} at {endpoint} denied (check the S3 credentials)"
             ) from None
-        raise UserError(f"output {url!r}: cannot reach bucket {bucket!r} at {endpoint}: {_first_line(e)}") from None
+        raise UserError(f"output {url!r}: cannot reach bucket {bucket!r} at {endpoint}: {first_line(e)}") from None
 
 
 class _S3Body:
@@ -196,8 +224,8 @@ class _S3Body:
         self.body.close()
 
 
-def _open_s3(url: str, data_cfg) -> Callable[[int], Tuple[Any, Optional[int]]]:
-    client = s3_client(data_cfg)
+def _open_s3(url: str, opts: SourceOptions) -> Callable[[int], Tuple[Any, Optional[int]]]:
+    client = s3_client(opts)
     bucket, key = _bucket_key(url)
 
     def open_at(offset: int):
@@ -214,8 +242,8 @@ def _open_s3(url: str, data_cfg) -> Callable[[int], Tuple[Any, Optional[int]]]:
 
 
 # ---------------------------------------------------------------------------------------- HTTP
-def _open_http(url: str, data_cfg) -> Callable[[int], Tuple[Any, Optional[int]]]:
-    timeout = float(getattr(data_cfg, "timeout", 60.0) if data_cfg is not None else 60.0)
+def _open_http(url: str, opts: SourceOptions) -> Callable[[int], Tuple[Any, Optional[int]]]:
+    timeout = opts.timeout
 
     def open_at(offset: int):
         headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -296,7 +324,7 @@ class ResumableStream(io.RawIOBase):
                 if failures > self.retries:
                     raise SourceUnavailable(
                         f"cannot read {self.url}: giving up after {self.retries} retries at byte "
-                        f"{self._pos} ({type(e).__name__}: {_first_line(e)})"
+                        f"{self._pos} ({type(e).__name__}: {first_line(e)})"
                     ) from None
                 delay = self.backoff * 2 ** (failures - 1)
                 self.reconnects += 1
@@ -343,13 +371,11 @@ class _PipeReader(io.RawIOBase):
         super().close()
 
 
-def open_url(url: str, data_cfg=None, buffer_size: Optional[int] = None) -> io.BufferedIOBase:
-    """A buffered binary reader for any allowed shard URL (see module doc)."""
-    allow_pipe = bool(getattr(data_cfg, "allow_pipe", False)) if data_cfg is not None else False
-    kind = url_kind(check_url(url, allow_pipe))
-    retries = int(getattr(data_cfg, "retries", 6)) if data_cfg is not None else 6
-    backoff = float(getattr(data_cfg, "retry_backoff", 0.5)) if data_cfg is not None else 0.5
-    chunk = buffer_size or (int(getattr(data_cfg, "read_chunk", 1 << 20)) if data_cfg is not None else 1 << 20)
+def open_url(url: str, data_cfg: Optional[DataConfig] = None) -> io.BufferedIOBase:
+    """A buffered binary reader for any allowed shard URL (see module doc); `data_cfg` None: the
+    schema's defaults."""
+    opts = SourceOptions.of(data_cfg)
+    kind = url_kind(check_url(url, opts.allow_pipe))
     if kind == "local":
         path = local_path(url)
         if not os.path.isfile(path):
@@ -357,46 +383,48 @@ def open_url(url: str, data_cfg=None, buffer_size: Optional[int] = None) -> io.B
         return open(path, "rb", buffering=1 << 20)
     if kind == "pipe":
         return io.BufferedReader(_PipeReader(url[len("pipe:") :]), buffer_size=1 << 20)
-    opener = _open_s3(url, data_cfg) if kind == "s3" else _open_http(url, data_cfg)
-    return io.BufferedReader(ResumableStream(url, opener, retries, backoff), buffer_size=chunk)
+    opener = _open_s3(url, opts) if kind == "s3" else _open_http(url, opts)
+    return io.BufferedReader(
+        ResumableStream(url, opener, opts.retries, opts.retry_backoff), buffer_size=opts.read_chunk
+    )
 
 
-def read_bytes(url: str, data_cfg=None) -> bytes:
+def read_bytes(url: str, data_cfg: Optional[DataConfig] = None) -> bytes:
     """The whole object (manifests, small files)."""
     with open_url(url, data_cfg) as f:
         return f.read()
 
 
-def exists(url: str, data_cfg=None) -> bool:
+def exists(url: str, data_cfg: Optional[DataConfig] = None) -> bool:
     kind = url_kind(url)
     if kind == "local":
         return os.path.isfile(local_path(url))
     if kind == "s3":
         bucket, key = _bucket_key(url)
         try:
-            s3_client(data_cfg).head_object(Bucket=bucket, Key=key)
+            s3_client(SourceOptions.of(data_cfg)).head_object(Bucket=bucket, Key=key)
             return True
         except Exception:
             return False
     if kind == "http":
         try:
             req = urllib.request.Request(url, method="HEAD")
-            with urllib.request.urlopen(req, timeout=float(getattr(data_cfg, "timeout", 60.0) if data_cfg else 60.0)):
+            with urllib.request.urlopen(req, timeout=SourceOptions.of(data_cfg).timeout):
                 return True
         except (urllib.error.URLError, socket.timeout, ConnectionError, http.client.HTTPException):
             return False
     return False
 
 
-def put_file(local: str, url: str, data_cfg=None) -> None:
+def put_file(local: str, url: str, data_cfg: Optional[DataConfig] = None) -> None:
     """Copy a finished local file to `url` (a local path or s3://)."""
     kind = url_kind(url)
     if kind == "s3":
         bucket, key = _bucket_key(url)
         try:
-            s3_client(data_cfg).upload_file(local, bucket, key)  # multipart above boto3's threshold
+            s3_client(SourceOptions.of(data_cfg)).upload_file(local, bucket, key)  # multipart above boto3's threshold
         except Exception as e:
-            raise OSError(_first_line(e)) from None
+            raise OSError(first_line(e)) from None
         return
     if kind == "local":
         import shutil
@@ -406,8 +434,3 @@ def put_file(local: str, url: str, data_cfg=None) -> None:
         shutil.move(local, dest)
         return
     raise UserError(f"cannot write to {url!r}: output must be a local folder or s3://bucket/prefix")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

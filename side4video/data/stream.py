@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import queue
 import random
 import tarfile
 import threading
@@ -32,9 +31,11 @@ import numpy as np
 from webdataset.filters import shuffle as wds_shuffle
 from webdataset.tariterators import base_plus_ext
 
+from side4video.config import DataConfig
 from side4video.data import sources
 from side4video.data.manifest import MANIFEST_NAME, parse_manifest
 from side4video.data.sample import BadSample, Sample, sample_from_members
+from side4video.data.threads import END, Handoff
 from side4video.errors import UserError
 from side4video.logs import get_logger
 from side4video.patterns import split_outside_brackets
@@ -75,7 +76,7 @@ def expand_spec(spec) -> List[str]:
     return urls
 
 
-def _load_manifest(url: str, data_cfg) -> ShardSet:
+def _load_manifest(url: str, data_cfg: Optional[DataConfig]) -> ShardSet:
     try:
         text = sources.read_bytes(url, data_cfg)
     except (FileNotFoundError, PermissionError) as e:
@@ -87,18 +88,19 @@ def _load_manifest(url: str, data_cfg) -> ShardSet:
     return ShardSet(shards, manifest.get("classes"), url)
 
 
-def resolve_shards(spec, data_cfg=None, what: str = "shard spec") -> ShardSet:
+def resolve_shards(spec, data_cfg: Optional[DataConfig] = None, what: str = "shard spec") -> ShardSet:
     """A shard spec (manifest URL, dataset folder, brace pattern, list) -> ShardSet.
 
     Sample counts come from the manifest; for a pattern or list they are looked up in a
-    manifest.json beside the first shard when one exists.
+    manifest.json beside the first shard when one exists. `data_cfg` None: the schema's defaults
+    (sources.SourceOptions).
     """
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         raise UserError(f"{what} is empty: give a manifest.json URL, a brace pattern or a list of shard URLs")
     urls = expand_spec(spec)
     if not urls:
         raise UserError(f"{what} {spec!r} names no shards")
-    allow_pipe = bool(getattr(data_cfg, "allow_pipe", False)) if data_cfg is not None else False
+    allow_pipe = sources.SourceOptions.of(data_cfg).allow_pipe
     for url in urls:
         sources.check_url(url, allow_pipe)
     if len(urls) == 1 and urls[0].endswith(".json"):
@@ -127,7 +129,7 @@ def _local_tars(folder: str) -> List[str]:
     return tars
 
 
-def _manifest_beside(url: str, data_cfg) -> Optional[ShardSet]:
+def _manifest_beside(url: str, data_cfg: Optional[DataConfig]) -> Optional[ShardSet]:
     if sources.url_kind(url) == "pipe":
         return None
     candidate = sources.join_url(url, MANIFEST_NAME)
@@ -319,7 +321,10 @@ def _tar_members(fileobj) -> Iterator[Tuple[str, bytes]]:
 
 
 def iter_shard(
-    shard: Shard, data_cfg=None, bad: Optional[BadLog] = None, keep: Optional[Callable[[int], bool]] = None
+    shard: Shard,
+    data_cfg: Optional[DataConfig] = None,
+    bad: Optional[BadLog] = None,
+    keep: Optional[Callable[[int], bool]] = None,
 ) -> Iterator[Sample]:
     """Samples of one shard in order. Damaged samples are logged in `bad` and skipped; a
     truncated or corrupt tar ends the shard early (logged); a missing shard is a UserError."""
@@ -378,12 +383,6 @@ def iter_shard(
 
 # ------------------------------------------------------------------------------- rank stream
 _PASS_END = object()
-_DONE = object()
-
-
-class _Failure:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
 
 
 class RankStream:
@@ -392,12 +391,16 @@ class RankStream:
     `infinite=True` (training) starts another pass over the rank's shards when all workers have
     finished one; every sample carries its position `index` in this stream and its pass
     `occurrence`. `resampled=True` draws shards with replacement instead (always endless).
+
+    Each reader hands its samples over through its own `Handoff` (threads.py): a reader's
+    exception is raised by the iteration, and `stop` (the consumer's event) or `close()` ends it
+    with `threads.Closed` rather than a quiet end that would look like the end of the shards.
     """
 
     def __init__(
         self,
         shardset: ShardSet,
-        data_cfg,
+        data_cfg: Optional[DataConfig],
         *,
         epoch: int,
         rank: int = 0,
@@ -430,10 +433,9 @@ class RankStream:
                 workers=max(1, workers),
                 allow_sample_split=allow_sample_split,
             )
-        self._queues = [queue.Queue(maxsize=queue_size) for _ in self.plans]
-        self._stop = threading.Event()
-        self._consumer_stop = stop  # the consumer's stop: the merge returns as soon as it is set
-        self._threads: List[threading.Thread] = []
+        # `stop` is the consumer's: once it is set, the merge raises and the readers give up
+        self._handoffs = [Handoff(queue_size, what="shard data", stop=stop) for _ in self.plans]
+        self._started = False
 
     @property
     def workers(self) -> int:
@@ -452,58 +454,34 @@ class RankStream:
     def _pass_samples(self, worker: int, pass_: int) -> Iterator[Sample]:
         plan = self.plans[worker]
         for shard_index, shard in self._pass_shards(worker, pass_):
-            if self._stop.is_set():
+            if self._handoffs[worker].closed:
                 return
             keep = (lambda i, si=shard_index, p=plan: p.keeps(si, i)) if plan.keep_rank is not None else None
             yield from iter_shard(shard, self.data_cfg, self.bad, keep=keep)
 
     def _produce(self, worker: int) -> None:
-        q = self._queues[worker]
-        try:
-            passes = itertools.count() if self.infinite else range(1)
-            for pass_ in passes:
-                samples = self._pass_samples(worker, pass_)
-                if self.shuffle_buffer > 1:
-                    rng = random.Random(
-                        int(seeded_rng(self.seed, self.epoch, self.rank, worker, pass_).integers(1 << 62))
-                    )
-                    samples = wds_shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
-                for sample in samples:
-                    sample.occurrence = pass_
-                    if not self._put(q, sample):
-                        return
-                if not self._put(q, _PASS_END):
+        """One reader: its passes, each ended by _PASS_END (the hand-off adds END or the failure)."""
+        out = self._handoffs[worker]
+        passes = itertools.count() if self.infinite else range(1)
+        for pass_ in passes:
+            samples = self._pass_samples(worker, pass_)
+            if self.shuffle_buffer > 1:
+                rng = random.Random(int(seeded_rng(self.seed, self.epoch, self.rank, worker, pass_).integers(1 << 62)))
+                samples = wds_shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+            for sample in samples:
+                sample.occurrence = pass_
+                if not out.put(sample):
                     return
-            self._put(q, _DONE)
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            self._put(q, _Failure(e))
-
-    def _put(self, q: queue.Queue, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _get(self, worker: int):
-        """The worker's next item, or None once the stream is stopped (never blocks past a stop)."""
-        while not self._stop.is_set() and not (self._consumer_stop is not None and self._consumer_stop.is_set()):
-            try:
-                return self._queues[worker].get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return None
+            if not out.put(_PASS_END):
+                return
 
     # -- the merge ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Sample]:
-        if self._threads:
+        if self._started:
             raise RuntimeError("a RankStream is iterated once")
-        for w in range(self.workers):
-            t = threading.Thread(target=self._produce, args=(w,), name=f"shard-reader-{self.rank}-{w}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._started = True
+        for w, handoff in enumerate(self._handoffs):
+            handoff.start(lambda w=w: self._produce(w), name=f"shard-reader-{self.rank}-{w}")
         parked = [False] * self.workers
         done = [False] * self.workers
         index = 0
@@ -513,15 +491,11 @@ class RankStream:
                 for w in range(self.workers):
                     if done[w] or parked[w]:
                         continue
-                    item = self._get(w)
-                    if item is None:  # stopped
-                        return
+                    item = self._handoffs[w].get()
                     if item is _PASS_END:
                         parked[w] = True
-                    elif item is _DONE:
+                    elif item is END:
                         done[w] = True
-                    elif isinstance(item, _Failure):
-                        raise item.exc
                     else:
                         item.index = index
                         index += 1
@@ -539,12 +513,8 @@ class RankStream:
             self.close()
 
     def close(self) -> None:
-        self._stop.set()
-        for q in self._queues:  # unblock producers waiting on a full queue
-            try:
-                while True:
-                    q.get_nowait()
-            except queue.Empty:
-                pass
-        for t in self._threads:
-            t.join(timeout=5)
+        """Stop the readers: close every hand-off first (no reader stays blocked), then join."""
+        for handoff in self._handoffs:
+            handoff.close(join_s=0)
+        for handoff in self._handoffs:
+            handoff.close(join_s=5)

@@ -14,7 +14,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from side4video.errors import UserError
+from side4video.errors import UserError, first_line
 from side4video.model.spec import BackboneSpec
 from side4video.model.tower import FrozenBackbone
 
@@ -38,7 +38,7 @@ def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot read weights file {path}: {first_line(e)}") from None
     for _ in range(3):
         if isinstance(sd, dict):
             inner = next((sd[k] for k in WRAPPERS if isinstance(sd.get(k), dict)), None)

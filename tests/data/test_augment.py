@@ -111,12 +111,34 @@ def test_the_configured_op_set_is_the_one_drawn(ops, expected):
 
 
 def test_one_program_per_clip_with_one_magnitude_and_sign():
-    """A view carries one RandAugment program: nothing in it is per frame."""
-    rng = np.random.default_rng(0)
-    steps = A.randaugment_program(rng, 4, 7.0, 0.5, SIZE)
-    assert len(steps) == 4 and all(
-        isinstance(s, A.RAStep) and np.ndim(s.arg) == 0 and s.matrix.shape == (2, 3) for s in steps
-    )
+    """A clip's view carries one RandAugment program, and every frame of the clip gets its ops at
+    the same magnitude and sign: a still clip stays still through any program, the sign of a
+    signed op changes the result, and clips decoded together keep their own programs (each as if
+    decoded alone)."""
+    cfg = load_cfg("data.randaugment.enabled=true", "data.randaugment.num_ops=2", f"data.size={SIZE}")
+    view = A.train_view(np.random.default_rng(0), 240, 320, cfg.data)
+    assert len(view.ra) == 2 and all(np.ndim(s.arg) == 0 and s.matrix.shape == (2, 3) for s in view.ra)
+
+    still = np.stack([ramp_frames(1)[0]] * 4)  # four identical frames, fed as they are (no codec)
+    programs = [
+        [A.op_step("Rotate", 7.0, 1.0, SIZE), A.op_step("BrightnessIncreasing", 7.0, 1.0, SIZE)],
+        [A.op_step("Rotate", 7.0, -1.0, SIZE), A.op_step("BrightnessIncreasing", 7.0, -1.0, SIZE)],
+        [A.op_step("TranslateXRel", 5.0, 1.0, SIZE), A.op_step("SolarizeIncreasing", 5.0, 1.0, SIZE)],
+        [A.RAStep(), A.RAStep()],
+    ]
+    reqs = [
+        ClipRequest(f"c{i}", b"", "vp9", np.arange(4, dtype=np.int32), [A.ViewParams(*FULL, False, steps)])
+        for i, steps in enumerate(programs)
+    ]
+    dec = decoder("pyav", len(reqs), ra_steps=2)
+    together = [t[0] for t in dec._run("frames", reqs, [still] * len(reqs))]  # (F, 3, S, S) each
+    alone = [dec._run("frames", [r], [still])[0][0] for r in reqs]
+    dec.close()
+    for clip, steps in zip(together, programs):
+        assert all(torch.equal(frame, clip[0]) for frame in clip), f"frames differ under {steps}"
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+    plus, minus, other, plain = (clip[0] for clip in together)
+    assert (plus - minus).abs().mean() > 5 and (plus - plain).abs().mean() > 5 and (other - plain).abs().mean() > 5
 
 
 # ------------------------------------------------------------------------------- the graph

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Dict, Set
+
 import numpy as np
 import pytest
 import torch
 
 from side4video.data import augment as A
-from side4video.data.decode import ClipDecoder, ClipRequest, build_pipeline
+from side4video.data.decode import ClipDecoder, ClipRequest, build_pipeline, define_pipeline
 from side4video.data.shards import ShardWriter
 from side4video.data.synthetic import render_clip
 from side4video.data.video import decode_frames, encode_frames, probe
@@ -310,21 +312,58 @@ def test_a_run_of_undecodable_samples_ends_with_one_line(tmp_path):
     lenient.close()
 
 
-def test_pipeline_builds_for_gpu_layout_without_running():
-    """The 'mixed' graph is only run on GPU hosts; on every host it must at least be constructible."""
-    from nvidia.dali import fn, types  # noqa: F401
+def _data_path(pipe, first: str) -> Dict[str, Set[str]]:
+    """{operator: devices} of the operators the clip flows through, from the operator named
+    `first` (the decoder, or the fed frames) on, in a defined pipeline's graph.
 
-    pipe = build_pipeline(
-        "bytes",
-        batch_size=2,
-        views=1,
-        ra_steps=0,
-        size=32,
-        mean=[0.5] * 3,
-        std=[0.5] * 3,
-        fp16=True,
-        threads=1,
-        gpu=False,
-        device_id=None,
+    DALI 2.4 has no public way to look at a GPU graph on a host without CUDA (`build()` and
+    `serialize()` both need the device): its first step, `_build_graph()`, lays the operators
+    and their devices out in `_ops`, and that is what is read here. The fed parameters (ROIs,
+    flips, RandAugment kinds) are not on the path: they stay on the CPU by design.
+    """
+    pipe._build_graph()
+
+    def schema(op) -> str:
+        return getattr(op._op, "schema_name", type(op._op).__name__)
+
+    on_path = {id(op) for op in pipe._ops if first in (schema(op), op.name)}
+    assert on_path, f"no operator {first} in the graph"
+    grew = True
+    while grew:
+        grew = False
+        for op in pipe._ops:
+            if id(op) not in on_path and any(id(getattr(x, "source", None)) in on_path for x in op.inputs):
+                on_path.add(id(op))
+                grew = True
+    devices: Dict[str, Set[str]] = {}
+    for op in pipe._ops:
+        if id(op) in on_path:
+            devices.setdefault(schema(op), set()).add(op._op.device)
+    assert all(id(out.source) in on_path for out in pipe._graph_outputs)
+    return devices
+
+
+def test_pipeline_builds_for_gpu_layout_without_running():
+    """On a GPU host the video decoder runs 'mixed' (NVDEC, without pinning its threads to cores)
+    and every operator after it on the GPU, RandAugment and grayscale included; PyAV's frames go to
+    the GPU before the first operator. The graph is defined here, on any host; building and
+    running it needs CUDA (tests/gpu)."""
+    kw = dict(
+        batch_size=2, views=2, ra_steps=1, size=32, mean=[0.5] * 3, std=[0.5] * 3, fp16=True, threads=1, grayscale=True
     )
-    assert pipe is not None
+    gpu = define_pipeline("bytes", gpu=True, device_id=0, **kw)
+    path = _data_path(gpu, "decoders__Video")
+    assert path.pop("decoders__Video") == {"mixed"}
+    assert {"Resize", "WarpAffine", "ColorTwist", "Equalize", "reductions__Sum", "CropMirrorNormalize"} <= set(path)
+    assert all(devices == {"gpu"} for devices in path.values()), path
+    decoder = next(op for op in gpu._ops if op.name.startswith("__Video"))
+    assert "\n    affine: False\n" in str(decoder.spec)  # its arguments, as DALI prints them
+    assert [out.device for out in gpu._graph_outputs] == ["gpu", "gpu"]  # one per view
+
+    frames = _data_path(define_pipeline("frames", gpu=True, device_id=0, **kw), "frames")
+    assert frames.pop("ExternalSource") == {"cpu"} and "decoders__Video" not in frames
+    assert frames and all(devices == {"gpu"} for devices in frames.values()), frames
+
+    cpu = define_pipeline("bytes", gpu=False, device_id=None, **kw)
+    assert {d for devices in _data_path(cpu, "decoders__Video").values() for d in devices} == {"cpu"}
+    assert build_pipeline("bytes", gpu=False, device_id=None, **kw) is not None  # this host builds its own layout

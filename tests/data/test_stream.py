@@ -197,6 +197,19 @@ def test_pipe_urls_refused_unless_allowed(synthetic_data):
     assert len(keys) == 6
 
 
+def test_source_settings_come_from_the_config_schema_alone(monkeypatch):
+    """No config (library callers, tests) means the schema's defaults, read in one place; the S3
+    settings fall back to the AWS environment."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    assert sources.SourceOptions.of(None) == sources.SourceOptions.of(load_cfg().data)
+    cfg = load_cfg("data.timeout=5", "data.retries=2", "data.read_chunk=4096", "data.s3.region=eu-west-1")
+    opts = sources.SourceOptions.of(cfg.data)
+    assert (opts.timeout, opts.retries, opts.read_chunk, opts.s3_region) == (5.0, 2, 4096, "eu-west-1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
+    assert sources.SourceOptions.of(None).s3_region == "us-west-2" and opts.s3_region == "eu-west-1"
+
+
 def test_spec_forms(synthetic_data):
     train = synthetic_data["train"]
     assert expand_spec("a-{0..2}.tar") == ["a-0.tar", "a-1.tar", "a-2.tar"]
