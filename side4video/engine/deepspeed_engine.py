@@ -18,9 +18,11 @@ from typing import Any, Dict, List
 import torch
 from torch import nn
 
+from side4video.config import Config
 from side4video.distributed import DistEnv
 from side4video.errors import UserError
 from side4video.logs import get_logger
+from side4video.model.trainable import param_groups as trainable_param_groups
 from side4video.precision import FROZEN_METHODS, Precision
 
 log = get_logger(__name__)
@@ -89,7 +91,9 @@ OPTIMIZER_SUB_GROUP = int(2e7)  # ZeRO-3 sub-group (elements) the optimizer step
 REDUCE_BUCKET = int(5e7)  # gradient reduce bucket (elements), at most
 
 
-def deepspeed_config(cfg, world_size: int, largest_frozen_unit: int = 0, trainable_params: int = 0) -> Dict[str, Any]:
+def deepspeed_config(
+    cfg: Config, world_size: int, largest_frozen_unit: int = 0, trainable_params: int = 0
+) -> Dict[str, Any]:
     """The DeepSpeed JSON config for training the side network (+ head) under ZeRO.
 
     No scheduler: the loop sets each step's learning rate (engine/schedule.py). DeepSpeed owns
@@ -150,28 +154,15 @@ def deepspeed_config(cfg, world_size: int, largest_frozen_unit: int = 0, trainab
     return config
 
 
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    """Norm weights, biases and position embeddings: the parameters decay usually skips."""
-    return param.ndim <= 1 or name.endswith(".bias") or "position" in name or "pos_emb" in name
+def param_groups(model: nn.Module, cfg: Config) -> List[Dict[str, Any]]:
+    """Recognition's optimizer groups: the trainable parameters at train.lr, all decayed as in the
+    reference, or with train.decay_norm_and_bias=false norm weights, biases and position
+    embeddings apart without decay (model/trainable.py `skips_weight_decay`)."""
+    tr = cfg.train
+    return trainable_param_groups(model, tr.lr, tr.weight_decay, decay_all=bool(tr.decay_norm_and_bias))
 
 
-def param_groups(model: nn.Module, cfg) -> List[Dict[str, Any]]:
-    """Trainable parameters only, with and without weight decay (the reference decays all)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if not cfg.train.decay_norm_and_bias and _no_decay(name, param):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return [g for g in groups if g["params"]]
-
-
-def build_optimizer(groups: List[Dict[str, Any]], cfg) -> torch.optim.Optimizer:
+def build_optimizer(groups: List[Dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:
     """AdamW as the reference (DeepSpeed's CPU Adam when the optimizer state is offloaded)."""
     tr = cfg.train
     if tr.optimizer == "sgd":
@@ -200,7 +191,7 @@ def mark_backbone_units_as_leaves(model: nn.Module) -> None:
         set_z3_leaf_modules(model, list(dict.fromkeys(types)))
 
 
-def check_trainable(cfg) -> None:
+def check_trainable(cfg: Config) -> None:
     """Settings DeepSpeed would accept but that cannot train as this loop promises."""
     engine_cfg = cfg.deepspeed
     if engine_cfg.precision == "fp16" and not fp16_supported():
@@ -217,7 +208,9 @@ def check_trainable(cfg) -> None:
         )
 
 
-def initialize(model: nn.Module, cfg, precision: Precision, world_size: int, groups: List[Dict[str, Any]] = None):
+def initialize(
+    model: nn.Module, cfg: Config, precision: Precision, world_size: int, groups: List[Dict[str, Any]] = None
+):
     """DeepSpeed engine over the whole model; only trainable parameters reach the optimizer.
 
     The frozen backbone keeps its storage precision bit for bit: DeepSpeed casts every parameter
@@ -239,7 +232,7 @@ def initialize(model: nn.Module, cfg, precision: Precision, world_size: int, gro
     return engine
 
 
-def initialize_for_inference(model: nn.Module, cfg, precision: Precision, world_size: int):
+def initialize_for_inference(model: nn.Module, cfg: Config, precision: Precision, world_size: int):
     """ZeRO-3 inference engine (eval, predict): the frozen weights partitioned and offloaded as in
     training. Other stages need no engine: the caller places the model on its device."""
     config = {
@@ -261,7 +254,7 @@ def _largest_frozen_unit(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def frozen_towers_kept(model: nn.Module, cfg, precision: Precision, ds_config: Dict[str, Any]):
+def frozen_towers_kept(model: nn.Module, cfg: Config, precision: Precision, ds_config: Dict[str, Any]):
     """Around deepspeed.initialize: keep the frozen towers' weights (the backbone; a frozen text
     tower) in their storage precision (see `initialize`). Methods that backpropagate through the
     backbone train it in DeepSpeed's precision anyway (side4video/precision.py)."""
@@ -290,7 +283,7 @@ def frozen_towers_kept(model: nn.Module, cfg, precision: Precision, ds_config: D
             tower.to(device)  # a device move only: .to(device) keeps every dtype
 
 
-def partition_frozen_unit(unit: nn.Module, cfg, precision: Precision, ds_config: Dict[str, Any]) -> None:
+def partition_frozen_unit(unit: nn.Module, cfg: Config, precision: Precision, ds_config: Dict[str, Any]) -> None:
     """ZeRO-3-partition a frozen module's parameters in their own precision (this rank keeps its
     shard; offloaded to CPU/NVMe with deepspeed.offload_param)."""
     offload = cfg.deepspeed.offload_param
@@ -304,7 +297,7 @@ def partition_frozen_unit(unit: nn.Module, cfg, precision: Precision, ds_config:
         )
 
 
-def frozen_unit_placer(cfg, precision: Precision, world_size: int, largest_frozen_unit: int):
+def frozen_unit_placer(cfg: Config, precision: Precision, world_size: int, largest_frozen_unit: int):
     """For the model build (model/backbone.py `place_unit`): under ZeRO-3 with a frozen backbone,
     partition each unit as soon as it is loaded, so no rank ever holds the whole backbone (8 ranks
     of a node would otherwise each build a full EVA-E copy, 8 x 8.1 GiB of host memory); None

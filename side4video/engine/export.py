@@ -16,7 +16,7 @@ from typing import Any, Dict, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from side4video.config import redacted
+from side4video.config import Config, redacted
 from side4video.errors import UserError
 from side4video.logs import get_logger
 
@@ -52,7 +52,7 @@ def write_trainable(engine, checkpoint_dir: Path, zero_stage: int, is_main: bool
 
 def export_model(
     module: torch.nn.Module,
-    cfg,
+    cfg: Config,
     out_dir: Path,
     class_names: Sequence[str],
     zero_stage: int,

@@ -2,7 +2,7 @@
 
 Stable API: `from_official(state_dict, config)` (reference checkpoint -> our fp32 eval model),
 `retrieval_from_official(state_dict, config)` (the reference retrieval model, likewise),
-`build_model(cfg)`, `build_model_on_meta(cfg)`, `VideoModel`.
+`build_model(ModelArgs(...))`, `build_model_on_meta(ModelArgs(...))`, `VideoModel`.
 """
 
 from side4video.model.build import VideoModel, build_model, build_model_on_meta

@@ -12,17 +12,18 @@ turns a config into them (engine/factory.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 from side4video.errors import UserError
 from side4video.model.adapter import STAdapter
+from side4video.model.args import BackboneArgs, SideArgs
 from side4video.model.backbone import build_backbone
 from side4video.model.heads import ClassificationHead
 from side4video.model.side import SideNetwork
-from side4video.model.spec import BackboneSpec, resolve_spec, resolve_taps, side_variant
+from side4video.model.spec import BackboneSpec
 from side4video.model.tower import FrozenBackbone
 from side4video.model.trainable import TrainableState
 from side4video.precision import FROZEN_METHODS, Precision
@@ -37,24 +38,12 @@ class ModelArgs:
     num_classes: int
     precision: Precision
     method: str = "side4video"
-    backbone: str = "ViT-B-16"  # open_clip model name (or ViT-T-16 / ViT-T-8)
-    weights: str = ""  # local checkpoint of the backbone; empty: random init
-    image_size: int = 224
-    quick_gelu: bool = False
-    arch_overrides: Dict[str, int] = field(default_factory=dict)  # width/layers/heads/patch_size, 0 = named value
-    side_dim: int = 320
-    side_layers: Union[str, Sequence[int]] = "auto"
-    side_variant: str = "auto"
-    side_heads: int = 0
-    side_checkpointing: bool = False
-    side_drop_path: float = 0.0
+    backbone: BackboneArgs = field(default_factory=BackboneArgs)
+    side: SideArgs = field(default_factory=SideArgs)  # method side4video only
     adapter_dim: int = 64
     adapter_kernel: int = 3
     head_dropout: float = 0.0
     seed: int = 0
-
-    def spec(self) -> BackboneSpec:
-        return resolve_spec(self.backbone, int(self.image_size), quick_gelu=self.quick_gelu, **self.arch_overrides)
 
 
 class VideoModel(TrainableState, nn.Module):
@@ -113,7 +102,7 @@ class VideoModel(TrainableState, nn.Module):
 
 def _taps(args: ModelArgs, spec: BackboneSpec) -> List[int]:
     if args.method == "side4video":
-        return resolve_taps(args.side_layers, spec.layers, side_variant(args.side_variant, spec))
+        return args.side.taps(spec)
     return [spec.layers - 1]
 
 
@@ -121,7 +110,7 @@ def _build(args: ModelArgs, device, place_unit=None) -> VideoModel:
     method = args.method
     if method not in METHODS:
         raise UserError(f"config key 'model.method' is {method!r}; allowed: {', '.join(METHODS)}")
-    spec = args.spec()
+    spec = args.backbone.spec()
     taps = _taps(args, spec)
     p = args.precision
     backbone = build_backbone(
@@ -129,7 +118,7 @@ def _build(args: ModelArgs, device, place_unit=None) -> VideoModel:
         taps,
         storage_dtype=p.storage,
         compute_dtype=p.compute,
-        weights=args.weights,
+        weights=args.backbone.weights,
         seed=args.seed,
         device=device,
         trainable=method == "full",
@@ -143,18 +132,8 @@ def _build(args: ModelArgs, device, place_unit=None) -> VideoModel:
         torch.manual_seed(args.seed + 1)
         side = None
         if method == "side4video":
-            side = SideNetwork(
-                spec.width,
-                args.side_dim,
-                len(taps),
-                spec.patch_size,
-                spec.num_patches,
-                heads=args.side_heads,
-                variant=side_variant(args.side_variant, spec),
-                checkpointing=args.side_checkpointing,
-                drop_path=args.side_drop_path,
-            )
-            feat_dim = args.side_dim
+            side = args.side.network(spec, len(taps))
+            feat_dim = args.side.dim
         else:
             feat_dim = spec.width
         if method == "adapter":

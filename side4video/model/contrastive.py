@@ -1,4 +1,5 @@
-"""The retrieval loss: symmetric cross-entropy over the batch gathered from all ranks.
+"""The retrieval loss: symmetric cross-entropy over the batch gathered from all ranks, scaled by a
+learned, bounded temperature (`LogitScale`).
 
 Every rank gathers every rank's text and video embeddings and scores the whole global batch, so
 each rank computes the same loss L. The gather's backward sums the gradient of the gathered
@@ -11,11 +12,17 @@ on the encoders' gradients (not on the WTI weights'), which Adam mostly hides.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 from side4video.model.similarity import TextEmbedding, VideoEmbedding
+
+CLIP_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial value, used when the weights bring none
+MAX_LOGIT_SCALE = math.log(100)
 
 
 def world_size() -> int:
@@ -69,3 +76,25 @@ def symmetric_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
     """(CE(logits) + CE(logits.T)) / 2 with the matching pairs on the diagonal (rows: texts)."""
     target = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+class LogitScale(nn.Module):
+    """exp(logit scale), the temperature of the contrastive loss, bounded by `max_value`.
+
+    The bound is applied in forward too: under mixed precision the optimizer's master copy, not
+    this parameter, is what the step updates, so a clamp of the parameter alone would not hold.
+    The value is a 1-element tensor, not a 0-dim one: DeepSpeed broadcasts parameters as bytes.
+    """
+
+    def __init__(self, value: float = CLIP_LOGIT_SCALE, max_value: float = MAX_LOGIT_SCALE):
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor([float(value)]))
+        self.max_value = float(max_value)
+
+    def forward(self) -> torch.Tensor:
+        return self.value.float().clamp(max=self.max_value).exp().reshape(())
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        if self.value.numel():  # a ZeRO-3 partition of another rank is empty
+            self.value.clamp_(max=self.max_value)

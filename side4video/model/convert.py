@@ -17,6 +17,7 @@ import torch
 
 from side4video.errors import UserError
 from side4video.logs import get_logger
+from side4video.model.args import BackboneArgs, SideArgs
 from side4video.model.build import ModelArgs, VideoModel, build_model
 from side4video.precision import Precision
 
@@ -133,14 +134,15 @@ def official_model_args(config: Dict, sd: Optional[Dict[str, torch.Tensor]] = No
         num_classes=int(config.get("num_classes", 400)),
         precision=Precision(fp32, fp32, fp32, fp32),
         method="side4video",
-        backbone=name if named else "ViT-B-16",
-        quick_gelu=True,
-        arch_overrides={} if named else {"width": width, "layers": layers, "heads": heads, "patch_size": patch},
-        image_size=int(config["image_size"]),
-        side_dim=int(config["side_dim"]),
-        side_layers=side_layers,
-        side_variant="clip",
-        side_heads=int(config.get("side_heads", 0)),
+        backbone=BackboneArgs(
+            name=name if named else "ViT-B-16",
+            quick_gelu=True,
+            arch_overrides={} if named else {"width": width, "layers": layers, "heads": heads, "patch_size": patch},
+            image_size=int(config["image_size"]),
+        ),
+        side=SideArgs(
+            dim=int(config["side_dim"]), layers=side_layers, variant="clip", heads=int(config.get("side_heads", 0))
+        ),
     )
 
 
@@ -152,13 +154,19 @@ def from_official(state_dict: Dict[str, torch.Tensor], config: Dict) -> VideoMod
     (B, num_classes); model.features(x) the pooled side features (B, side_dim).
     """
     model = build_model(official_model_args(config, state_dict))
-    ours = convert_official_state_dict(state_dict)
+    load_converted(model, convert_official_state_dict(state_dict), "reference")
+    return model.float().eval()
+
+
+def load_converted(model: torch.nn.Module, ours: Dict[str, torch.Tensor], what: str) -> None:
+    """Load converted reference tensors into `model`: every key and every shape must match
+    (a UserError naming `what` otherwise)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in ours]
     unexpected = [k for k in ours if k not in expected]
     if missing or unexpected:
         raise UserError(
-            f"reference state dict does not match the model built from its config: "
+            f"{what} state dict does not match the model built from its config: "
             f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     for k, v in ours.items():
@@ -167,7 +175,6 @@ def from_official(state_dict: Dict[str, torch.Tensor], config: Dict) -> VideoMod
                 f"reference tensor for {k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}"
             )
     model.load_state_dict(ours, strict=True)
-    return model.float().eval()
 
 
 # ------------------------------------------------------------------------ retrieval checkpoints
@@ -377,11 +384,8 @@ def official_eva_model_args(config: Dict, sd: Dict[str, torch.Tensor]) -> ModelA
         num_classes=int(config.get("num_classes", 400)),
         precision=Precision(fp32, fp32, fp32, fp32),
         method="side4video",
-        backbone="EVA02-E-14",
-        arch_overrides=overrides,
-        image_size=int(config["image_size"]),
-        side_dim=int(config["side_dim"]),
-        side_layers="every_other",
-        side_variant="eva",
-        side_heads=int(config.get("side_heads", 0)),
+        backbone=BackboneArgs(name="EVA02-E-14", arch_overrides=overrides, image_size=int(config["image_size"])),
+        side=SideArgs(
+            dim=int(config["side_dim"]), layers="every_other", variant="eva", heads=int(config.get("side_heads", 0))
+        ),
     )

@@ -1,10 +1,7 @@
 """The text-video retrieval model (docs/model.md "Retrieval variant").
 
-Video: the frozen backbone with every block (CLIP) or every other block (EVA) tapped -> side
-network -> per-frame side features (post BN, spatial mean) -> `side_proj` (d -> D, zero at init),
-added to each frame's final class token -> the backbone's final norm and projection: frame
-embeddings (B, T, E). At initialisation this is the frozen CLIP embedding of every frame; method
-`linear_probe` is that frozen baseline with no side network at all.
+Video: frame embeddings (B, T, E) from the frozen backbone and the side network
+(model/video_encoder.py); method `linear_probe` is the frozen CLIP baseline with no side network.
 Text: open_clip's text tower (model/text.py), frozen or trained at `lr * coef_lr`.
 Similarity (WTI or meanP): model/similarity.py; loss and the cross-rank gather: model/contrastive.py.
 
@@ -19,16 +16,24 @@ config into them); `retrieval_from_official(state_dict, config)` loads a referen
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 from side4video.errors import UserError
+from side4video.model.args import BackboneArgs, SideArgs
 from side4video.model.backbone import build_backbone
-from side4video.model.contrastive import gather_text, gather_video, symmetric_cross_entropy, world_size
+from side4video.model.contrastive import (
+    CLIP_LOGIT_SCALE,
+    MAX_LOGIT_SCALE,
+    LogitScale,
+    gather_text,
+    gather_video,
+    symmetric_cross_entropy,
+    world_size,
+)
 from side4video.model.side import SideNetwork
 from side4video.model.similarity import (
     SIMILARITIES,
@@ -39,82 +44,15 @@ from side4video.model.similarity import (
     text_embedding,
     video_embedding,
 )
-from side4video.model.spec import BackboneSpec, embed_dim, resolve_spec, resolve_taps, side_variant
+from side4video.model.spec import BackboneSpec, embed_dim
 from side4video.model.text import TextTower, build_text_tower, resolve_text_spec
 from side4video.model.tower import FrozenBackbone
-from side4video.model.trainable import TrainableState
+from side4video.model.trainable import TrainableState, param_groups
+from side4video.model.video_encoder import RetrievalVideoEncoder, SideProjection, check_backbone, frame_embeddings
 from side4video.precision import Precision
 
 RETRIEVAL_METHODS = ("side4video", "linear_probe")
-CLIP_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial value, used when the weights bring none
-MAX_LOGIT_SCALE = math.log(100)
-
-
-class SideProjection(nn.Module):
-    """side features (..., d) -> (..., D): the zero-initialised map into the backbone's width."""
-
-    def __init__(self, side_dim: int, width: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(side_dim, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.to(x.dtype)
-
-
-class LogitScale(nn.Module):
-    """exp(logit scale), the temperature of the contrastive loss, bounded by `max_value`.
-
-    The bound is applied in forward too: under mixed precision the optimizer's master copy, not
-    this parameter, is what the step updates, so a clamp of the parameter alone would not hold.
-    The value is a 1-element tensor, not a 0-dim one: DeepSpeed broadcasts parameters as bytes.
-    """
-
-    def __init__(self, value: float = CLIP_LOGIT_SCALE, max_value: float = MAX_LOGIT_SCALE):
-        super().__init__()
-        self.value = nn.Parameter(torch.tensor([float(value)]))
-        self.max_value = float(max_value)
-
-    def forward(self) -> torch.Tensor:
-        return self.value.float().clamp(max=self.max_value).exp().reshape(())
-
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        if self.value.numel():  # a ZeRO-3 partition of another rank is empty
-            self.value.clamp_(max=self.max_value)
-
-
-def frame_embeddings(
-    backbone: FrozenBackbone, side: Optional[SideNetwork], side_proj: Optional[SideProjection], video: torch.Tensor
-) -> torch.Tensor:
-    """video (B, T, 3, H, W) -> frame embeddings (B, T, E)."""
-    B, T = video.shape[:2]
-    taps = backbone(video.flatten(0, 1), num_frames=T)
-    x = taps[-1][:, 0].view(B, T, -1)  # each frame's final class token
-    if side is not None:
-        features = side(video, taps)  # (B, T, d)
-        x = x.to(features.dtype) + side_proj(features)
-    x = x.to(backbone.compute_dtype)
-    return backbone.proj(backbone.final_norm(x))
-
-
-class RetrievalVideoEncoder(nn.Module):
-    """The retrieval video encoder alone: backbone + side network + side projection."""
-
-    def __init__(self, backbone: FrozenBackbone, side: SideNetwork):
-        super().__init__()
-        _check_backbone(backbone)
-        self.backbone = backbone
-        self.side = side
-        self.side_proj = SideProjection(side.dim, backbone.width)
-
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """video (B, T, 3, H, W) -> frame embeddings (B, T, E)."""
-        return frame_embeddings(self.backbone, self.side, self.side_proj, video)
-
-
-def _check_backbone(backbone: FrozenBackbone) -> None:
-    if backbone.final_norm is None or backbone.proj is None or backbone.taps[-1] != backbone.num_layers - 1:
-        raise ValueError("retrieval encoder needs the last block tapped, the final norm and the projection")
+_FP32 = Precision(torch.float32, torch.float32, torch.float32, torch.float32)  # reference models: fp32 throughout
 
 
 class RetrievalModel(TrainableState, nn.Module):
@@ -135,7 +73,7 @@ class RetrievalModel(TrainableState, nn.Module):
             raise UserError(
                 f"config key 'model.retrieval.similarity' is {similarity!r}; allowed: {', '.join(SIMILARITIES)}"
             )
-        _check_backbone(backbone)
+        check_backbone(backbone)
         self.method = method
         self.similarity_kind = similarity
         self.backbone = backbone
@@ -248,22 +186,24 @@ class RetrievalModel(TrainableState, nn.Module):
         }
 
 
-def retrieval_param_groups(model: RetrievalModel, lr: float, coef_lr: float, weight_decay: float) -> List[Dict]:
-    """Optimizer groups as the reference: the CLIP towers and the logit scale at `lr * coef_lr`,
-    the side network and the WTI weights at `lr`; weight decay except on biases and norms
-    (1-D tensors). Empty groups are left out; frozen parameters never enter."""
-    slow_prefixes = ("backbone.", "text.", "logit_scale.")
-    groups: Dict[tuple, List[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        slow = name.startswith(slow_prefixes)
-        decay = not (param.ndim <= 1 or name.endswith(".bias"))
-        groups.setdefault((slow, decay), []).append(param)
-    return [
-        {"params": params, "lr": lr * coef_lr if slow else lr, "weight_decay": weight_decay if decay else 0.0}
-        for (slow, decay), params in sorted(groups.items())
-    ]
+TOWER_PREFIXES = ("backbone.", "text.", "logit_scale.")  # the CLIP towers and the logit scale: at lr * coef_lr
+
+
+def retrieval_param_groups(
+    model: RetrievalModel, lr: float, coef_lr: float, weight_decay: float
+) -> List[Dict[str, Any]]:
+    """Optimizer groups as the reference: the CLIP towers and the logit scale at `lr * coef_lr`
+    (`lr_scale` coef_lr), the side network and the WTI weights at `lr`; no weight decay on biases
+    and 1-D tensors, position embeddings decayed (model/trainable.py `skips_weight_decay`)."""
+    return param_groups(
+        model,
+        lr,
+        weight_decay,
+        decay_position_embeddings=True,
+        scaled=TOWER_PREFIXES,
+        lr_scale=coef_lr,
+        decayed_first=False,
+    )
 
 
 # ------------------------------------------------------------------------------------ building
@@ -273,18 +213,9 @@ class RetrievalArgs:
 
     precision: Precision
     method: str = "side4video"  # or linear_probe: the frozen CLIP baseline, no side network
-    backbone: str = "ViT-B-16"  # open_clip model name (or ViT-T-16 / ViT-T-8)
-    weights: str = ""  # local CLIP checkpoint (both towers); empty: random init
-    image_size: int = 224
-    quick_gelu: bool = False
-    arch_overrides: Dict[str, int] = field(default_factory=dict)  # width/layers/heads/patch_size, 0 = named
+    backbone: BackboneArgs = field(default_factory=BackboneArgs)  # its weights file holds both towers
+    side: SideArgs = field(default_factory=SideArgs)  # method side4video only
     embed_dim: int = 0  # width of both towers' outputs (0: the model config's)
-    side_dim: int = 320
-    side_layers: Union[str, Sequence[int]] = "auto"
-    side_variant: str = "auto"
-    side_heads: int = 0
-    side_checkpointing: bool = False
-    side_drop_path: float = 0.0
     text_trainable: bool = True
     text_overrides: Dict[str, int] = field(default_factory=dict)  # width/layers/heads/vocab_size, 0 = named
     max_words: int = 32
@@ -293,7 +224,7 @@ class RetrievalArgs:
     seed: int = 0
 
     def spec(self) -> BackboneSpec:
-        spec = resolve_spec(self.backbone, int(self.image_size), quick_gelu=self.quick_gelu, **self.arch_overrides)
+        spec = self.backbone.spec()
         return dataclasses.replace(spec, embed_dim=int(self.embed_dim)) if self.embed_dim else spec
 
 
@@ -304,8 +235,7 @@ def _build(args: RetrievalArgs, device, place_unit=None) -> RetrievalModel:
             f"{', '.join(RETRIEVAL_METHODS)} (linear_probe: the frozen CLIP baseline)"
         )
     spec = args.spec()
-    variant = side_variant(args.side_variant, spec)
-    taps = resolve_taps(args.side_layers, spec.layers, variant) if args.method == "side4video" else [spec.layers - 1]
+    taps = args.side.taps(spec) if args.method == "side4video" else [spec.layers - 1]
     if taps[-1] != spec.layers - 1:
         raise UserError(
             f"config key 'model.side.layers': retrieval needs the last block ({spec.layers - 1}) tapped, "
@@ -317,7 +247,7 @@ def _build(args: RetrievalArgs, device, place_unit=None) -> RetrievalModel:
         taps,
         storage_dtype=p.storage,
         compute_dtype=p.compute,
-        weights=args.weights,
+        weights=args.backbone.weights,
         seed=args.seed,
         device=device,
         keep_final_norm=True,
@@ -326,7 +256,7 @@ def _build(args: RetrievalArgs, device, place_unit=None) -> RetrievalModel:
         place_unit=place_unit,
     )
     text_spec = resolve_text_spec(
-        args.backbone, int(args.max_words), embed_dim(spec), quick_gelu=spec.quick_gelu, **args.text_overrides
+        args.backbone.name, int(args.max_words), embed_dim(spec), quick_gelu=spec.quick_gelu, **args.text_overrides
     )
     # A frozen text tower computes in the backbone's compute precision; a trained one is fp32
     # (DeepSpeed casts it to its training precision).
@@ -334,27 +264,14 @@ def _build(args: RetrievalArgs, device, place_unit=None) -> RetrievalModel:
         text_spec,
         dtype=torch.float32 if args.text_trainable else p.compute,
         device=device,
-        weights=args.weights,
+        weights=args.backbone.weights,
         seed=args.seed + 2,
         trainable=args.text_trainable,
     )
     # Trained modules: fp32, deterministic from the seed.
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(args.seed + 1)
-        side = None
-        if args.method == "side4video":
-            side = SideNetwork(
-                spec.width,
-                args.side_dim,
-                len(taps),
-                spec.patch_size,
-                spec.num_patches,
-                heads=args.side_heads,
-                variant=variant,
-                retrieval=True,
-                checkpointing=args.side_checkpointing,
-                drop_path=args.side_drop_path,
-            )
+        side = args.side.network(spec, len(taps), retrieval=True) if args.method == "side4video" else None
         model = RetrievalModel(
             args.method,
             backbone,
@@ -385,37 +302,23 @@ def retrieval_encoder_from_official(state_dict: Dict[str, torch.Tensor], config:
     from side4video.model.convert import convert_official_state_dict
 
     width, layers, heads, patch = (int(config[k]) for k in ("width", "layers", "heads", "patch_size"))
-    spec = dataclasses.replace(
-        resolve_spec(
-            "ViT-B-16",
-            int(config["image_size"]),
-            quick_gelu=True,
-            width=width,
-            layers=layers,
-            heads=heads,
-            patch_size=patch,
+    arch = {"width": width, "layers": layers, "heads": heads, "patch_size": patch}
+    args = RetrievalArgs(
+        precision=_FP32,
+        backbone=BackboneArgs(
+            name="ViT-B-16", image_size=int(config["image_size"]), quick_gelu=True, arch_overrides=arch
+        ),
+        side=SideArgs(
+            dim=int(config["side_dim"]), layers="all", variant="clip", heads=int(config.get("side_heads", 0))
         ),
         embed_dim=int(config["output_dim"]),
     )
+    spec = args.spec()
+    fp32 = torch.float32
     backbone = build_backbone(
-        spec,
-        range(layers),
-        storage_dtype=torch.float32,
-        compute_dtype=torch.float32,
-        keep_final_norm=True,
-        keep_proj=True,
+        spec, range(layers), storage_dtype=fp32, compute_dtype=fp32, keep_final_norm=True, keep_proj=True
     )
-    side = SideNetwork(
-        width,
-        int(config["side_dim"]),
-        layers,
-        patch,
-        spec.num_patches,
-        heads=int(config.get("side_heads", 0)),
-        variant="clip",
-        retrieval=True,
-    )
-    model = RetrievalVideoEncoder(backbone, side)
+    model = RetrievalVideoEncoder(backbone, args.side.network(spec, layers, retrieval=True))
     model.load_state_dict(convert_official_state_dict(state_dict), strict=True)
     return model.float().eval()
 
@@ -435,20 +338,20 @@ def official_retrieval_args(config: Dict) -> RetrievalArgs:
         "heads": int(config["text_heads"]),
         "vocab_size": int(config["vocab_size"]),
     }
-    fp32 = torch.float32
     interaction = str(config.get("interaction", "wti")).lower()
     return RetrievalArgs(
-        precision=Precision(fp32, fp32, fp32, fp32),
+        precision=_FP32,
         method="side4video",
-        backbone=name if named else "ViT-B-16",
-        quick_gelu=True,
-        arch_overrides={} if named else {"width": width, "layers": layers, "heads": heads, "patch_size": patch},
-        image_size=int(config["image_size"]),
+        backbone=BackboneArgs(
+            name=name if named else "ViT-B-16",
+            quick_gelu=True,
+            arch_overrides={} if named else {"width": width, "layers": layers, "heads": heads, "patch_size": patch},
+            image_size=int(config["image_size"]),
+        ),
+        side=SideArgs(
+            dim=int(config["side_dim"]), layers="all", variant="clip", heads=int(config.get("side_heads", 0))
+        ),
         embed_dim=int(config["embed_dim"]),
-        side_dim=int(config["side_dim"]),
-        side_layers="all",
-        side_variant="clip",
-        side_heads=int(config.get("side_heads", 0)),
         text_trainable=False,
         text_overrides=text,
         max_words=int(config.get("max_words", config["context_length"])),
@@ -464,24 +367,11 @@ def retrieval_from_official(state_dict: Dict[str, torch.Tensor], config: Dict) -
     side_dim, side_heads, embed_dim, interaction). `forward(input_ids, text_mask, video, video_mask)`
     returns text_features, video_features, text/video_weight_logits, logits_unscaled, logits, loss.
     """
-    from side4video.model.convert import convert_official_retrieval_state_dict
+    from side4video.model.convert import convert_official_retrieval_state_dict, load_converted
 
     model = build_retrieval_model(official_retrieval_args(config))
     ours = convert_official_retrieval_state_dict(state_dict)
     if "text.positional_embedding" in ours:  # the reference keeps 77 rows and feeds max_words
         ours["text.positional_embedding"] = ours["text.positional_embedding"][: model.text.context_length]
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in ours]
-    unexpected = [k for k in ours if k not in expected]
-    if missing or unexpected:
-        raise UserError(
-            f"reference retrieval state dict does not match the model built from its config: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    for k, v in ours.items():
-        if v.shape != expected[k].shape:
-            raise UserError(
-                f"reference tensor for {k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}"
-            )
-    model.load_state_dict(ours, strict=True)
+    load_converted(model, ours, "reference retrieval")
     return model.float().eval()

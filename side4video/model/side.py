@@ -12,10 +12,10 @@ transposes of the stream: the reference's layout shuffles are not needed.
 
 Memory: per block autograd keeps the stream the norms normalise, the pointwise conv's output, the
 q/k/v projection and the attention output. Outputs of norms and of the depthwise temporal conv,
-and fp32 copies of half-precision inputs, are rebuilt in backward from tensors kept anyway
-(`recompute_in_backward`), and the MLP branch is checkpointed (its 4d-wide hidden layer costs one
-extra fc1 matmul in backward): about 60% less kept per block, forward and gradients unchanged bit
-for bit.
+and fp32 copies of half-precision inputs, are rebuilt in backward from tensors kept anyway, and the
+MLP branch is checkpointed (its 4d-wide hidden layer costs one extra fc1 matmul in backward): about
+60% less kept per block, forward and gradients unchanged bit for bit. The machinery (and the fp32
+norms that use it) is in model/recompute.py.
 
 Variants: 'clip' (pre-norm, side block after every tapped layer, post BN) and 'eva' (post-norm,
 projection LayerNorm after the linear, no post BN); `retrieval=True` gives the retrieval visual
@@ -24,125 +24,21 @@ encoder's details (N + 1 position rows added to all tokens, full self-attention,
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-
-class _Rebuild:
-    """What autograd keeps instead of a tensor: how to compute it again, and the view it saved."""
-
-    def __init__(self, recipe: Callable[[], torch.Tensor], saved: torch.Tensor):
-        self.recipe = recipe
-        self.view = (saved.size(), saved.stride(), saved.storage_offset())
-
-    def __call__(self) -> torch.Tensor:
-        with torch.no_grad():
-            return self.recipe().as_strided(*self.view)
-
-
-def recompute_in_backward(tensor: torch.Tensor, recipe: Callable[[], torch.Tensor], enabled: bool = True):
-    """Context: where an op inside it saves `tensor` (or a view of it) for backward, autograd keeps
-    `recipe` instead and calls it in backward to rebuild the tensor.
-
-    For a tensor that is cheap to compute again from tensors kept anyway (a norm's output from its
-    input, the depthwise conv's output from its input) and is saved only by the op that consumes it
-    (a Linear, for its weight gradient): what torch.utils.checkpoint would give around the pair,
-    without running the consumer's matmul again. Written by hand because checkpoint recomputes
-    whole regions. The recipe must give the same values bit for bit, and reads parameters only
-    through module calls (under ZeRO-3 a module call is what gathers its parameters, in backward
-    as in a checkpoint's recomputation). Disabled (`enabled=False`) inside checkpointed regions:
-    the recipe would hold on to tensors that checkpointing drops.
-    """
-    if not (enabled and torch.is_grad_enabled() and tensor.requires_grad):
-        return contextlib.nullcontext()
-    storage = tensor.untyped_storage()._cdata  # views of it share the storage
-
-    def pack(saved: torch.Tensor):
-        return _Rebuild(recipe, saved) if saved.untyped_storage()._cdata == storage else saved
-
-    def unpack(packed):
-        return packed() if isinstance(packed, _Rebuild) else packed
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-
-
-def fp32_input(x: torch.Tensor, lean: bool = True) -> Tuple[torch.Tensor, contextlib.AbstractContextManager]:
-    """x in fp32 and a context in which ops saving that fp32 copy keep the (smaller) x instead."""
-    if x.dtype == torch.float32:
-        return x, contextlib.nullcontext()
-    xf = x.float()
-    return xf, recompute_in_backward(xf, lambda: x.float(), lean)
-
-
-class LayerNormFp32(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input and parameter precision; output in
-    `out_dtype` (default: the input's). State-dict keys are LayerNorm's."""
-
-    lean = True  # recompute_in_backward allowed (False inside checkpointed regions)
-
-    def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        xf, keep_x = fp32_input(x, self.lean)
-        with keep_x:
-            y = F.layer_norm(xf, self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
-        return y.to(out_dtype or x.dtype)
-
-
-class ChannelLastBatchNorm(nn.BatchNorm1d):
-    """BatchNorm over the last dimension of a channels-last tensor `(..., C)`.
-
-    Same statistics, parameters and buffers as BatchNorm3d over `(B, C, T, H, W)`; state-dict
-    keys are BatchNorm's (weight, bias, running_mean, running_var, num_batches_tracked).
-    """
-
-    lean = True  # recompute_in_backward allowed (False inside checkpointed regions)
-    update_statistics = True  # False while its output is recomputed in backward
-
-    @contextlib.contextmanager
-    def recomputing(self):
-        """Calls inside give the forward's output again: batch statistics, running ones left alone."""
-        before, self.update_statistics = self.update_statistics, False
-        try:
-            yield
-        finally:
-            self.update_statistics = before
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in fp32 whatever the training precision: DeepSpeed casts the parameters to
-        # bf16/fp16 but leaves the running statistics in fp32, and half-precision variances are
-        # imprecise anyway.
-        if self.running_mean is not None and self.running_mean.dtype != torch.float32:
-            self.running_mean.data = self.running_mean.data.float()
-            self.running_var.data = self.running_var.data.float()
-        momentum = self.momentum
-        use_batch_stats = self.training or self.running_mean is None
-        if self.training and self.track_running_stats:
-            if not self.update_statistics:
-                # Same batch statistics and the same saved tensors as the forward (checkpoint checks
-                # them); momentum 0 leaves the running statistics as they are.
-                momentum = 0.0
-            else:
-                self.num_batches_tracked.add_(1)
-                if momentum is None:  # cumulative moving average, as BatchNorm
-                    momentum = 1.0 / float(self.num_batches_tracked)
-        xf, keep_x = fp32_input(x.reshape(-1, x.shape[-1]), self.lean)
-        with keep_x:
-            y = F.batch_norm(
-                xf,
-                self.running_mean,
-                self.running_var,
-                self.weight.float() if self.weight is not None else None,
-                self.bias.float() if self.bias is not None else None,
-                use_batch_stats,
-                momentum or 0.0,
-                self.eps,
-            )
-        return y.view(x.shape).to(x.dtype)
+from side4video.model.recompute import (
+    ChannelLastBatchNorm,
+    LayerNormFp32,
+    checkpoint_once,
+    recompute_in_backward,
+    statistics_frozen,
+)
 
 
 class TemporalDepthwiseConv(nn.Module):
@@ -327,27 +223,16 @@ class SideBlock(nn.Module):
         running statistics; the post-norm one stays outside (it needs fc2's output)."""
         if self.variant != "clip":
             return self.mlp_norm(checkpoint(self.mlp, x, use_reentrant=False, preserve_rng_state=False))
-        calls = []
-
-        def branch(x: torch.Tensor) -> torch.Tensor:
-            calls.append(1)
-            if len(calls) == 1:
-                return self.mlp(self.mlp_norm(x))
-            with self.mlp_norm.recomputing():  # checkpoint's recomputation in backward
-                return self.mlp(self.mlp_norm(x))
-
-        return checkpoint(branch, x, use_reentrant=False, preserve_rng_state=False)
+        return checkpoint_once(lambda x: self.mlp(self.mlp_norm(x)), x, frozen=self.mlp_norm, preserve_rng_state=False)
 
     def _pre_norm(self, branch: nn.Module, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """branch(norm(x)) keeping x only: the branch's first Linear would keep norm(x) beside the
         x the norm keeps, so norm(x) is rebuilt from x in backward."""
         n = norm(x)
 
-        def rebuild():
-            if isinstance(norm, ChannelLastBatchNorm):
-                with norm.recomputing():
-                    return norm(x)
-            return norm(x)
+        def rebuild() -> torch.Tensor:
+            with statistics_frozen(norm):  # a BatchNorm's statistics moved in the forward
+                return norm(x)
 
         with recompute_in_backward(n, rebuild, self.lean):
             return branch(n)
@@ -474,19 +359,7 @@ class SideNetwork(nn.Module):
     def _checkpointed_layer(self, k: int, x: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
         """Layer k under activation checkpointing: its forward runs again in backward, and that
         second run leaves the BatchNorm statistics alone (they move once per step)."""
-        calls = []
-
-        def run(x: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
-            calls.append(1)
-            if len(calls) == 1:
-                return self.layer(k, x, tap)
-            with contextlib.ExitStack() as stack:
-                for norm in self.blocks[k].modules():
-                    if isinstance(norm, ChannelLastBatchNorm):
-                        stack.enter_context(norm.recomputing())
-                return self.layer(k, x, tap)
-
-        return checkpoint(run, x, tap, use_reentrant=False)
+        return checkpoint_once(lambda x, tap: self.layer(k, x, tap), x, tap, frozen=self.blocks[k])
 
     def forward(self, video: torch.Tensor, taps: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(taps) != len(self.blocks):

@@ -13,6 +13,7 @@ from side4video.data.captions import tokenize
 from side4video.engine.factory import retrieval_args, retrieval_model_from_config
 from side4video.engine.plan import plan
 from side4video.model import retrieval_from_official
+from side4video.model.args import BackboneArgs, SideArgs
 from side4video.model.retrieval import RetrievalArgs, build_retrieval_model, retrieval_param_groups
 from side4video.model.similarity import meanp_similarity, text_embedding, video_embedding
 from side4video.precision import Precision
@@ -36,8 +37,14 @@ def reference():
     return load_reference(RETRIEVAL_WTI)
 
 
+TINY = BackboneArgs(name="ViT-T-8", image_size=32)
+TINY_EVA = BackboneArgs(
+    name="EVA02-E-14", image_size=32, arch_overrides={"width": 64, "layers": 4, "heads": 1, "patch_size": 16}
+)
+
+
 def tiny_args(**kw) -> RetrievalArgs:
-    base = dict(precision=FP32, backbone="ViT-T-8", image_size=32, side_dim=64, max_words=12, seed=3)
+    base = dict(precision=FP32, backbone=TINY, side=SideArgs(dim=64), max_words=12, seed=3)
     base.update(kw)
     return RetrievalArgs(**base)
 
@@ -101,7 +108,12 @@ def test_text_and_frozen_video_towers_equal_open_clip(tmp_path):
     path = tmp_path / "clip.pt"
     torch.save(clip.state_dict(), path)
     model = build_retrieval_model(
-        tiny_args(method="linear_probe", weights=str(path), quick_gelu=True, max_words=16, text_trainable=False)
+        tiny_args(
+            method="linear_probe",
+            backbone=BackboneArgs(name="ViT-T-8", image_size=32, weights=str(path), quick_gelu=True),
+            max_words=16,
+            text_trainable=False,
+        )
     ).eval()
     assert model.logit_scale.value.item() == pytest.approx(2.5)
     captions = ["a red square drifting left", "the cyan circle is turning clockwise!", "up"]
@@ -191,13 +203,7 @@ def test_retrieval_configs_build_on_meta_and_plan():
 
 def test_tiny_eva_retrieval_runs_forward_and_backward():
     model = build_retrieval_model(
-        tiny_args(
-            backbone="EVA02-E-14",
-            image_size=32,
-            arch_overrides={"width": 64, "layers": 4, "heads": 1, "patch_size": 16},
-            text_overrides={"width": 32, "layers": 1, "heads": 1},
-            embed_dim=48,
-        )
+        tiny_args(backbone=TINY_EVA, text_overrides={"width": 32, "layers": 1, "heads": 1}, embed_dim=48)
     )
     assert model.backbone.taps == [1, 3] and model.side.post_norm is not None
     assert model.side.pos_embed.weight.shape[0] == 4  # patches only, as the reference's EVA blocks
@@ -240,12 +246,12 @@ def test_eva_checkpoint_in_open_clip_layout_loads_head_and_custom_text(tmp_path)
     torch.save(sd, tmp_path / "eva.pt")
     model = build_retrieval_model(
         tiny_args(
-            backbone="EVA02-E-14",
+            backbone=BackboneArgs(
+                name="EVA02-E-14", image_size=32, arch_overrides=arch, weights=str(tmp_path / "eva.pt")
+            ),
             method="linear_probe",
-            arch_overrides=arch,
             text_overrides={"width": 32, "layers": 1, "heads": 1},
             embed_dim=48,
-            weights=str(tmp_path / "eva.pt"),
             text_trainable=False,
         )
     ).eval()
