@@ -21,6 +21,7 @@ from typing import Dict
 
 import torch
 
+from side4video.config import Config
 from side4video.errors import UserError
 
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -72,7 +73,7 @@ def resolve_precision(
     )
 
 
-def precision_from_config(cfg, cuda: bool) -> Precision:
+def precision_from_config(cfg: Config, cuda: bool) -> Precision:
     """The policy of a config (model.method, model.backbone.*, deepspeed.precision, data.dtype)."""
     return resolve_precision(
         cfg.model.method,

@@ -22,13 +22,13 @@ import json
 import os
 import platform
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import av
 import numpy as np
 import torch
 
-from side4video.config import load_config
+from side4video.config import Config, load_config
 from side4video.data import augment as A
 from side4video.data.decode import ClipDecoder, ClipRequest, gpu_available
 from side4video.data.sampling import eval_indices, train_indices
@@ -51,7 +51,7 @@ def _generated(clips: int, frames: int, width: int, height: int) -> List[bytes]:
     return out
 
 
-def _from_shards(cfg, clips: int) -> List[bytes]:
+def _from_shards(cfg: Config, clips: int) -> List[bytes]:
     shardset = resolve_shards(cfg.data.train.shards, cfg.data, what="data.train.shards")
     stream = RankStream(shardset, cfg.data, epoch=0, shuffle_shards=False, infinite=False)
     videos = []
@@ -145,7 +145,7 @@ def _pyav_pass(videos: List[bytes], indices: List[np.ndarray]) -> Callable[[], i
     return one_pass
 
 
-def run(out: str, config=None, overrides: Sequence[str] = (), quick: bool = False) -> Dict:
+def run(out: str, config: Optional[str] = None, overrides: Sequence[str] = (), quick: bool = False) -> Dict:
     cfg = load_config(config, list(overrides))
     d = cfg.data
     os.makedirs(out, exist_ok=True)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from side4video.config import Config
 from side4video.errors import UserError
 
 FULL_SETUP = [
@@ -139,7 +140,7 @@ def _engine_step(engine, backbone, video, labels) -> None:
     engine.step()
 
 
-def _engines(cfg, model, precision, layout: str):
+def _engines(cfg: Config, model, precision, layout: str):
     """DeepSpeed over the whole model, or over side + head with the backbone beside it."""
     from side4video import distributed
     from side4video.engine import deepspeed_engine

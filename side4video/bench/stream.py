@@ -26,12 +26,12 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from side4video.bench.servers import FolderHTTPServer, SeaweedS3
-from side4video.config import load_config
+from side4video.config import DataConfig, load_config
 from side4video.data.manifest import MANIFEST_NAME
 from side4video.data.shards import ShardWriter
 from side4video.data.stream import RankStream, resolve_shards
@@ -57,7 +57,7 @@ def _shard_files(folder: Path) -> List[str]:
 
 
 # --------------------------------------------------------------------------------- the clients
-def _readers_pass(url: str, data_cfg, readers: int) -> Callable[[], Tuple[int, int]]:
+def _readers_pass(url: str, data_cfg: DataConfig, readers: int) -> Callable[[], Tuple[int, int]]:
     shardset = resolve_shards(url, data_cfg)
     total = sum(s.bytes or 0 for s in shardset.shards)
 
@@ -120,7 +120,7 @@ def _timed(one_pass: Callable[[], Tuple[int, int]]) -> Dict:
 
 
 # ------------------------------------------------------------------------------------------ run
-def run(out: str, config=None, overrides: Sequence[str] = (), quick: bool = False) -> Dict:
+def run(out: str, config: Optional[str] = None, overrides: Sequence[str] = (), quick: bool = False) -> Dict:
     os.makedirs(out, exist_ok=True)
     cfg = load_config(config, list(overrides))
     shards, samples, sample_bytes, passes = (4, 8, 64 << 10, 2) if quick else (16, 96, 256 << 10, 3)

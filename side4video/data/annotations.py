@@ -32,7 +32,7 @@ import os
 import pickle
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from side4video.data.sample import VIDEO_EXTS, check_key
 from side4video.errors import UserError, first_line
@@ -270,7 +270,7 @@ def read_vatex(list_file: str, root: str, captions: Optional[str] = None):
     return _caption_entries([(vid, -1, c) for vid, c in _vatex_captions(data, list_file).items()], root), None
 
 
-def _vatex_captions(data, path: str) -> Dict[str, List[str]]:
+def _vatex_captions(data: Any, path: str) -> Dict[str, List[str]]:
     """VATEX's English captions: {videoID: {"enCap": [...]}} (the reference's vatex_data.json) or
     the release's list of {"videoID", "enCap"}."""
     items = (
