@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from side4video import distributed, signals
+from side4video.engine.status import RunStatus
 from side4video.errors import UserError
 from side4video.logs import get_logger, setup_logging
 
@@ -129,7 +130,7 @@ def _command_function(command: str) -> Callable[[DictConfig], Dict[str, Any]]:
     if command == "eval":
         from side4video.engine.runner import evaluate_checkpoint
 
-        return lambda cfg: {"status": "finished", "report": evaluate_checkpoint(cfg)}
+        return lambda cfg: {"status": RunStatus.FINISHED.value, "report": evaluate_checkpoint(cfg)}
     from side4video.engine.train import train
 
     return train
@@ -168,7 +169,8 @@ def run_task(cfg: DictConfig, command: str = "train", work: Optional[Callable] =
         env.master_port,
     )
     result = (work or _command_function(command))(cfg)
-    if result.get("status") == "preempted" and env.is_main and requeue(restarts, cfg.slurm.max_requeues):
+    preempted = RunStatus.read(result.get("status")) is RunStatus.PREEMPTED
+    if preempted and env.is_main and requeue(restarts, cfg.slurm.max_requeues):
         raise SystemExit(0)
     return result
 
@@ -332,9 +334,9 @@ def _outcome(job_id: str, folder: Path, state: Optional[str]) -> int:
     if outcome != "success":  # the traceback is in the log streamed above; its last line says what
         print(f"[submit] job {job_id} failed: {_last_line(value)}", file=sys.stderr)
         return 1
-    status = value.get("status", "finished") if isinstance(value, dict) else "finished"
-    print(f"[submit] job {job_id} {state or 'ended'}: {status}", file=sys.stderr)
-    return 0 if status == "finished" else 1
+    status = RunStatus.read(value.get("status") if isinstance(value, dict) else None)
+    print(f"[submit] job {job_id} {state or 'ended'}: {status.value}", file=sys.stderr)
+    return 0 if status.complete else 1
 
 
 def _last_line(text: str) -> str:

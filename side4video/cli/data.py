@@ -57,12 +57,13 @@ def cmd_make_synthetic(args) -> int:
 def cmd_inspect(args) -> int:
     from side4video.config import load_config
     from side4video.data.inspect import inspect_shards
+    from side4video.engine.factory import eval_batch_size
 
     cfg = load_config(args.config, args.overrides)
     report = inspect_shards(
         args.spec,
         cfg.data,
-        batch_size=cfg.eval.batch_size or cfg.train.batch_size,
+        batch_size=eval_batch_size(cfg),
         decode=args.decode,
         progress=not args.json,
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from side4video.distributed import launch_command
+from side4video.engine.status import RunStatus
 from side4video.errors import UserError
 
 METHODS = ("side4video", "linear_probe")
@@ -41,6 +42,12 @@ def _run(cmd: List[str]) -> None:
 def _summary(run_dir: Path) -> Dict:
     path = run_dir / "summary.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _finished(run_dir: Path) -> bool:
+    """A run the demo need not redo (a stopped run continues when started again)."""
+    summary = _summary(run_dir)
+    return bool(summary) and RunStatus.read(summary.get("status")).complete
 
 
 def cmd_demo(args) -> int:
@@ -83,7 +90,7 @@ def run_demo(out: str = "runs/demo", nproc: int = 2, videos: int = 1024, fresh: 
     ]
     for method in METHODS:
         run_dir = out_dir / method
-        if _summary(run_dir).get("status") == "finished":
+        if _finished(run_dir):
             print(f"{method}: already trained in {run_dir} (--fresh to redo)")
             continue
         overrides = [*shards, f"model.method={method}", f"train.output_dir={run_dir}"]
@@ -183,7 +190,7 @@ def run_retrieval_demo(out: str = "runs/demo", nproc: int = 2, fresh: bool = Fal
     ]
     for name, method in RETRIEVAL_RUNS:
         run_dir = out_dir / name
-        if _summary(run_dir).get("status") == "finished":
+        if _finished(run_dir):
             print(f"{name}: already trained in {run_dir} (--fresh to redo)")
             continue
         _run(launch_command(nproc, ["train", config, *shards, f"model.method={method}", f"train.output_dir={run_dir}"]))

@@ -10,18 +10,18 @@ from typing import Any, Dict
 
 from side4video import distributed
 from side4video.cli.common import load_run_config, print_json
+from side4video.config import Config
+from side4video.engine.status import RunStatus
 
-FINISHED = ("finished", "preempted", "stopped")
 
-
-def _in_slurm_job(cfg, command: str) -> int:
+def _in_slurm_job(cfg: Config, command: str) -> int:
     """A task of a SLURM job: rank 0 exits 1 when the run stopped without being requeued, so the
     job's state says it did not finish; other ranks exit 0 (srun --kill-on-bad-exit would
     otherwise kill rank 0 while it decides about the requeue)."""
     from side4video.slurm import run_task
 
     result = run_task(cfg, command)
-    return 0 if result.get("status") == "finished" or not distributed.detect().is_main else 1
+    return 0 if RunStatus.read(result.get("status")).complete or not distributed.detect().is_main else 1
 
 
 def cmd_train(args) -> int:
@@ -31,8 +31,8 @@ def cmd_train(args) -> int:
         return _in_slurm_job(cfg, "train")
     from side4video.engine.train import train
 
-    summary = train(cfg)
-    return 0 if summary.get("status", "finished") in FINISHED else 1
+    train(cfg)  # every status is a clean end, its last step saved (engine/status.py); failures raise
+    return 0
 
 
 def cmd_eval(args) -> int:

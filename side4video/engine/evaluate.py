@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from side4video import signals
+from side4video.config import Config
 from side4video.engine.collectives import all_gather_objects, any_rank
 from side4video.logs import get_logger
 from side4video.signals import StopRequested
@@ -30,13 +31,13 @@ def view_probabilities(forward, video: torch.Tensor) -> torch.Tensor:
     return logits.softmax(dim=-1).view(b, v, -1).mean(dim=1)
 
 
-def _dummy_batch(cfg, device, dtype) -> torch.Tensor:
+def _dummy_batch(cfg: Config, device, dtype) -> torch.Tensor:
     views = cfg.eval.crops * cfg.eval.clips
     return torch.zeros(1, views, cfg.data.frames, 3, cfg.data.size, cfg.data.size, device=device, dtype=dtype)
 
 
 @torch.no_grad()
-def predict_split(forward, loader, cfg, device, dtype, max_batches: int = 0) -> Dict[str, Any]:
+def predict_split(forward, loader, cfg: Config, device, dtype, max_batches: int = 0) -> Dict[str, Any]:
     """Run the split on every rank; return {key: (label, probabilities)} gathered from all ranks.
 
     A stop request on any rank (signals.py) ends the evaluation on every rank together, with
@@ -95,7 +96,7 @@ def accuracy_report(predictions: Dict[str, tuple], num_classes: int, class_names
     }
 
 
-def evaluate(forward, loader, cfg, device, dtype, class_names: Sequence[str] = ()) -> Dict[str, Any]:
+def evaluate(forward, loader, cfg: Config, device, dtype, class_names: Sequence[str] = ()) -> Dict[str, Any]:
     """Predict the whole split across ranks and score it; the same report on every rank."""
     predictions = predict_split(forward, loader, cfg, device, dtype, cfg.eval.max_batches)
     report = accuracy_report(predictions, cfg.data.num_classes, class_names)

@@ -28,8 +28,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from side4video.config import Config
 from side4video.engine.activations import forward_memory, step_memory
-from side4video.engine.factory import model_on_meta, retrieval_model_on_meta, run_precision
+from side4video.engine.factory import eval_batch_size, run_precision
+from side4video.engine.tasks import task_for
 from side4video.precision import Precision, dtype_name, itemsize
 
 GiB = 2**30
@@ -55,7 +57,7 @@ class ZeroSettings:
     sub_group_size: int
 
 
-def zero_settings(cfg, world_size: int, trainable_params: int = 0) -> ZeroSettings:
+def zero_settings(cfg: Config, world_size: int, trainable_params: int = 0) -> ZeroSettings:
     """From the DeepSpeed config the engine builds, through DeepSpeed's own config class."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
@@ -188,7 +190,7 @@ def _cast_trained(model, train: torch.dtype) -> None:
 
 
 def activation_memory(
-    model, cfg, precision: Precision, batch: int, checkpointing: Optional[bool] = None
+    model, cfg: Config, precision: Precision, batch: int, checkpointing: Optional[bool] = None
 ) -> Dict[str, int]:
     """One meta training step of the model at `batch` clips (side checkpointing switched as asked)."""
     side = model.side
@@ -204,9 +206,9 @@ def activation_memory(
             side.set_checkpointing(configured)
 
 
-def meta_model(cfg, precision: Precision):
+def meta_model(cfg: Config, precision: Precision):
     """The config's model on `meta`, trained modules in DeepSpeed's training precision."""
-    model = retrieval_model_on_meta(cfg, precision) if cfg.task == "retrieval" else model_on_meta(cfg, precision)
+    model = task_for(cfg).model_on_meta(precision)
     _cast_trained(model, precision.train)
     return model
 
@@ -218,7 +220,7 @@ def backbone_block_memory(model, batch: int, frames: int, dtype: torch.dtype) ->
     return forward_memory(model.backbone.blocks[0], tokens)
 
 
-def _with(cfg, key: str, value):
+def _with(cfg: Config, key: str, value):
     """A copy of the config with one key changed (the alternatives the verdict tries)."""
     from omegaconf import OmegaConf
 
@@ -228,7 +230,7 @@ def _with(cfg, key: str, value):
 
 
 # ------------------------------------------------------------------------------------- the plan
-def dali_buffer_bytes(cfg, source: Tuple[int, int] = DEFAULT_SOURCE) -> Dict[str, int]:
+def dali_buffer_bytes(cfg: Config, source: Tuple[int, int] = DEFAULT_SOURCE) -> Dict[str, int]:
     """DALI's decode buffers (outside torch's allocator, on the GPU with 'mixed' decoding): each
     pipeline holds a batch of decoded frames at the source resolution, and they grow to the largest
     video seen (`make-shards --short-side` bounds it). Train and validation have a pipeline each."""
@@ -236,12 +238,12 @@ def dali_buffer_bytes(cfg, source: Tuple[int, int] = DEFAULT_SOURCE) -> Dict[str
     frame = width * height * 3  # decoded RGB, uint8
     frames = int(cfg.data.frames)
     train = int(cfg.train.batch_size) * frames * frame
-    val = (int(cfg.eval.batch_size) or int(cfg.train.batch_size)) * frames * int(cfg.eval.clips) * frame
+    val = eval_batch_size(cfg) * frames * int(cfg.eval.clips) * frame
     return {"train": train, "val": val if cfg.data.val.shards else 0, "source": f"{width}x{height}"}
 
 
 def plan(
-    cfg,
+    cfg: Config,
     gpus: Optional[int] = None,
     gpu_mem_gib: Optional[float] = None,
     link_gbs: float = DEFAULT_LINK_GBS,
@@ -264,14 +266,14 @@ def plan(
     # the per-rank plan counts a recognition step's activations; retrieval plans its weights
     report["plan"] = (
         _rank_plan(cfg, model, precision, world, per_node, cuda, gpu_mem_gib, link_gbs, source)
-        if cfg.task == "recognition"
+        if task_for(cfg).plans_activations
         else None
     )
     report["plan_seconds"] = round(time.perf_counter() - t0, 2)
     return report
 
 
-def _model_report(cfg, model, precision: Precision) -> Dict:
+def _model_report(cfg: Config, model, precision: Precision) -> Dict:
     """Architecture, counts and whole-model weight bytes (the plan before it was per rank)."""
     storage, train_dtype = precision.storage, precision.train
     backbone, spec, side = model.backbone, model.backbone.spec, model.side
@@ -288,10 +290,7 @@ def _model_report(cfg, model, precision: Precision) -> Dict:
     }
     if side is not None:  # the half-precision taps the side network keeps
         memory["kept_taps_bytes_per_clip"] = kept_taps_bytes(model, frames, storage)
-    if cfg.task == "retrieval":  # a frozen text tower is stored like the backbone (a trained one is trainable)
-        text = list(model.text.parameters())
-        frozen_text = 0 if text[0].requires_grad else counts["text_params"]
-        memory["frozen_text_weights_bytes"] = frozen_text * itemsize(text[0].dtype)
+    memory.update(task_for(cfg).frozen_weights(model))  # retrieval: a frozen text tower
     memory["weights_total_bytes"] = (
         memory["backbone_weights_bytes"]
         + memory["trainable_weights_bytes"]
@@ -334,7 +333,7 @@ def kept_taps_bytes(model, frames: int, storage: torch.dtype) -> int:
 
 
 def _rank_plan(
-    cfg,
+    cfg: Config,
     model,
     precision: Precision,
     world: int,
@@ -439,7 +438,7 @@ def offload_traffic(
     frozen: Dict[str, int],
     state: Dict[str, int],
     zero: ZeroSettings,
-    cfg,
+    cfg: Config,
     trainable: int,
     world: int,
     train: torch.dtype,
@@ -463,7 +462,7 @@ def offload_traffic(
 
 
 def _alternatives(
-    cfg,
+    cfg: Config,
     model,
     precision: Precision,
     world: int,
@@ -522,14 +521,14 @@ def _alternatives(
     return found
 
 
-def _step_temporaries(cfg, model, world: int, cuda: bool) -> int:
+def _step_temporaries(cfg: Config, model, world: int, cuda: bool) -> int:
     """The optimizer step's temporaries (fp32 whatever the training precision)."""
     trainable = model.parameter_counts()["trainable_params"]
     zero = zero_settings(cfg, world, trainable)
     return trained_state(trainable, torch.float32, cfg.train.optimizer, zero, world, 0, cuda)["step_temporaries"]
 
 
-def _predicted_peak(cfg, model, precision: Precision, world: int, step: Dict, cuda: bool) -> int:
+def _predicted_peak(cfg: Config, model, precision: Precision, world: int, step: Dict, cuda: bool) -> int:
     trainable = model.parameter_counts()["trainable_params"]
     zero = zero_settings(cfg, world, trainable)
     persistent = sum(
@@ -541,7 +540,7 @@ def _predicted_peak(cfg, model, precision: Precision, world: int, step: Dict, cu
 
 
 # ----------------------------------------------------------------------- this host, plain step
-def plain_step_peak(cfg) -> Dict[str, int]:
+def plain_step_peak(cfg: Config) -> Dict[str, int]:
     """Predicted memory above the built model of a plain PyTorch AdamW step on this CPU host
     (`side4video bench memory`'s method cases): the previous step's gradients (freed only after
     the forward), AdamW's state and the step's activation peak."""

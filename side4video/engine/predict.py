@@ -8,16 +8,16 @@ as in training.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 
-from side4video.engine.evaluate import view_probabilities
+from side4video.config import Config
 from side4video.engine.export import apply_trained_state, export_config, load_trained_state, read_export_meta
 from side4video.errors import UserError
 
 
-def clip_views(cfg, video_path: str | Path, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def clip_views(cfg: Config, video_path: str | Path, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """One video file -> its test views (1, crops*clips, T, 3, S, S) on `device` (decoded there
     by DALI 'mixed' when it is a GPU the video suits)."""
     from side4video.data.decode import ClipDecoder
@@ -62,42 +62,27 @@ def predict_video(
     by their similarity to the video (the score evaluation ranks by)."""
     from side4video.distributed import select_device
     from side4video.engine.factory import run_precision
-    from side4video.engine.tasks import task_for
+    from side4video.engine.tasks import Compute, PredictRequest, task_for
 
     if not Path(video_path).is_file():
         raise UserError(f"video not found: {video_path}")
     meta = read_export_meta(export_dir)
     cfg = export_config(export_dir, overrides)
-    retrieval = cfg.task == "retrieval"
-    if retrieval and not captions:
-        raise UserError("this export is a retrieval model: give the captions to rank with --caption TEXT (repeatable)")
-    if captions and not retrieval:
-        raise UserError("--caption is for retrieval exports; this one classifies (its classes are ranked)")
+    task = task_for(cfg)
+    task.check_predict_inputs(captions)
     # model and clips on one device; the training host's train.device does not bind this one
     requested = cfg.train.device if any(o.startswith("train.device=") for o in overrides) else "auto"
     device = select_device(requested, 0, 1)
     precision = run_precision(cfg, device.type == "cuda")
-    model = task_for(cfg).build_model(cfg, device, precision)
+    model = task.build_model(device, precision)
     apply_trained_state(model, load_trained_state(export_dir, model.backbone.fingerprint()))
     model.eval()
     views = clip_views(cfg, video_path, precision.clips, device)
-    result: Dict[str, Any] = {"video": str(video_path), "views": cfg.eval.crops * cfg.eval.clips, "device": str(device)}
-    if retrieval:
-        from side4video.data.captions import tokenize
-
-        ids, mask = tokenize(list(captions), cfg.model.text.max_words)
-        scores = (
-            model.similarity(model.embed_text(ids.to(device), mask.to(device)), model.embed_video(views[:, 0]))[:, 0]
-            .float()
-            .cpu()
-        )
-        order = scores.argsort(descending=True)
-        result["captions"] = [{"caption": captions[i], "similarity": float(scores[i])} for i in order.tolist()]
-        return result
-    probs = view_probabilities(model, views)[0].cpu()
-    names: List[str] = meta.get("class_names") or [str(i) for i in range(probs.numel())]
-    top = probs.topk(min(top_k, probs.numel()))
-    result["top"] = [
-        {"class": names[i], "index": int(i), "probability": float(p)} for p, i in zip(top.values, top.indices)
-    ]
-    return result
+    request = PredictRequest(top_k=top_k, captions=tuple(captions), class_names=tuple(meta.get("class_names") or ()))
+    compute = Compute(model=model, call=model, device=device, clip_dtype=precision.clips)
+    return {
+        "video": str(video_path),
+        "views": cfg.eval.crops * cfg.eval.clips,
+        "device": str(device),
+        **task.predict(compute, views, request),
+    }

@@ -15,14 +15,14 @@ import torch
 
 from side4video import distributed
 from side4video.allocator import release_freed_memory
-from side4video.config import to_yaml
+from side4video.config import Config, to_yaml
 from side4video.engine import checkpoint, deepspeed_engine, export
 from side4video.engine.collectives import barrier
 from side4video.engine.factory import loader_from_config, run_precision
 from side4video.engine.metrics import held_bytes, rss_bytes
 from side4video.engine.schedule import RunLength, run_length
 from side4video.engine.state import TrainerState
-from side4video.engine.tasks import task_for
+from side4video.engine.tasks import Compute, task_for
 from side4video.errors import UserError
 from side4video.logs import get_logger
 
@@ -37,22 +37,26 @@ def seed_everything(seed: int) -> None:
 
 
 class Runner:
-    """Context manager owning a run's process group, model, loaders and engine."""
+    """Context manager owning a run's process group, model, loaders and engine.
 
-    def __init__(self, cfg):
+    `model` is the module (built once; DeepSpeed's engine wraps this same object), `engine` the
+    DeepSpeed engine once built (None for a plain eval on one device), `compute()` what a task
+    calls: the engine's forward when there is one."""
+
+    def __init__(self, cfg: Config):
         self.cfg = cfg
         release_freed_memory()  # freed activations go back to the OS (side4video/allocator.py)
         self.dist = distributed.detect()
         self.device = distributed.select_device(cfg.train.device, self.dist.local_rank, self.dist.local_world_size)
         deepspeed_engine.init_distributed(self.dist, self.device, cfg.deepspeed.timeout_minutes)
         self.precision = run_precision(cfg, self.device.type == "cuda")
-        self.dtype = self.precision.clips
+        self.clip_dtype = self.precision.clips
         self.run_dir = Path(cfg.train.output_dir)
         seed_everything(cfg.train.seed)
         self.task = task_for(cfg)
-        self.model = self.task.build_model(cfg, self.device, self.precision, self._frozen_unit_placer())
+        self.model = self.task.build_model(self.device, self.precision, self._frozen_unit_placer())
         self.engine = None
-        self.built: Dict[str, int] = {}  # this rank's memory once the engine is built
+        self.memory_after_build: Dict[str, int] = {}  # this rank's RSS and backbone bytes once the engine is built
         self.train_loader = None
         self.val_loader = self._build_loader("val") if cfg.data.val.shards else None
         self.class_names = list(getattr(self.val_loader, "class_names", None) or [])
@@ -65,13 +69,19 @@ class Runner:
             return None
         largest = max(
             sum(p.numel() for p in unit.parameters())
-            for unit in self.task.model_on_meta(self.cfg, self.precision).backbone.units()
+            for unit in self.task.model_on_meta(self.precision).backbone.units()
         )
         return deepspeed_engine.frozen_unit_placer(self.cfg, self.precision, self.dist.world_size, largest)
 
     def _build_loader(self, split: str):
         return loader_from_config(
-            self.cfg, split, rank=self.dist.rank, world_size=self.dist.world_size, dtype=self.dtype, device=self.device
+            self.cfg,
+            split,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            dtype=self.clip_dtype,
+            device=self.device,
+            labelled=self.task.labelled,
         )
 
     def build_training(self) -> RunLength:
@@ -83,20 +93,18 @@ class Runner:
         if not self.class_names:
             self.class_names = list(getattr(self.train_loader, "class_names", None) or [])
         length = run_length(cfg.train, len(self.train_loader))
-        groups = self.task.param_groups(self.model, cfg)
-        # each group's learning rate relative to train.lr (retrieval: the CLIP towers' coef_lr),
-        # kept by the loop when it sets every step's rate (engine/schedule.py)
-        self.lr_scales = [group.get("lr", cfg.train.lr) / cfg.train.lr if cfg.train.lr else 1.0 for group in groups]
+        groups = self.task.param_groups(self.model)  # each with its lr_scale (engine/tasks.py)
+        self.lr_scales = [group["lr_scale"] for group in groups]
         self.engine = deepspeed_engine.initialize(self.model, cfg, self.precision, self.dist.world_size, groups)
-        self.built = {
+        self.memory_after_build = {
             "rss_after_build_bytes": rss_bytes(),
-            "backbone_bytes_held": held_bytes(self.module.backbone.frozen_parameters()),
+            "backbone_bytes_held": held_bytes(self.model.backbone.frozen_parameters()),
         }
         log.info(
             "run: %s; precision %s; backbone held here %.2f GiB",
             length.as_dict(),
             self.precision.describe(),
-            self.built["backbone_bytes_held"] / 2**30,
+            self.memory_after_build["backbone_bytes_held"] / 2**30,
         )
         return length
 
@@ -109,14 +117,13 @@ class Runner:
             )
         else:
             self.model.to(self.device)
-        self.module.eval()
+        self.model.eval()
 
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.engine.module if self.engine is not None else self.model
-
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.engine(video) if self.engine is not None else self.model(video)
+    def compute(self) -> Compute:
+        """The model as tasks call it: through the engine when there is one (its hooks gather
+        ZeRO-3 partitions), clips on this rank's device in the clip dtype."""
+        call = self.engine if self.engine is not None else self.model
+        return Compute(model=self.model, call=call, device=self.device, clip_dtype=self.clip_dtype)
 
     # ------------------------------------------------------------------------------ run folder
     @property
@@ -152,6 +159,10 @@ class Runner:
             return None
         root, tag = found
         saved = checkpoint.load(self.engine, root, tag)
+        # loading an optimizer replaces its groups with the saved ones: the task's scales are the
+        # truth (a checkpoint written before groups carried lr_scale has none)
+        for group, scale in zip(self.engine.optimizer.param_groups, self.lr_scales):
+            group["lr_scale"] = scale
         state.load_state_dict(saved, where=f"checkpoint {root / tag}")
         log.info("resumed from %s at step %d", root / tag, state.step)
         return root / tag
@@ -169,16 +180,16 @@ class Runner:
     def evaluate(self) -> Dict[str, Any]:
         if self.val_loader is None:
             raise UserError("data.val.shards is empty: nothing to evaluate")
-        was_training = self.module.training
-        self.module.eval()
+        was_training = self.model.training
+        self.model.eval()
         try:
-            return self.task.evaluate(self)
+            return self.task.evaluate(self.compute(), self.val_loader, self.class_names)
         finally:
-            self.module.train(was_training)
+            self.model.train(was_training)
 
     def write_eval_report(self, report: Dict[str, Any], tag: str = "eval") -> None:
         if self.is_main:
-            self.task.write_report(report, self, tag)
+            self.task.write_report(report, self.run_dir, self.class_names, tag)
             log.info("%s: %s", tag, self.task.headline(report))
 
     # ------------------------------------------------------------------------------ teardown
@@ -194,7 +205,7 @@ class Runner:
         self.close()
 
 
-def evaluate_checkpoint(cfg) -> Dict[str, Any]:
+def evaluate_checkpoint(cfg: Config) -> Dict[str, Any]:
     """`eval`: load the trained weights named by `checkpoint`, evaluate on every rank, write
     OUTPUT_DIR/eval.json (+ confusion PNG); the report (the same on every rank)."""
     with Runner(cfg) as run:

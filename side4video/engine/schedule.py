@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from side4video.config import TrainConfig
 from side4video.errors import UserError
 from side4video.logs import get_logger
 
@@ -39,7 +40,7 @@ class RunLength:
         }
 
 
-def run_length(train_cfg, micro_batches_per_epoch: int) -> RunLength:
+def run_length(train_cfg: TrainConfig, micro_batches_per_epoch: int) -> RunLength:
     """`train.*` + the loader's batches per epoch -> the step budget. A warmup longer than the run
     is clamped to it, and said."""
     accum = int(train_cfg.grad_accum)

@@ -18,7 +18,7 @@ import torch
 
 from side4video.errors import UserError
 
-VERSION = 1
+VERSION = 2  # 2: nonfinite_* and loader_position (version 1 said bad_* and data; both load)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -56,26 +56,26 @@ class TrainerState:
     loader: Any
     fingerprint: Dict[str, Any]
     step: int = 0  # optimizer steps completed
-    bad_in_row: int = 0  # consecutive steps with a non-finite loss
-    bad_total: int = 0
+    nonfinite_in_row: int = 0  # consecutive steps with a non-finite loss
+    nonfinite_total: int = 0  # steps with a non-finite loss, over the whole run
     skipped_total: int = 0  # steps DeepSpeed did not apply (non-finite gradients, fp16 overflow)
     evals: List[Dict[str, Any]] = field(default_factory=list)
-    data: Dict[str, Any] = field(default_factory=dict)  # the loader's state after step `step`
+    loader_position: Dict[str, Any] = field(default_factory=dict)  # the loader's state after step `step`
 
     def end_step(self, step: int) -> None:
         """Step `step` is complete: it, and the data it consumed, are what a save records."""
         self.step = step
-        self.data = self.loader.state_dict()
+        self.loader_position = self.loader.state_dict()
 
     def state_dict(self) -> Dict[str, Any]:
         return {
             "version": VERSION,
             "step": self.step,
-            "bad_in_row": self.bad_in_row,
-            "bad_total": self.bad_total,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "nonfinite_total": self.nonfinite_total,
             "skipped_total": self.skipped_total,
             "evals": list(self.evals),
-            "data": dict(self.data),
+            "loader_position": dict(self.loader_position),
             "rng": rng_state(),
             "backbone": self.fingerprint,
         }
@@ -88,12 +88,13 @@ class TrainerState:
                 f"model.backbone.* or start a new train.output_dir"
             )
         self.step = int(saved["step"])
-        self.bad_in_row = int(saved.get("bad_in_row", 0))
-        self.bad_total = int(saved.get("bad_total", 0))
+        version_1 = int(saved.get("version", 1)) == 1
+        self.nonfinite_in_row = int(saved.get("bad_in_row" if version_1 else "nonfinite_in_row", 0))
+        self.nonfinite_total = int(saved.get("bad_total" if version_1 else "nonfinite_total", 0))
         self.skipped_total = int(saved.get("skipped_total", 0))
         self.evals = list(saved.get("evals", []))
-        self.data = dict(saved["data"])
-        self.loader.load_state_dict(self.data)
+        self.loader_position = dict(saved["data" if version_1 else "loader_position"])
+        self.loader.load_state_dict(self.loader_position)
         set_rng_state(saved["rng"])
 
 

@@ -1,9 +1,10 @@
-"""`side4video train`: the step loop.
+"""`side4video train`: the step loop, owned by `Trainer`.
 
     while step < total_steps:
         step += 1
-        train_step(...)          # grad_accum micro-batches, one optimizer step
-        log, evaluate at epoch ends, save when due, stop when asked
+        train_step(batches, step)    # grad_accum micro-batches, one optimizer step
+        record it; evaluate at epoch ends; save when due; stop when asked
+    final evaluation -> RunStatus.FINISHED (or STOPPED / PREEMPTED, saved) -> _finish
 
 One training step, top to bottom: each group's learning rate for this step -> for each of its
 micro-batches: the next batch (a stop request or a loader failure ends the wait) -> all ranks
@@ -25,6 +26,7 @@ from typing import Any, Dict, Iterator, Optional
 import torch
 
 from side4video import signals
+from side4video.config import Config, TrainConfig
 from side4video.engine import export
 from side4video.engine.collectives import all_gather_objects, any_rank
 from side4video.engine.metrics import MetricsLogger, Throughput, peak_memory, write_json
@@ -32,7 +34,8 @@ from side4video.engine.plots import plot_curves
 from side4video.engine.runner import Runner
 from side4video.engine.schedule import RunLength, lr_at
 from side4video.engine.state import TrainerState
-from side4video.errors import RunFailed, UserError
+from side4video.engine.status import RunStatus
+from side4video.errors import RunFailed, UserError, first_line
 from side4video.logs import get_logger
 from side4video.signals import StopRequested
 
@@ -52,23 +55,30 @@ class StepResult:
     stopped: bool = False  # a stop was agreed before the step completed: it did not happen
 
 
-def _next_batch(batches: Iterator) -> tuple:
-    """(batch, None) or (None, the exception that ended the wait: a stop request or a failure)."""
+@dataclass
+class Pulled:
+    """One wait for the next batch ends with exactly one of: a batch, a stop request (signals.py),
+    or a failure of a loader or reader thread."""
+
+    batch: Optional[Dict[str, Any]] = None
+    stop: Optional[StopRequested] = None
+    failure: Optional[BaseException] = None
+
+
+def pull(batches: Iterator[Dict[str, Any]]) -> Pulled:
     try:
-        return next(batches), None
+        return Pulled(batch=next(batches))
     except StopRequested as stop:
-        return None, stop
-    except Exception as failure:  # a loader or reader thread failed; every rank must hear of it
-        return None, failure
+        return Pulled(stop=stop)
+    except Exception as failure:  # every rank must hear of it before anyone raises
+        return Pulled(failure=failure)
 
 
-def _raise_failure(failure: Optional[BaseException]) -> None:
+def raise_failure(failure: Optional[BaseException]) -> None:
     """Collective, once some rank failed: the failing rank raises its own error, the others a
     one-line error naming it (UserError when the cause is bad input), so no rank waits forever."""
-    line = str(failure).strip().splitlines()[0] if failure is not None and str(failure).strip() else ""
-    reports = all_gather_objects(
-        None if failure is None else (type(failure).__name__, isinstance(failure, UserError), line)
-    )
+    report = None if failure is None else (type(failure).__name__, isinstance(failure, UserError), first_line(failure))
+    reports = all_gather_objects(report)
     if failure is not None:
         raise failure
     rank, (kind, bad_input, line) = next((r, rep) for r, rep in enumerate(reports) if rep is not None)
@@ -76,52 +86,12 @@ def _raise_failure(failure: Optional[BaseException]) -> None:
     raise error(f"rank {rank} stopped the run: {kind}: {line}")
 
 
-def train_step(run: Runner, batches: Iterator, step: int, length: RunLength) -> StepResult:
-    engine, cfg = run.engine, run.cfg
-    started = time.perf_counter()
-    result = StepResult(lr=lr_at(step, length, cfg.train.lr, cfg.train.min_lr))
-    for group, scale in zip(engine.optimizer.param_groups, run.lr_scales):  # the schedule is ours
-        group["lr"] = result.lr * scale
-    skipped_before = engine.skipped_steps
-    losses = []
-    for _ in range(length.grad_accum):
-        batch, interruption = _next_batch(batches)
-        failure = interruption if not isinstance(interruption, StopRequested) else None
-        stop, failed = any_rank(signals.stop_requested() or batch is None, failure is not None)
-        if failed:
-            _raise_failure(failure)
-        if stop:
-            result.stopped = True
-            return result
-        loss = run.task.loss(run, batch)  # forward: recognition or retrieval (engine/tasks.py)
-        (nonfinite,) = any_rank(not torch.isfinite(loss).item())
-        result.nonfinite |= nonfinite
-        # Backward even a non-finite loss: its gradients make DeepSpeed skip the optimizer step
-        # on every rank, with its counters (micro-steps, steps, skipped steps) kept consistent.
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-        result.clips += len(batch["key"])
-        result.keys.extend(batch["key"])
-        result.wait_s += run.train_loader.last_wait_s
-    result.loss = sum(losses) / len(losses)
-    result.seconds = time.perf_counter() - started
-    result.applied = engine.skipped_steps == skipped_before
-    if engine.global_steps != step:
-        raise RuntimeError(f"step counters disagree: the loop is at step {step}, DeepSpeed at {engine.global_steps}")
-    if result.nonfinite and result.applied:
-        raise RuntimeError(f"step {step}: a loss was not finite but DeepSpeed applied the step")
-    if result.applied:
-        run.task.after_step(run.module)
-    return result
-
-
 class SavePolicy:
     """The one place that decides when to save: every `train.save_every` steps (or at each epoch
     end when 0), at the end of the run, and on a stop; never twice for one step."""
 
-    def __init__(self, cfg, length: RunLength, resumed_at: int):
-        self.every = int(cfg.train.save_every) or length.steps_per_epoch
+    def __init__(self, train_cfg: TrainConfig, length: RunLength, resumed_at: int):
+        self.every = int(train_cfg.save_every) or length.steps_per_epoch
         self.total = length.total_steps
         self.last_saved = resumed_at
 
@@ -134,201 +104,245 @@ class SavePolicy:
             self.last_saved = state.step
 
 
-def train(cfg) -> Dict[str, Any]:
+def train(cfg: Config) -> Dict[str, Any]:
     """Train until the step budget is spent or a stop is requested; return summary.json's content."""
     signals.install_handlers()
     with Runner(cfg) as run:
         length = run.build_training()
         run.prepare_run_dir()
-        state = run.trainer_state()
-        run.resume(state)
-        metrics = MetricsLogger(
+        return Trainer(run, length).train()
+
+
+class Trainer:
+    """The training run's state, on one owner: the Runner's pieces (engine, loaders, task), the
+    step budget, the trainer state (what a checkpoint holds besides DeepSpeed's files), metrics,
+    the save policy and the throughput meter."""
+
+    def __init__(self, run: Runner, length: RunLength):
+        self.run, self.cfg, self.length = run, run.cfg, length
+        self.state = run.trainer_state()
+        run.resume(self.state)
+        logging_cfg = self.cfg.logging
+        self.metrics = MetricsLogger(
             run.run_dir,
             run.is_main,
             length.total_steps,
-            state.step,
-            progress=cfg.logging.progress,
-            tensorboard=cfg.logging.tensorboard,
+            self.state.step,
+            progress=logging_cfg.progress,
+            tensorboard=logging_cfg.tensorboard,
         )
-        started = time.perf_counter()
-        saves, speed = SavePolicy(cfg, length, resumed_at=state.step), Throughput()
+        self.saves = SavePolicy(self.cfg.train, length, resumed_at=self.state.step)
+        self.speed = Throughput()
+        self.final_report: Optional[Dict[str, Any]] = None
+        self.training_peak: Optional[Dict[str, int]] = None  # before the final evaluation, save and export
+        self.started = time.perf_counter()
+
+    def train(self) -> Dict[str, Any]:
         try:
-            status = _loop(run, cfg, length, state, metrics, saves, speed)
-            training_peak = peak_memory()  # before the final evaluation, save and export
-            return _finish(run, cfg, length, state, metrics, saves, status, speed, started, training_peak)
+            return self._finish(self._loop())
         finally:
-            metrics.close()
+            self.metrics.close()
 
+    # ------------------------------------------------------------------------------ the loop
+    def _loop(self) -> RunStatus:
+        batches = self.run.train_loader.batches()
+        self.run.engine.train()
+        while self.state.step < self.length.total_steps:
+            step = self.state.step + 1
+            result = self.train_step(batches, step)
+            if result.stopped:
+                return self._stop()
+            self._record(step, result)
+            if self._epoch_ended(step) and self._evaluation_due(step) and self._evaluate() is None:
+                return self._stop()
+            if self.saves.periodic_due(step):
+                self.saves.save(self.run, self.state)
+            if step == self.cfg.train.stop_at_step and step < self.length.total_steps:
+                self.metrics.write(f"train.stop_at_step={step}: saving and stopping")
+                self.saves.save(self.run, self.state)
+                return RunStatus.STOPPED
+            self.speed.mark()  # evaluations and saves are not training time
+        self.training_peak = peak_memory()
+        if self.run.val_loader is not None:
+            self.final_report = self._evaluate()
+            if self.final_report is None:  # stopped during the final evaluation: a requeued run redoes it
+                return self._stop()
+        return RunStatus.FINISHED
 
-def _loop(
-    run: Runner,
-    cfg,
-    length: RunLength,
-    state: TrainerState,
-    metrics: MetricsLogger,
-    saves: SavePolicy,
-    speed: Throughput,
-) -> str:
-    batches = run.train_loader.batches()
-    run.engine.train()
-    while state.step < length.total_steps:
-        step = state.step + 1
-        result = train_step(run, batches, step, length)
-        if result.stopped:
-            return _stop(run, state, metrics, saves)
-        state.end_step(step)
-        speed.add(result.clips, result.wait_s)
-        _count_skips(cfg, state, result, metrics)
+    def train_step(self, batches: Iterator[Dict[str, Any]], step: int) -> StepResult:
+        """grad_accum micro-batches and one optimizer step (or none, when a stop is agreed first)."""
+        engine, train_cfg = self.run.engine, self.cfg.train
+        started = time.perf_counter()
+        result = StepResult(lr=lr_at(step, self.length, train_cfg.lr, train_cfg.min_lr))
+        for group in engine.optimizer.param_groups:  # the schedule is ours (engine/schedule.py)
+            group["lr"] = result.lr * group["lr_scale"]
+        skipped_before = engine.skipped_steps
+        compute, losses = self.run.compute(), []
+        for _ in range(self.length.grad_accum):
+            pulled = pull(batches)
+            stop, failed = any_rank(signals.stop_requested() or pulled.batch is None, pulled.failure is not None)
+            if failed:
+                raise_failure(pulled.failure)
+            if stop:
+                result.stopped = True
+                return result
+            loss = self.run.task.loss(compute, pulled.batch)  # recognition or retrieval (engine/tasks.py)
+            (nonfinite,) = any_rank(not torch.isfinite(loss).item())
+            result.nonfinite |= nonfinite
+            # Backward even a non-finite loss: its gradients make DeepSpeed skip the optimizer step
+            # on every rank, with its counters (micro-steps, steps, skipped steps) kept consistent.
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            result.clips += len(pulled.batch["key"])
+            result.keys.extend(pulled.batch["key"])
+            result.wait_s += self.run.train_loader.last_wait_s
+        result.loss = sum(losses) / len(losses)
+        result.seconds = time.perf_counter() - started
+        result.applied = engine.skipped_steps == skipped_before
+        _check_counters(engine, step, result)
+        if result.applied:
+            self.run.task.after_step(self.run.model)
+        return result
+
+    def _record(self, step: int, result: StepResult) -> None:
+        """Step `step` is done: the state moves on, counters, the first step's check, the log."""
+        self.state.end_step(step)
+        self.speed.add(result.clips, result.wait_s)
+        self._count_nonfinite(result)
         if step == 1:
-            _check_backbone_received_no_gradient(run, cfg)
-        _log_step(cfg, length, state, metrics, result, speed)
-        if step % length.steps_per_epoch == 0 and step < length.total_steps:
-            try:
-                _end_of_epoch(run, cfg, state, metrics, step // length.steps_per_epoch)
-            except StopRequested:
-                return _stop(run, state, metrics, saves)
-        if saves.periodic_due(step):
-            saves.save(run, state)
-        if cfg.train.stop_at_step and step == cfg.train.stop_at_step and step < length.total_steps:
-            metrics.write(f"train.stop_at_step={cfg.train.stop_at_step}: saving and stopping")
-            saves.save(run, state)
-            return "stopped"
-        speed.mark()  # evaluations and saves are not training time
-    return "finished"
+            _check_backbone_received_no_gradient(self.run)
+        self._log_step(result)
+
+    def _stop(self) -> RunStatus:
+        """A stop all ranks agreed on: save the last completed step (unless saved already)."""
+        reason = signals.stop_reason() or "another rank"
+        self.metrics.write(f"stop requested ({reason}): saving at step {self.state.step}")
+        self.saves.save(self.run, self.state)
+        return RunStatus.PREEMPTED
+
+    def _count_nonfinite(self, result: StepResult) -> None:
+        state = self.state
+        if not result.applied:
+            state.skipped_total += 1
+        if not result.nonfinite:
+            state.nonfinite_in_row = 0
+            return
+        state.nonfinite_in_row += 1
+        state.nonfinite_total += 1
+        self.metrics.write(f"step {state.step}: non-finite loss, step skipped ({state.nonfinite_in_row} in a row)")
+        if state.nonfinite_in_row >= self.cfg.train.max_bad_steps:
+            raise RunFailed(
+                f"stopping: {state.nonfinite_in_row} consecutive non-finite losses at step {state.step} "
+                f"(lower train.lr, check the data, or use bf16/fp32)"
+            )
+
+    def _log_step(self, result: StepResult) -> None:
+        step, figures = self.state.step, self.speed.read()
+        wait = f"{100 * figures['data_wait_fraction']:.0f}%"
+        self.metrics.step(step, {"loss": result.loss, "lr": result.lr, "clips/s": figures["clips_per_s"], "wait": wait})
+        if step % self.cfg.train.log_every == 0 or step == 1 or not result.applied:
+            row = {
+                "loss": result.loss,
+                "lr": result.lr,
+                "skipped": not result.applied,
+                "step_s": result.seconds,
+                **figures,
+                "epoch": round(step / self.length.steps_per_epoch, 4),
+            }
+            if self.cfg.logging.sample_keys:
+                row["keys"] = result.keys
+            self.metrics.log("train", step, row)
+
+    # ------------------------------------------------------------------------------ evaluation
+    def _epoch_ended(self, step: int) -> bool:
+        return step % self.length.steps_per_epoch == 0 and step < self.length.total_steps
+
+    def _evaluation_due(self, step: int) -> bool:
+        every = self.cfg.train.eval_every
+        epoch = step // self.length.steps_per_epoch
+        return bool(every) and epoch % every == 0 and self.run.val_loader is not None
+
+    def _evaluate(self) -> Optional[Dict[str, Any]]:
+        """The validation report, logged and kept in the state; None when a stop was requested
+        during it (every rank together)."""
+        try:
+            report = self.run.evaluate()
+        except StopRequested:
+            return None
+        task, step = self.run.task, self.state.step
+        row = task.scalars(report)
+        self.state.evals.append({"step": step, **row})
+        self.metrics.log("eval", step, row)
+        self.metrics.write(f"eval @ step {step}: {task.headline(report)}")
+        return report
+
+    # ------------------------------------------------------------------------------ the end
+    def _finish(self, status: RunStatus) -> Dict[str, Any]:
+        """Summary of every run; a finished one also saves, writes its final report, exports and
+        writes summary.json and the plots (a stopped one has saved already)."""
+        run, state = self.run, self.state
+        summary: Dict[str, Any] = {
+            "status": status.value,
+            "task": run.task.name,
+            "steps": state.step,
+            "total_steps": self.length.total_steps,
+            "epochs": round(state.step / self.length.steps_per_epoch, 3),
+        }
+        if status is RunStatus.FINISHED:
+            summary.update(self._complete())
+        summary.update(_run_figures(self))
+        summary.update(bad_steps=state.nonfinite_total, skipped_steps=state.skipped_total)
+        if run.is_main and status is RunStatus.FINISHED:
+            write_json(run.run_dir / "summary.json", summary)
+            if self.cfg.logging.plots:
+                plot_curves(run.run_dir)
+        log.info("%s at step %d", status.value, state.step)
+        return summary
+
+    def _complete(self) -> Dict[str, Any]:
+        """The finished run's last checkpoint, final report and export; the report's summary."""
+        run = self.run
+        self.saves.save(run, self.state)
+        if self.cfg.train.export:
+            export.export_model(
+                run.model,
+                self.cfg,
+                run.run_dir / "export",
+                run.class_names,
+                self.cfg.deepspeed.zero_stage,
+                run.is_main,
+                run.fingerprint(),
+            )
+        if self.final_report is None:
+            return {}
+        run.write_eval_report(self.final_report, tag="final_eval")
+        return run.task.summary(self.final_report)
 
 
-def _stop(run: Runner, state: TrainerState, metrics: MetricsLogger, saves: SavePolicy) -> str:
-    """A stop all ranks agreed on: save the last completed step (unless saved already)."""
-    metrics.write(f"stop requested ({signals.stop_reason() or 'another rank'}): saving at step {state.step}")
-    saves.save(run, state)
-    return "preempted"
+def _check_counters(engine, step: int, result: StepResult) -> None:
+    if engine.global_steps != step:
+        raise RuntimeError(f"step counters disagree: the loop is at step {step}, DeepSpeed at {engine.global_steps}")
+    if result.nonfinite and result.applied:
+        raise RuntimeError(f"step {step}: a loss was not finite but DeepSpeed applied the step")
 
 
-def _count_skips(cfg, state: TrainerState, result: StepResult, metrics: MetricsLogger) -> None:
-    if not result.applied:
-        state.skipped_total += 1
-    if not result.nonfinite:
-        state.bad_in_row = 0
-        return
-    state.bad_in_row += 1
-    state.bad_total += 1
-    metrics.write(f"step {state.step}: non-finite loss, step skipped ({state.bad_in_row} in a row)")
-    if state.bad_in_row >= cfg.train.max_bad_steps:
-        raise RunFailed(
-            f"stopping: {state.bad_in_row} consecutive non-finite losses at step {state.step} "
-            f"(lower train.lr, check the data, or use bf16/fp32)"
-        )
-
-
-def _check_backbone_received_no_gradient(run: Runner, cfg) -> None:
+def _check_backbone_received_no_gradient(run: Runner) -> None:
     """The point of the method: backpropagation never enters the frozen backbone."""
-    if cfg.model.method not in ("side4video", "linear_probe"):
+    if run.cfg.model.method not in ("side4video", "linear_probe"):
         return
-    leaked = [n for n, p in run.engine.module.backbone.named_parameters() if p.requires_grad or p.grad is not None]
+    leaked = [n for n, p in run.model.backbone.named_parameters() if p.requires_grad or p.grad is not None]
     if leaked:
         raise RuntimeError(f"frozen backbone received gradients: {leaked[:3]}")
 
 
-def _log_step(
-    cfg, length: RunLength, state: TrainerState, metrics: MetricsLogger, result: StepResult, speed: Throughput
-) -> None:
-    figures = speed.read()
-    metrics.step(
-        state.step,
-        {
-            "loss": result.loss,
-            "lr": result.lr,
-            "clips/s": figures["clips_per_s"],
-            "wait": f"{100 * figures['data_wait_fraction']:.0f}%",
-        },
-    )
-    if state.step % cfg.train.log_every == 0 or state.step == 1 or not result.applied:
-        row = {
-            "loss": result.loss,
-            "lr": result.lr,
-            "skipped": not result.applied,
-            "step_s": result.seconds,
-            **figures,
-            "epoch": round(state.step / length.steps_per_epoch, 4),
-        }
-        if cfg.logging.sample_keys:
-            row["keys"] = result.keys
-        metrics.log("train", state.step, row)
-
-
-def _end_of_epoch(run: Runner, cfg, state: TrainerState, metrics: MetricsLogger, epoch: int) -> None:
-    if cfg.train.eval_every and epoch % cfg.train.eval_every == 0 and run.val_loader is not None:
-        _evaluate(run, state, metrics)
-
-
-def _evaluate(run: Runner, state: TrainerState, metrics: MetricsLogger) -> Dict[str, Any]:
-    report = run.evaluate()
-    row = run.task.scalars(report)
-    state.evals.append({"step": state.step, **row})
-    metrics.log("eval", state.step, row)
-    metrics.write(f"eval @ step {state.step}: {run.task.headline(report)}")
-    return report
-
-
-def _finish(
-    run: Runner,
-    cfg,
-    length: RunLength,
-    state: TrainerState,
-    metrics: MetricsLogger,
-    saves: SavePolicy,
-    status: str,
-    speed: Throughput,
-    started: float,
-    training_peak: Dict[str, int],
-) -> Dict[str, Any]:
-    """Final eval, checkpoint, export, summary.json and plots (stopped runs only checkpoint)."""
-    summary: Dict[str, Any] = {
-        "status": status,
-        "task": run.task.name,
-        "steps": state.step,
-        "total_steps": length.total_steps,
-        "epochs": round(state.step / length.steps_per_epoch, 3),
-    }
-    if status == "finished":
-        try:
-            report = _evaluate(run, state, metrics) if run.val_loader is not None else None
-        except StopRequested:  # stopped during the final evaluation: a requeued run redoes it
-            status = summary["status"] = _stop(run, state, metrics, saves)
-    if status == "finished":
-        saves.save(run, state)
-        if report is not None:
-            run.write_eval_report(report, tag="final_eval")
-            summary.update(run.task.scalars(report))
-            if run.task.name == "retrieval":  # the recall dicts too, as the demo and README read them
-                summary.update(t2v=report["t2v"], v2t=report["v2t"])
-        if cfg.train.export:
-            export.export_model(
-                run.engine.module,
-                cfg,
-                run.run_dir / "export",
-                run.class_names,
-                cfg.deepspeed.zero_stage,
-                run.is_main,
-                run.fingerprint(),
-            )
-    summary.update(_run_figures(run, speed, started, training_peak))
-    summary.update(bad_steps=state.bad_total, skipped_steps=state.skipped_total)
-    if run.is_main:
-        if status == "finished":
-            write_json(run.run_dir / "summary.json", summary)
-            if cfg.logging.plots:
-                plot_curves(run.run_dir)
-        log.info("%s at step %d", status, state.step)
-    return summary
-
-
-def _run_figures(run: Runner, speed: Throughput, started: float, training_peak: Dict[str, int]) -> Dict[str, Any]:
-    """Throughput (all ranks together), peak memory (the largest rank, and each rank's), bad
-    samples and decoder fallbacks (all ranks)."""
+def _run_figures(trainer: Trainer) -> Dict[str, Any]:
+    """Throughput (all ranks together), peak memory (the largest rank, and each rank's; training
+    alone and the whole run), bad samples and decoder fallbacks (all ranks)."""
+    run, training_peak = trainer.run, trainer.training_peak or peak_memory()
     memory = {
         "rank": run.dist.rank,
-        **run.built,
+        **run.memory_after_build,
         **{f"{k[:-6]}_training_bytes": v for k, v in training_peak.items()},
         **peak_memory(),
     }
@@ -336,17 +350,15 @@ def _run_figures(run: Runner, speed: Throughput, started: float, training_peak: 
         {"memory": memory, "bad": list(run.train_loader.bad_samples), "fallbacks": run.train_loader.decoder_fallbacks}
     )
     peaks = {key: max(r["memory"][key] for r in per_rank) for key in peak_memory()}
-    figures = speed.read()
+    figures = trainer.speed.read()
     return {
         "clips_per_s": figures["clips_per_s"] * run.dist.world_size,
         "data_wait_fraction": figures["data_wait_fraction"],
         **peaks,
         "bad_samples": sorted({key for r in per_rank for key in r["bad"]}),
         "decoder_fallbacks": sum(r["fallbacks"] for r in per_rank),  # DALI refused, PyAV decoded
-        "trainable_params": sum(
-            getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters() if p.requires_grad
-        ),
+        "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in run.model.parameters() if p.requires_grad),
         "world_size": run.dist.world_size,
         "memory_per_rank": [r["memory"] for r in per_rank],
-        "wall_s": time.perf_counter() - started,
+        "wall_s": time.perf_counter() - trainer.started,
     }

@@ -156,13 +156,13 @@ def test_trainer_state_round_trip_is_weights_only_loadable(tmp_path):
     state = TrainerState(loader=loader, fingerprint={"name": "ViT-T-8", "weights": "random", "seed": 0})
     loader.position = 5
     state.end_step(7)
-    state.bad_total, state.skipped_total, state.evals = 1, 2, [{"step": 6, "top1": 0.5}]
+    state.nonfinite_total, state.skipped_total, state.evals = 1, 2, [{"step": 6, "top1": 0.5}]
     torch.save(state.state_dict(), tmp_path / "state.pt")
     expected = (np.random.rand(), torch.rand(1).item())
 
     fresh = TrainerState(loader=_Loader(), fingerprint={"name": "ViT-T-8", "weights": "random", "seed": 0})
     fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
-    assert (fresh.step, fresh.loader.position, fresh.bad_total, fresh.skipped_total) == (7, 5, 1, 2)
+    assert (fresh.step, fresh.loader.position, fresh.nonfinite_total, fresh.skipped_total) == (7, 5, 1, 2)
     assert fresh.evals == [{"step": 6, "top1": 0.5}]
     assert (np.random.rand(), torch.rand(1).item()) == expected  # the RNG streams continue where they were
 
