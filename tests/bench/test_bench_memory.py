@@ -8,6 +8,8 @@ import pytest
 from side4video.bench.memory import BATCHES, allocated
 from tests.support.engine import run_cli
 
+pytestmark = pytest.mark.slow  # side4video runs in subprocesses (DeepSpeed engines, launchers, servers)
+
 
 @pytest.mark.timeout(900)
 def test_bench_memory_quick_writes_json_markdown_png(tmp_path):

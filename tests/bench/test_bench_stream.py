@@ -8,6 +8,8 @@ import pytest
 
 from tests.support.engine import run_cli
 
+pytestmark = pytest.mark.slow  # side4video runs in subprocesses (DeepSpeed engines, launchers, servers)
+
 
 @pytest.mark.timeout(300)
 def test_bench_stream_quick_writes_json_markdown_png(tmp_path):

@@ -7,8 +7,9 @@ import pytest
 
 from tests.support.engine import run_cli
 
+pytestmark = pytest.mark.slow  # side4video runs in subprocesses (DeepSpeed engines, launchers, servers)
 
-@pytest.mark.slow
+
 @pytest.mark.timeout(900)
 def test_bench_vite_quick_writes_json_markdown_png(tmp_path):
     out = tmp_path / "bench"

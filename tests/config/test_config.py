@@ -1,11 +1,8 @@
-"""Config composition, overrides, every rejection path, redaction, and the CLI's one-line errors."""
+"""Config composition, overrides, every rejection path, redaction (the CLI's side: tests/cli)."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from side4video.config import load_config, redacted, schema_fields, to_yaml
 from side4video.errors import UserError
@@ -112,59 +109,3 @@ def test_every_field_has_help_and_every_shipped_config_loads():
     assert len(shipped) >= 15
     for path in shipped:
         load_config(path)  # none of them may have a stale key
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "side4video.cli", *args], capture_output=True, text=True, cwd=REPO)
-
-
-def test_cli_config_prints_yaml_with_override():
-    out = run_cli("config", "configs/demo.yaml", "train.lr=0.5")
-    assert out.returncode == 0, out.stderr
-    assert yaml.safe_load(out.stdout)["train"]["lr"] == 0.5
-
-
-@pytest.mark.parametrize(
-    "args, needle",
-    [
-        (("config", "configs/demo.yaml", "train.lrr=1"), "train.lr"),
-        (("config", "configs/demo.yaml", "train.lr=abc"), "train.lr"),
-        (("config", "configs/nope.yaml"), "nope.yaml"),
-        (("trian",), "invalid choice"),
-        (("plan",), "config"),
-        (("make-shards", "--format", "k400"), "--list"),
-        (("predict", "/no-such-export", "/no-such-video.webm"), "not found"),  # imports DeepSpeed: no notice lines
-    ],
-)
-def test_cli_bad_input_is_one_line_exit_2(args, needle):
-    out = run_cli(*args)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], out.stderr
-    assert lines[0].startswith("side4video: error: ") and not lines[0].startswith("side4video: error: side4video")
-    assert "Traceback" not in out.stderr
-
-
-def test_cli_help_for_every_command():
-    from side4video.cli.main import build_parser
-
-    commands = build_parser()._subparsers._group_actions[0].choices
-    expected = {
-        "make-shards",
-        "inspect",
-        "make-synthetic",
-        "train",
-        "eval",
-        "predict",
-        "submit",
-        "plan",
-        "bench",
-        "convert-official",
-        "config",
-        "demo",
-    }
-    assert expected <= set(commands)
-    assert run_cli("--help").returncode == 0
-    for name in sorted(expected):
-        out = run_cli(name, "--help")
-        assert out.returncode == 0 and "example:" in out.stdout, name

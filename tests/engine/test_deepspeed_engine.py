@@ -18,6 +18,8 @@ import pytest
 from side4video.distributed import free_port
 from tests.support import DEMO, REPO
 
+pytestmark = pytest.mark.slow  # side4video runs in subprocesses (DeepSpeed engines, launchers, servers)
+
 SCRIPT = textwrap.dedent("""
     import itertools, json, os, sys, torch
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")

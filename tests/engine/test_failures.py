@@ -15,6 +15,8 @@ from side4video.data.manifest import MANIFEST_NAME
 from side4video.distributed import free_port
 from tests.support.engine import DEMO, REPO, run_cli, summary, tiny_overrides, train_rows
 
+pytestmark = pytest.mark.slow  # side4video runs in subprocesses (DeepSpeed engines, launchers, servers)
+
 
 @pytest.fixture(scope="module")
 def one_shard(tmp_path_factory) -> str:
@@ -51,7 +53,6 @@ def test_a_reader_thread_error_ends_the_run_in_one_line(one_shard, motion_data, 
     assert time.time() - started < 90
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_one_ranks_loader_failing_ends_both_ranks(motion_data, tmp_path):
     """Rank 1's second shard is missing: rank 1 stops with that line, rank 0 learns it at the same
@@ -105,7 +106,6 @@ NAN_ON_RANK_1 = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_both(motion_data, tmp_path):
     driver = tmp_path / "nan_on_rank1.py"

@@ -21,6 +21,8 @@ from side4video.distributed import launch_command
 from tests.support.data import FaultyProxy
 from tests.support.engine import DEMO, REPO, run_cli, summary, tiny_overrides, train_rows, train_steps
 
+pytestmark = pytest.mark.slow  # side4video runs in subprocesses (DeepSpeed engines, launchers, servers)
+
 
 def _latest_step(run: Path) -> int:
     return int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])

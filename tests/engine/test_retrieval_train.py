@@ -17,6 +17,8 @@ from tests.support.engine import (
     train_steps,
 )
 
+pytestmark = pytest.mark.slow  # side4video runs in subprocesses (DeepSpeed engines, launchers, servers)
+
 RECALL_KEYS = {"R1", "R5", "R10", "MedianR", "MeanR"}
 
 
@@ -72,7 +74,6 @@ def test_retrieval_trains_resumes_mid_epoch_and_evaluates(caption_data, tmp_path
     assert again["t2v"] == report["t2v"] and again["v2t"] == report["v2t"]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_retrieval_two_ranks_zero3_train_and_eval(caption_data, tmp_path):
     """2 ranks under ZeRO-3 + offload: the gathered batch trains, every caption and video is

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from tests.support.engine import DEMO, VAL_VIDEOS, run_cli, summary, tiny_overrides, train_losses, train_rows
 
+pytestmark = pytest.mark.slow  # side4video runs in subprocesses (DeepSpeed engines, launchers, servers)
+
 
 @pytest.mark.timeout(600)
 def test_train_writes_the_run_directory_then_eval_and_predict(motion_data, tmp_path):
@@ -93,7 +95,6 @@ def _backbone_unchanged(run_dir: Path, overrides) -> bool:
     return all(torch.equal(exported[f"backbone.{k}"], v.to(exported[f"backbone.{k}"].dtype)) for k, v in fresh.items())
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("stage, extra", [(1, []), (2, []), (3, ["deepspeed.offload_param=cpu"])])
 def test_two_rank_zero_stages_train_the_side_network_only(motion_data, tmp_path, stage, extra):
