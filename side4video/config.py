@@ -247,6 +247,11 @@ class TrainConfig:
     save_every: int = setting(0, "steps between checkpoints (0: at the end of each epoch)")
     keep_checkpoints: int = setting(3, "checkpoints kept (older ones deleted)")
     resume: str = setting("auto", "auto: from output_dir's latest checkpoint; none; or a checkpoint path")
+    keep_global_batch: bool = setting(
+        True,
+        "resuming on another number of ranks keeps the saved global batch by changing grad_accum "
+        "(false: the configured grad_accum, another global batch)",
+    )
     max_bad_steps: int = setting(5, "consecutive non-finite losses before stopping")
     export: bool = setting(True, "export model.safetensors + model.json at the end")
 

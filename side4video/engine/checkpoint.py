@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as torch_dist
 
+from side4video.engine import relayout
 from side4video.engine.collectives import barrier, is_distributed
 from side4video.errors import UserError
 from side4video.logs import get_logger
@@ -121,8 +122,12 @@ def _commit(root: Path, tmp_tag: str, tag: str) -> None:
 
 
 # --------------------------------------------------------------------------------- save / load
-def save(engine, output_dir: str | Path, step: int, client_state: Dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls it at the same step."""
+def save(
+    engine, output_dir: str | Path, step: int, client_state: Dict[str, Any], keep: int, layout: Dict[str, int]
+) -> Path:
+    """Collective: every rank calls it at the same step. `layout`: the run's ranks, batch and ZeRO
+    stage (engine/relayout.py); under ZeRO 1-3 the trained state is also written gathered, so
+    that any number of ranks can continue from it."""
     root = checkpoint_root(output_dir)
     tag = f"step_{step:07d}"
     tmp_tag = f".tmp-{tag}"
@@ -133,6 +138,11 @@ def save(engine, output_dir: str | Path, step: int, client_state: Dict[str, Any]
     engine.save_checkpoint(
         str(root), tag=tmp_tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
     )
+    trained = relayout.gather(engine) if layout["zero_stage"] >= 1 else None  # collective
+    if _rank() == 0:
+        relayout.write_layout(root / tmp_tag, layout)
+        if trained is not None:
+            torch.save({**trained, "trainer": client_state}, root / tmp_tag / relayout.TRAINED_STATE)
     barrier()  # every rank's shard is on disk before the folder becomes visible
     if _rank() == 0:
         _commit(root, tmp_tag, tag)
@@ -142,9 +152,24 @@ def save(engine, output_dir: str | Path, step: int, client_state: Dict[str, Any]
     return root / tag
 
 
-def load(engine, root: Path, tag: str) -> Dict[str, Any]:
+def load(engine, root: Path, tag: str, world_size: int) -> Dict[str, Any]:
     """Load the trained weights and optimizer state into the engine; return the trainer state
-    saved with them (for engine/state.py `TrainerState.load_state_dict`)."""
+    saved with them (for engine/state.py `TrainerState.load_state_dict`). A ZeRO checkpoint
+    written by another number of ranks is restored from its gathered copy (engine/relayout.py)."""
+    layout = relayout.read_layout(root / tag)
+    if layout and layout["world_size"] != world_size and layout["zero_stage"] >= 1:
+        saved = torch.load(root / tag / relayout.TRAINED_STATE, weights_only=True)
+        checked = relayout.restore(engine, saved)
+        log.info(
+            "restored %s/%s written by %d ranks on %d: %d tensors and the step counters "
+            "equal the saved ones bit for bit",
+            root.name,
+            tag,
+            layout["world_size"],
+            world_size,
+            checked,
+        )
+        return saved["trainer"]
     use_safe_loading(engine)
     path, client = engine.load_checkpoint(
         str(root), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False

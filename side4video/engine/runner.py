@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch
 from side4video import distributed
 from side4video.allocator import release_freed_memory
 from side4video.config import Config, to_yaml
-from side4video.engine import checkpoint, deepspeed_engine, export
+from side4video.engine import checkpoint, deepspeed_engine, export, relayout
 from side4video.engine.collectives import barrier
 from side4video.engine.factory import loader_from_config, run_precision
 from side4video.engine.metrics import held_bytes, rss_bytes
@@ -56,6 +56,7 @@ class Runner:
         self.task = task_for(cfg)
         self.model = self.task.build_model(self.device, self.precision, self._frozen_unit_placer())
         self.engine = None
+        self.resume_point: Optional[Tuple[Path, str]] = None  # the checkpoint training continues from
         self.memory_after_build: Dict[str, int] = {}  # this rank's RSS and backbone bytes once the engine is built
         self.train_loader = None
         self.val_loader = self._build_loader("val") if cfg.data.val.shards else None
@@ -90,6 +91,10 @@ class Runner:
         if not cfg.data.train.shards:
             raise UserError("data.train.shards is empty: give the training shard spec")
         self.train_loader = self._build_loader("train")
+        self.resume_point = checkpoint.resolve(cfg.train.resume, str(self.run_dir))
+        saved_layout = relayout.read_layout(Path(*self.resume_point)) if self.resume_point else None
+        if saved_layout:  # another number of ranks: the global batch is kept (engine/relayout.py)
+            relayout.keep_global_batch(cfg, saved_layout, self.dist.world_size)
         if not self.class_names:
             self.class_names = list(getattr(self.train_loader, "class_names", None) or [])
         length = run_length(cfg.train, len(self.train_loader))
@@ -145,20 +150,21 @@ class Runner:
     # ------------------------------------------------------------------------------ checkpoints
     def save(self, state: TrainerState) -> Path:
         """Collective: the engine's files + the trainer state, then trainable.safetensors."""
+        layout = relayout.layout_of(self.cfg, self.dist.world_size)
         path = checkpoint.save(
-            self.engine, self.run_dir, state.step, state.state_dict(), self.cfg.train.keep_checkpoints
+            self.engine, self.run_dir, state.step, state.state_dict(), self.cfg.train.keep_checkpoints, layout
         )
         export.write_trainable(self.engine, path, self.cfg.deepspeed.zero_stage, self.is_main)
         barrier()
         return path
 
     def resume(self, state: TrainerState) -> Optional[Path]:
-        """Restore `latest` (or train.resume) into the engine and `state`; None for a fresh start."""
-        found = checkpoint.resolve(self.cfg.train.resume, str(self.run_dir))
-        if found is None:
+        """Restore `latest` (or train.resume, found by build_training) into the engine and `state`;
+        None for a fresh start."""
+        if self.resume_point is None:
             return None
-        root, tag = found
-        saved = checkpoint.load(self.engine, root, tag)
+        root, tag = self.resume_point
+        saved = checkpoint.load(self.engine, root, tag, self.dist.world_size)
         # loading an optimizer replaces its groups with the saved ones: the task's scales are the
         # truth (a checkpoint written before groups carried lr_scale has none)
         for group, scale in zip(self.engine.optimizer.param_groups, self.lr_scales):
