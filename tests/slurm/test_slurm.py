@@ -14,7 +14,7 @@ import pytest
 from side4video.config import load_config
 from side4video.slurm import follow, submit_job
 from tests.support.data import BUCKET, FaultyProxy
-from tests.support.engine import train_rows
+from tests.support.engine import train_rows, train_steps
 from tests.support.slurm import (
     REPO,
     WaitForStop,
@@ -337,3 +337,30 @@ def test_failed_job_exit_status_and_reason(slurm_cluster, tmp_path):  # noqa: F8
     job_id = job_id_from(done.stdout)
     assert f"job {job_id} failed: side4video.errors.UserError:" in done.stderr and str(missing) in done.stderr
     assert slurm_cluster.job_info(job_id)["JobState"] == "FAILED"
+
+
+@pytest.mark.timeout(900)
+def test_a_stopped_two_node_job_continues_as_one_task(slurm_cluster, slurm_data, tmp_path):  # noqa: F811
+    """2 nodes x 1 task (ZeRO-2) stopped after a save, the same config resubmitted as 1 node x 1
+    task: the run continues from the 2-rank checkpoint with the global batch kept and logs every
+    step once."""
+    run_dir = tmp_path / "run"
+    two_nodes = ("slurm.nodes=2", "slurm.tasks_per_node=1", "deepspeed.zero_stage=2")
+    side4video(
+        slurm_cluster,
+        "submit",
+        "configs/demo.yaml",
+        *train_overrides(slurm_data, run_dir, *two_nodes, "train.stop_at_step=6"),
+        "--wait",
+    )
+    assert checkpoint_steps(run_dir)[-1] == 6 and train_steps(run_dir) == list(range(1, 7))
+    one_task = ("slurm.nodes=1", "slurm.tasks_per_node=1", "deepspeed.zero_stage=2")
+    done = side4video(
+        slurm_cluster, "submit", "configs/demo.yaml", *train_overrides(slurm_data, run_dir, *one_task), "--wait"
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resuming 2 ranks -> 1: grad_accum 1 -> 2, global batch 4 kept" in done.stderr
+    assert "written by 2 ranks on 1" in done.stderr
+    result = summary(run_dir)
+    assert result["status"] == "finished" and result["world_size"] == 1 and result["steps"] == 24
+    assert train_steps(run_dir) == list(range(1, 25))  # every step once, across the two jobs
