@@ -17,7 +17,7 @@ from side4video import distributed
 from side4video.allocator import release_freed_memory
 from side4video.config import Config, to_yaml
 from side4video.engine import checkpoint, deepspeed_engine, export, relayout
-from side4video.engine.collectives import barrier
+from side4video.engine.collectives import all_gather_objects, barrier
 from side4video.engine.factory import loader_from_config, run_precision
 from side4video.engine.metrics import held_bytes, rss_bytes
 from side4video.engine.schedule import RunLength, run_length
@@ -145,15 +145,19 @@ class Runner:
         return self.model.backbone.fingerprint()
 
     def trainer_state(self) -> TrainerState:
-        return TrainerState(loader=self.train_loader, fingerprint=self.fingerprint())
+        return TrainerState(
+            loader=self.train_loader,
+            fingerprint=self.fingerprint(),
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
 
     # ------------------------------------------------------------------------------ checkpoints
     def save(self, state: TrainerState) -> Path:
         """Collective: the engine's files + the trainer state, then trainable.safetensors."""
         layout = relayout.layout_of(self.cfg, self.dist.world_size)
-        path = checkpoint.save(
-            self.engine, self.run_dir, state.step, state.state_dict(), self.cfg.train.keep_checkpoints, layout
-        )
+        client = {**state.state_dict(), "loader_positions": all_gather_objects(state.loader_position)}
+        path = checkpoint.save(self.engine, self.run_dir, state.step, client, self.cfg.train.keep_checkpoints, layout)
         export.write_trainable(self.engine, path, self.cfg.deepspeed.zero_stage, self.is_main)
         barrier()
         return path

@@ -55,6 +55,8 @@ class TrainerState:
 
     loader: Any
     fingerprint: Dict[str, Any]
+    rank: int = 0  # whose loader position a resume restores (the checkpoint holds every rank's)
+    world_size: int = 1
     step: int = 0  # optimizer steps completed
     nonfinite_in_row: int = 0  # consecutive steps with a non-finite loss
     nonfinite_total: int = 0  # steps with a non-finite loss, over the whole run
@@ -93,9 +95,18 @@ class TrainerState:
         self.nonfinite_total = int(saved.get("bad_total" if version_1 else "nonfinite_total", 0))
         self.skipped_total = int(saved.get("skipped_total", 0))
         self.evals = list(saved.get("evals", []))
-        self.loader_position = dict(saved["data" if version_1 else "loader_position"])
+        self.loader_position = self._own_position(saved, version_1)
         self.loader.load_state_dict(self.loader_position)
         set_rng_state(saved["rng"])
+
+    def _own_position(self, saved: Dict[str, Any], version_1: bool) -> Dict[str, Any]:
+        """This rank's loader position when the checkpoint was written by as many ranks (each rank
+        has its own: bad samples skipped move one rank's stream further than another's); rank 0's
+        otherwise (the loader then sees another layout and resumes its epoch approximately)."""
+        every = saved.get("loader_positions") or []
+        if len(every) == self.world_size:
+            return dict(every[self.rank])
+        return dict(saved["data" if version_1 else "loader_position"])
 
 
 def _describe(fingerprint: Any) -> str:

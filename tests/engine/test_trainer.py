@@ -253,3 +253,15 @@ def test_trainer_state_of_version_1_loads(tmp_path):
     assert (state.nonfinite_in_row, state.nonfinite_total, state.loader_position) == (2, 3, {"position": 9})
     with pytest.raises(UserError, match="another frozen backbone"):
         TrainerState(loader=loader, fingerprint={"name": "other"}).load_state_dict(saved)
+
+
+def test_each_rank_resumes_its_own_loader_position():
+    """The checkpoint holds every rank's position (a rank that skipped bad samples has read further
+    in its stream); at the same world size each rank takes its own, at another rank 0's."""
+    saved = {**TrainerState(loader=FakeLoader({}), fingerprint={}).state_dict()}
+    saved["loader_position"] = {"position": 3}  # rank 0's, as every version wrote it
+    saved["loader_positions"] = [{"position": 3}, {"position": 5}]
+    for rank, world, expected in ((0, 2, 3), (1, 2, 5), (0, 1, 3), (2, 3, 3)):
+        loader = FakeLoader({})
+        TrainerState(loader=loader, fingerprint={}, rank=rank, world_size=world).load_state_dict(saved)
+        assert loader.position == expected, (rank, world)
