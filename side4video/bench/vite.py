@@ -46,7 +46,7 @@ QUICK_CASES = [  # a tiny EVA-shaped backbone: the benchmark's own smoke test
 QUICK_MODEL = ["model.backbone.width=128", "model.backbone.layers=4", "model.backbone.heads=2", "model.side.dim=64"]
 
 
-def _config_path(config: Optional[str]) -> Path:
+def find_config(config: Optional[str]) -> Path:
     if config:
         return Path(config)
     for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
@@ -55,7 +55,7 @@ def _config_path(config: Optional[str]) -> Path:
     raise UserError(f"bench vite: {CONFIG} not found (run from the side4video checkout, or give --config)")
 
 
-def _clips(folder: Path, size: int, frames: int) -> Path:
+def clips_for(folder: Path, size: int, frames: int) -> Path:
     from side4video.data.synthetic import make_synthetic
 
     data = folder / f"clips-{size}px-{frames}f"
@@ -67,7 +67,7 @@ def _clips(folder: Path, size: int, frames: int) -> Path:
     return data / "train" / "manifest.json"
 
 
-def _case_overrides(
+def case_overrides(
     run_dir: Path, shards: Path, size: int, frames: int, steps: int, cuda: bool, quick: bool
 ) -> List[str]:
     out = [
@@ -136,7 +136,7 @@ def _run_case(
 ) -> Dict:
     run_dir = work / name.split(":")[0]
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = _case_overrides(run_dir, _clips(work, size, frames), size, frames, steps, cuda, quick)
+    overrides = case_overrides(run_dir, clips_for(work, size, frames), size, frames, steps, cuda, quick)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks))),
@@ -169,9 +169,9 @@ def run(out: str, config: Optional[str] = None, overrides: Sequence[str] = (), q
         raise UserError("bench vite takes no overrides: its cases are fixed (see side4video/bench/vite.py)")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config_path = _config_path(config)
+    config_path = find_config(config)
     cuda = torch.cuda.is_available()
-    results = {"config": str(config_path), "host": _host(), "cuda": cuda, "quick": quick, "cases": []}
+    results = {"config": str(config_path), "host": host_info(), "cuda": cuda, "quick": quick, "cases": []}
     with tempfile.TemporaryDirectory(prefix="side4video-vite-") as tmp:
         for name, ranks, size, frames, steps in QUICK_CASES if quick else CASES:
             row = _run_case(config_path, name, ranks, size, frames, steps, Path(tmp), cuda, quick)
@@ -185,7 +185,7 @@ def run(out: str, config: Optional[str] = None, overrides: Sequence[str] = (), q
     return results
 
 
-def _host() -> Dict:
+def host_info() -> Dict:
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),

@@ -11,6 +11,7 @@ import argparse
 import sys
 from typing import Callable, Dict, List, Optional
 
+from side4video.bench import BENCHES
 from side4video.cli.configs import cmd_config, cmd_plan
 from side4video.cli.convert import cmd_convert_official
 from side4video.cli.data import cmd_inspect, cmd_make_shards, cmd_make_synthetic
@@ -235,9 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", cmd_bench, "benchmarks writing OUT/*.json, *.md and *.png", "side4video bench memory --out bench/")
     p.add_argument(
         "what",
-        choices=["data", "memory", "vite", "stream"],
+        choices=list(BENCHES),
         help="data: decode clips/s (DALI vs PyAV); memory: methods side by side; vite: EVA ViT-E/14 "
-        "training; stream: shard streaming MB/s from a folder, HTTP and S3 (readers vs raw clients)",
+        "training; stream: shard streaming MB/s from a folder, HTTP and S3 (readers vs raw clients); "
+        "checkpoint: ViT-E side network checkpoints, save and load on 1 and 2 ranks",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", default=None, help="config to benchmark (default: built-in small setup)")

@@ -152,6 +152,17 @@ def save(
     return root / tag
 
 
+def file_sizes(folder: Path) -> Dict[str, int]:
+    """Bytes of a checkpoint's parts: DeepSpeed's files, the gathered trained state, the rest."""
+    sizes = {"deepspeed_bytes": 0, "trained_state_bytes": 0, "other_bytes": 0}
+    for path in folder.rglob("*"):
+        if path.is_file():
+            part = "trained_state_bytes" if path.name == relayout.TRAINED_STATE else "other_bytes"
+            part = "deepspeed_bytes" if path.suffix == ".pt" and path.name != relayout.TRAINED_STATE else part
+            sizes[part] += path.stat().st_size
+    return sizes
+
+
 def load(engine, root: Path, tag: str, world_size: int) -> Dict[str, Any]:
     """Load the trained weights and optimizer state into the engine; return the trainer state
     saved with them (for engine/state.py `TrainerState.load_state_dict`). A ZeRO checkpoint

@@ -6,7 +6,9 @@ itself is evaluate.py.
 
 from __future__ import annotations
 
+import json
 import random
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -155,11 +157,15 @@ class Runner:
     # ------------------------------------------------------------------------------ checkpoints
     def save(self, state: TrainerState) -> Path:
         """Collective: the engine's files + the trainer state, then trainable.safetensors."""
+        started = time.perf_counter()
         layout = relayout.layout_of(self.cfg, self.dist.world_size)
         client = {**state.state_dict(), "loader_positions": all_gather_objects(state.loader_position)}
         path = checkpoint.save(self.engine, self.run_dir, state.step, client, self.cfg.train.keep_checkpoints, layout)
         export.write_trainable(self.engine, path, self.cfg.deepspeed.zero_stage, self.is_main)
         barrier()
+        if self.is_main:  # one JSON line: `side4video bench checkpoint` reads it
+            timing = {"tag": path.name, "ranks": self.dist.world_size, "seconds": time.perf_counter() - started}
+            log.info("checkpoint saved: %s", json.dumps({**timing, **checkpoint.file_sizes(path)}))
         return path
 
     def resume(self, state: TrainerState) -> Optional[Path]:
@@ -168,12 +174,16 @@ class Runner:
         if self.resume_point is None:
             return None
         root, tag = self.resume_point
+        started = time.perf_counter()
         saved = checkpoint.load(self.engine, root, tag, self.dist.world_size)
         # loading an optimizer replaces its groups with the saved ones: the task's scales are the
         # truth (a checkpoint written before groups carried lr_scale has none)
         for group, scale in zip(self.engine.optimizer.param_groups, self.lr_scales):
             group["lr_scale"] = scale
         state.load_state_dict(saved, where=f"checkpoint {root / tag}")
+        written_by = (relayout.read_layout(root / tag) or {}).get("world_size")
+        timing = {"tag": tag, "written_by": written_by, "ranks": self.dist.world_size}
+        log.info("checkpoint loaded: %s", json.dumps({**timing, "seconds": time.perf_counter() - started}))
         log.info("resumed from %s at step %d", root / tag, state.step)
         return root / tag
 

@@ -150,7 +150,7 @@ def test_two_gpu_nccl_zero3_step_of_a_tiny_eva(motion_data, tmp_path):
 def test_bench_vite_paper_input_beside_the_planner(tmp_path):
     from side4video.bench import vite
 
-    config = vite._config_path(None)
+    config = vite.find_config(None)
     row = vite._run_case(config, "c: 1 rank, 224 px x 8 frames", 1, 224, 8, 1, tmp_path, cuda=True, quick=False)
     measured = row["per_rank"][0]["peak_gpu_training_bytes"]
     planned = row["planned_peak_per_rank"]
