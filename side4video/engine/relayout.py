@@ -156,8 +156,10 @@ def restore(engine, saved: Dict[str, Any]) -> int:
         raise UserError(f"the checkpoint's trained parameters differ from this model's: {missing[:5]}")
     _materialise_optimizer_state(engine)
     if sorted(saved["moments"]) != _moment_keys(engine):
-        found = (_moment_keys(engine), len(_base_optimizer(engine).state))
-        raise UserError(f"the checkpoint's optimizer state {sorted(saved['moments'])} is not this optimizer's {found}")
+        raise UserError(
+            f"the checkpoint's optimizer state {sorted(saved['moments'])} is not this optimizer's "
+            f"{_moment_keys(engine)}: resume with the train.optimizer it was written with"
+        )
     for name, param in trained:
         device = param.device
         safe_set_full_fp32_param(param, saved["fp32"][name].to(device))
