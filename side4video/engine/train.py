@@ -153,8 +153,9 @@ class Trainer:
             if result.stopped:
                 return self._stop()
             self._record(step, result)
-            if self._epoch_ended(step) and self._evaluation_due(step) and self._evaluate() is None:
-                return self._stop()
+            if self._epoch_ended(step) and self._evaluation_due(step):
+                if self._evaluate() is None:  # a stop was agreed during it
+                    return self._stop()
             if self.saves.periodic_due(step):
                 self.saves.save(self.run, self.state)
             if step == self.cfg.train.stop_at_step and step < self.length.total_steps:
