@@ -124,15 +124,34 @@ def _materialise_optimizer_state(engine) -> None:
         group["lr"] = rate
 
 
+def _stepped(engine, trained: List[Tuple[str, nn.Parameter]]) -> List[bool]:
+    """Collective: for each trained parameter, whether the optimizer holds state for it on every
+    rank that owns part of it (torch creates state only for a partition that had a gradient at a
+    step; a group that never had one, e.g. an unused parameter, has none)."""
+    from side4video.engine.collectives import any_rank
+
+    zero, base = engine.optimizer, _base_optimizer(engine)
+    missing = []
+    for _, param in trained:
+        if hasattr(param, "ds_id"):  # ZeRO-3: the sub-group's flat fp32 partition
+            group = zero.grad_position[zero.get_param_id(param)][0]
+            missing.append(not base.state.get(zero.fp32_partitioned_groups_flat[group]))
+        else:  # ZeRO-1/2: this rank's fragment of it, if it owns one
+            mapping = getattr(param, "_hp_mapping", None)
+            missing.append(mapping is not None and not getattr(mapping, "optim_fragment", None))
+    return [not m for m in any_rank(*missing)] if missing else []
+
+
 def gather(engine) -> Dict[str, Any]:
     """Collective (ZeRO 1-3): the whole trained state by parameter name, on the CPU of every rank."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    keys = _moment_keys(engine)
+    keys, trained = _moment_keys(engine), _trained(engine)
+    stepped = _stepped(engine, trained)
     state: Dict[str, Any] = {"fp32": {}, "moments": {key: {} for key in keys}}
-    for name, param in _trained(engine):
+    for (name, param), has_state in zip(trained, stepped):
         state["fp32"][name] = safe_get_full_fp32_param(param).detach().cpu().clone()
-        for key in keys:
+        for key in keys if has_state else ():  # a parameter the optimizer never stepped has no state yet
             state["moments"][key][name] = safe_get_full_optimizer_state(param, key).detach().cpu().clone()
     steps = {int(s["step"]) for s in _base_optimizer(engine).state.values() if "step" in s}
     if len(steps) > 1:
@@ -164,7 +183,8 @@ def restore(engine, saved: Dict[str, Any]) -> int:
         device = param.device
         safe_set_full_fp32_param(param, saved["fp32"][name].to(device))
         for key, values in saved["moments"].items():
-            safe_set_full_optimizer_state(param, values[name].to(device), key)
+            if name in values:
+                safe_set_full_optimizer_state(param, values[name].to(device), key)
         _set_module_weight(param, saved["fp32"][name])
     for s in _base_optimizer(engine).state.values():
         if "step" in s:
@@ -210,6 +230,7 @@ def _verify(engine, saved: Dict[str, Any]) -> int:
     now = gather(engine)
     checked = 0
     parts = {"fp32": (now["fp32"], saved["fp32"])}
+    # (a parameter never stepped before the save has state now, materialised: nothing to compare)
     parts.update({key: (now["moments"][key], values) for key, values in saved["moments"].items()})
     for part, (restored, expected) in parts.items():
         for name, tensor in expected.items():
