@@ -56,38 +56,26 @@ def cmd_demo(args) -> int:
     return run_demo(args.out, nproc=args.nproc, videos=args.videos, fresh=args.fresh)
 
 
+def _demo_data(data: Path, videos: int, val_videos: int, *extra: str) -> List[str]:
+    """The demo's generated clips (made once, 8 classes of 16 frames at 32 px) and the overrides
+    that point a run at them."""
+    if not (data / "val" / "manifest.json").is_file():
+        size = ["--classes", "8", "--frames", "16", "--size", "32", "--workers", "2"]
+        counts = ["--videos", str(videos), "--val-videos", str(val_videos)]
+        _run([sys.executable, "-m", "side4video.cli", "make-synthetic", str(data), *extra, *counts, *size])
+    return [
+        f"data.train.shards={data / 'train' / 'manifest.json'}",
+        f"data.val.shards={data / 'val' / 'manifest.json'}",
+    ]
+
+
 def run_demo(out: str = "runs/demo", nproc: int = 2, videos: int = 1024, fresh: bool = False) -> int:
     out_dir = Path(out)
     if fresh and out_dir.exists():
         shutil.rmtree(out_dir)
     data = out_dir / "data"
     config = str(find_config())
-    if not (data / "val" / "manifest.json").is_file():
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "side4video.cli",
-                "make-synthetic",
-                str(data),
-                "--videos",
-                str(videos),
-                "--val-videos",
-                str(max(videos // 8, 16)),
-                "--classes",
-                "8",
-                "--frames",
-                "16",
-                "--size",
-                "32",
-                "--workers",
-                "2",
-            ]
-        )
-    shards = [
-        f"data.train.shards={data / 'train' / 'manifest.json'}",
-        f"data.val.shards={data / 'val' / 'manifest.json'}",
-    ]
+    shards = _demo_data(data, videos, max(videos // 8, 16))
     for method in METHODS:
         run_dir = out_dir / method
         if _finished(run_dir):
@@ -161,33 +149,7 @@ def run_retrieval_demo(out: str = "runs/demo", nproc: int = 2, fresh: bool = Fal
         shutil.rmtree(out_dir)
     data = out_dir / "data"
     config = str(find_config("demo_retrieval.yaml"))
-    if not (data / "val" / "manifest.json").is_file():
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "side4video.cli",
-                "make-synthetic",
-                str(data),
-                "--captions",
-                "--videos",
-                str(RETRIEVAL_VIDEOS),
-                "--val-videos",
-                str(RETRIEVAL_VAL_VIDEOS),
-                "--classes",
-                "8",
-                "--frames",
-                "16",
-                "--size",
-                "32",
-                "--workers",
-                "2",
-            ]
-        )
-    shards = [
-        f"data.train.shards={data / 'train' / 'manifest.json'}",
-        f"data.val.shards={data / 'val' / 'manifest.json'}",
-    ]
+    shards = _demo_data(data, RETRIEVAL_VIDEOS, RETRIEVAL_VAL_VIDEOS, "--captions")
     for name, method in RETRIEVAL_RUNS:
         run_dir = out_dir / name
         if _finished(run_dir):

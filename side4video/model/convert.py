@@ -114,7 +114,20 @@ def official_config(sd: Dict[str, torch.Tensor]) -> Dict:
     return config
 
 
-_OFFICIAL_NAMES = {(768, 12, 32): "ViT-B-32", (768, 12, 16): "ViT-B-16", (1024, 24, 14): "ViT-L-14"}
+OFFICIAL_NAMES = {(768, 12, 32): "ViT-B-32", (768, 12, 16): "ViT-B-16", (1024, 24, 14): "ViT-L-14"}
+
+
+def official_backbone_args(width: int, layers: int, heads: int, patch: int, image_size: int) -> BackboneArgs:
+    """The reference's CLIP ViT (QuickGELU): its open_clip name when the shape is a standard one,
+    else the same shape as overrides of ViT-B-16."""
+    name = OFFICIAL_NAMES.get((width, layers, patch))
+    named = name is not None and heads == width // 64
+    return BackboneArgs(
+        name=name if named else "ViT-B-16",
+        quick_gelu=True,
+        arch_overrides={} if named else {"width": width, "layers": layers, "heads": heads, "patch_size": patch},
+        image_size=image_size,
+    )
 
 
 def official_model_args(config: Dict, sd: Optional[Dict[str, torch.Tensor]] = None) -> ModelArgs:
@@ -122,8 +135,6 @@ def official_model_args(config: Dict, sd: Optional[Dict[str, torch.Tensor]] = No
     if sd is not None and is_official_eva(sd):
         return official_eva_model_args(config, sd)
     width, layers, patch, heads = (int(config[k]) for k in ("width", "layers", "patch_size", "heads"))
-    name = _OFFICIAL_NAMES.get((width, layers, patch))
-    named = name is not None and heads == width // 64
     side_layers: object = "all"
     if sd is not None:  # the reference may start its side network after a few layers
         n = len({k.split(".")[3] for k in unwrap_official(sd) if k.startswith("visual.transformer.side_linears.")})
@@ -134,12 +145,7 @@ def official_model_args(config: Dict, sd: Optional[Dict[str, torch.Tensor]] = No
         num_classes=int(config.get("num_classes", 400)),
         precision=Precision(fp32, fp32, fp32, fp32),
         method="side4video",
-        backbone=BackboneArgs(
-            name=name if named else "ViT-B-16",
-            quick_gelu=True,
-            arch_overrides={} if named else {"width": width, "layers": layers, "heads": heads, "patch_size": patch},
-            image_size=int(config["image_size"]),
-        ),
+        backbone=official_backbone_args(width, layers, heads, patch, int(config["image_size"])),
         side=SideArgs(
             dim=int(config["side_dim"]), layers=side_layers, variant="clip", heads=int(config.get("side_heads", 0))
         ),
@@ -189,7 +195,6 @@ _RETRIEVAL_RULES = [
     (r"^(text|video)_weight_fc\.([02])\.", r"\1_weight_fc.\2."),
 ]
 _RETRIEVAL_COMPILED = [(re.compile(p), r) for p, r in _RETRIEVAL_RULES]
-OFFICIAL_NAMES = _OFFICIAL_NAMES
 
 
 def is_official_retrieval(obj) -> bool:

@@ -325,13 +325,11 @@ def retrieval_encoder_from_official(state_dict: Dict[str, torch.Tensor], config:
 
 def official_retrieval_args(config: Dict) -> RetrievalArgs:
     """Our arguments for a reference retrieval model of `config` (the WTI fixture's keys): fp32."""
-    from side4video.model.convert import OFFICIAL_NAMES
+    from side4video.model.convert import official_backbone_args
 
     width, layers, heads, patch = (
         int(config[k]) for k in ("vision_width", "vision_layers", "vision_heads", "patch_size")
     )
-    name = OFFICIAL_NAMES.get((width, layers, patch))
-    named = name is not None and heads == width // 64
     text = {
         "width": int(config["text_width"]),
         "layers": int(config["text_layers"]),
@@ -342,12 +340,7 @@ def official_retrieval_args(config: Dict) -> RetrievalArgs:
     return RetrievalArgs(
         precision=_FP32,
         method="side4video",
-        backbone=BackboneArgs(
-            name=name if named else "ViT-B-16",
-            quick_gelu=True,
-            arch_overrides={} if named else {"width": width, "layers": layers, "heads": heads, "patch_size": patch},
-            image_size=int(config["image_size"]),
-        ),
+        backbone=official_backbone_args(width, layers, heads, patch, int(config["image_size"])),
         side=SideArgs(
             dim=int(config["side_dim"]), layers="all", variant="clip", heads=int(config.get("side_heads", 0))
         ),
