@@ -316,7 +316,7 @@ class LoggingConfig:
     plots: bool = setting(True, "PNG plots of curves and the confusion matrix at the end")
     sample_keys: bool = setting(
         False,
-        "also log the keys of each logged step's clips (rank 0's) in metrics.jsonl: "
+        "also log the keys of each logged step's clips (every rank's, in rank order) in metrics.jsonl: "
         "checks of the data order, e.g. across a resume",
     )
 

@@ -20,6 +20,9 @@ workers) and every random parameter of a sample a pure function of (data.seed, e
 pass, view). The state is (epoch, batches handed to the trainer, position in the rank's stream
 after the last of them). Restoring it replays the epoch's compressed stream and skips the
 consumed samples without probing or decoding them, then yields exactly the remaining batches.
+Restored in another layout (world size, data.workers, seed, shuffle buffer), every rank's saved
+position says which samples were consumed and the rest of the epoch is shared by the new ranks,
+each sample once (data/remainder.py).
 
 Train epochs have the same number of batches on every rank (collectives never hang): the
 epoch length comes from the manifest's sample counts (or data.train.epoch_samples), and a rank
@@ -33,6 +36,7 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -42,6 +46,7 @@ from side4video.config import DataConfig
 from side4video.data import augment as A
 from side4video.data.captions import training_caption
 from side4video.data.decode import ClipDecoder, ClipRequest
+from side4video.data.remainder import Layer, Remainder, StreamLayout, remainder
 from side4video.data.sample import Sample
 from side4video.data.sampling import eval_indices, train_indices
 from side4video.data.stream import BadLog, RankStream, ShardSet, resolve_shards, seeded_rng, stable_hash
@@ -114,6 +119,8 @@ class VideoLoader:
         self.position = 0  # batches of this epoch handed to the consumer
         self._stream_pos = 0  # samples of the rank's stream behind those batches
         self._restored = False
+        self._layers: List[Layer] = []  # this epoch's earlier layouts (data/remainder.py)
+        self._remainder: Optional[Remainder] = None  # what this rank reads of the epoch after them
         self._bad = BadLog()
         self._unusable_in_row = 0  # unusable samples since the last usable one (producer thread)
         self.last_wait_s = 0.0
@@ -145,40 +152,67 @@ class VideoLoader:
         epoch = int(epoch)
         if self._restored and epoch == self.epoch:
             return
+        self._start_epoch(epoch)
+
+    def _start_epoch(self, epoch: int) -> None:
         self.epoch, self.position, self._stream_pos, self._restored = epoch, 0, 0, False
+        self._layers, self._remainder = [], None
+
+    @property
+    def layout(self) -> StreamLayout:
+        return StreamLayout.of(self.data, self.world_size)
 
     def state_dict(self) -> Dict[str, Any]:
         return {
             "epoch": self.epoch,
             "batches": self.position,
             "stream_pos": self._stream_pos,
-            "world_size": self.world_size,
             "rank": self.rank,
-            "workers": int(self.data.workers),
-            "seed": int(self.data.seed),
+            **asdict(self.layout),
+            "layers": [layer.as_dict() for layer in self._layers],
             "bad_samples": self.bad_samples[-MAX_BAD_KEYS_IN_STATE:],
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.position = int(state.get("batches", 0))
-        same_layout = (
-            state.get("world_size", self.world_size) == self.world_size
-            and state.get("workers", self.data.workers) == self.data.workers
-            and state.get("seed", self.data.seed) == self.data.seed
-        )
-        if "stream_pos" in state and same_layout:
-            self._stream_pos = int(state["stream_pos"])
+    def load_state_dict(self, state: Dict[str, Any], every_rank: Optional[Sequence[Dict[str, Any]]] = None) -> None:
+        """Continue behind `state` (this rank's). In another layout `every_rank` (all ranks' states,
+        in rank order, as the checkpoint holds them) says exactly what was consumed; without it
+        the epoch resumes approximately."""
+        self._start_epoch(int(state["epoch"]))
+        saved = StreamLayout.saved(state, self.layout)
+        self._layers = [Layer.from_dict(d) for d in state.get("layers", [])]
+        exact = every_rank is not None and len(every_rank) == saved.world_size and not self.data.resampled
+        if saved == self.layout and "stream_pos" in state:
+            self.position, self._stream_pos = int(state.get("batches", 0)), int(state["stream_pos"])
+        elif exact and all(int(s["epoch"]) == self.epoch for s in every_rank):
+            self._layers.append(Layer(saved, tuple(int(s.get("stream_pos", 0)) for s in every_rank)))
         else:
-            # A different rank layout reads another stream: the exact position is lost; skip
-            # about as many samples as were consumed so the epoch keeps its length.
-            log.warning(
-                "data state from another layout (world size/workers/seed); resuming epoch %d approximately", self.epoch
-            )
+            # Only rank 0's position (an old checkpoint) or resampled shards: skip about as many
+            # samples as were consumed so the epoch keeps its length.
+            log.warning("data state from another layout; resuming epoch %d approximately", self.epoch)
+            self._layers = []
+            self.position = int(state.get("batches", 0))
             self._stream_pos = self.position * self.batch_size
-        for key in state.get("bad_samples", []):
-            self._bad.sample(key, "seen before the resume")
+        if self._layers:
+            self._remainder = remainder(self.shardset, self.data, self.epoch, self._layers, self.layout, self.rank)
+            if saved != self.layout:
+                self._announce_new_layout(saved)
+        for earlier in every_rank or [state]:
+            for key in earlier.get("bad_samples", []):
+                self._bad.sample(key, "seen before the resume")
         self._restored = True
+
+    def _announce_new_layout(self, saved: StreamLayout) -> None:
+        """The epoch's rest in this layout: as many batches as it fills (each sample once)."""
+        left = self._remainder.left
+        self.position = max(0, len(self) - math.ceil(left / (self.world_size * self.batch_size)))
+        log.info(
+            "data: epoch %d continues on %s (was %s): its %d unused samples in %d batches per rank, each once",
+            self.epoch,
+            self.layout.describe(),
+            saved.describe(),
+            left,
+            len(self) - self.position,
+        )
 
     def close(self) -> None:
         self._stop_producer()
@@ -200,7 +234,7 @@ class VideoLoader:
                 if self._restored:  # restored at the very end of an epoch: nothing left of it
                     self._restored = False
                     return
-                self.epoch, self.position, self._stream_pos = self.epoch + 1, 0, 0
+                self._start_epoch(self.epoch + 1)
         else:
             self.position, self._stream_pos = 0, 0
         self._restored = False
@@ -253,6 +287,7 @@ class VideoLoader:
     def _make_stream(self, epoch: int, stop: threading.Event) -> RankStream:
         """The rank's stream for `epoch`; `stop` (the producer's) ends it and its readers."""
         d = self.data
+        rest = self._remainder if self.train and epoch == self.epoch else None
         return RankStream(
             self.shardset,
             d,
@@ -268,6 +303,8 @@ class VideoLoader:
             allow_sample_split=not self.train,
             bad=self._bad,
             stop=stop,
+            plans=rest.plans if rest is not None else None,
+            layer=rest.layer if rest is not None else 0,
         )
 
     def decoder(self) -> ClipDecoder:

@@ -3,9 +3,13 @@
 Shard URLs in a manifest are relative to the manifest itself, so a dataset folder can be copied or
 uploaded whole. Layout:
 
-    {"version": 1, "shards": [{"url": "shard-000000.tar", "samples": 32, "bytes": 123456}, ...],
+    {"version": 1,
+     "shards": [{"url": "shard-000000.tar", "samples": 32, "bytes": 123456, "keys": ["...", ...]}, ...],
      "samples": 1024, "classes": ["...", ...], "num_classes": 8, "quarantine": [{"path", "reason"}],
      "format": "ssv2", "created": "2026-..."}
+
+A shard's `keys` (its samples' keys in tar order; optional) let a run resumed on another number of
+ranks place the samples consumed before without reading a shard (data/remainder.py).
 """
 
 from __future__ import annotations
@@ -41,7 +45,18 @@ def build_manifest(
 
 
 def dumps(manifest: Dict[str, Any]) -> str:
-    return json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
+    """Indented JSON with one line per shard (a shard's keys make it long; a line per key would
+    make a Kinetics manifest 240k lines)."""
+    shards = manifest["shards"]
+    text = json.dumps({**manifest, "shards": [i for i in range(len(shards))]}, indent=1, ensure_ascii=False)
+    lines = ",\n  ".join(json.dumps(s, ensure_ascii=False) for s in shards)
+    before, _, after = text.partition('"shards": [')
+    _, _, after = after.partition("]")
+    return (
+        f'{before}"shards": [\n  {lines}\n ]{after}\n'
+        if shards
+        else json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
+    )
 
 
 def parse_manifest(text: bytes | str, where: str) -> Dict[str, Any]:
@@ -61,6 +76,13 @@ def parse_manifest(text: bytes | str, where: str) -> Dict[str, Any]:
         samples = entry.get("samples")
         if samples is not None and (not isinstance(samples, int) or samples < 0):
             raise UserError(f"{where}: shards[{i}].samples must be a non-negative integer")
+        keys = entry.get("keys")
+        if keys is not None and not (
+            isinstance(keys, list)
+            and all(isinstance(k, str) for k in keys)
+            and (samples is None or len(keys) == samples)
+        ):
+            raise UserError(f"{where}: shards[{i}].keys must list the shard's {samples} sample keys")
         shards.append(entry)
     manifest["shards"] = shards
     classes = manifest.get("classes")

@@ -87,6 +87,7 @@ class ShardWriter:
             self.staging = self._tmp.name
         self.shards: List[Dict[str, Any]] = []
         self.keys = set()
+        self._shard_keys: List[str] = []  # the open shard's, in order (the manifest lists them)
         self._tar = None
         self._file = None
         self._count = 0
@@ -99,6 +100,7 @@ class ShardWriter:
         self._partial = os.path.join(self.staging, self._name() + ".partial")
         self._file = open(self._partial, "wb")
         self._tar = TarWriter(self._file, encoder=False, mtime=0)
+        self._shard_keys = []
         self._count = 0
         self._bytes = 0
 
@@ -117,7 +119,7 @@ class ShardWriter:
             except Exception as e:
                 raise UserError(f"cannot upload {name} to {self.out}: {e}") from None
             os.remove(final)
-        self.shards.append({"url": name, "samples": self._count, "bytes": size})
+        self.shards.append({"url": name, "samples": self._count, "bytes": size, "keys": self._shard_keys})
         self._tar = self._file = None
 
     def write(self, key: str, video_bytes: bytes, ext: str, meta: Dict[str, Any]) -> None:
@@ -141,6 +143,7 @@ class ShardWriter:
             self._open()
         self._tar.write({"__key__": key, ext: video_bytes, "json": meta_bytes})
         self.keys.add(key)
+        self._shard_keys.append(key)
         self._count += 1
         self._bytes += size
 

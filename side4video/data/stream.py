@@ -23,8 +23,8 @@ import tarfile
 import threading
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import braceexpand
 import numpy as np
@@ -49,6 +49,9 @@ class Shard:
     url: str
     samples: Optional[int] = None
     bytes: Optional[int] = None
+    # the sample keys in tar order, when the manifest lists them (make-shards writes them): where
+    # an interrupted epoch's samples are is then known without reading a shard (data/remainder.py)
+    keys: Optional[Tuple[str, ...]] = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -82,10 +85,17 @@ def _load_manifest(url: str, data_cfg: Optional[DataConfig]) -> ShardSet:
     except (FileNotFoundError, PermissionError) as e:
         raise UserError(f"cannot read manifest {url}: {e}") from None
     manifest = parse_manifest(text, url)
-    shards = [Shard(sources.join_url(url, s["url"]), s.get("samples"), s.get("bytes")) for s in manifest["shards"]]
+    shards = [
+        Shard(sources.join_url(url, s["url"]), s.get("samples"), s.get("bytes"), _keys(s.get("keys")))
+        for s in manifest["shards"]
+    ]
     if not shards:
         raise UserError(f"manifest {url} lists no shards")
     return ShardSet(shards, manifest.get("classes"), url)
+
+
+def _keys(keys: Optional[Sequence[str]]) -> Optional[Tuple[str, ...]]:
+    return None if keys is None else tuple(keys)
 
 
 def resolve_shards(spec, data_cfg: Optional[DataConfig] = None, what: str = "shard spec") -> ShardSet:
@@ -160,14 +170,22 @@ def epoch_shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> List[int]
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    """What one worker thread reads: (global shard index, shard) pairs, and for the sample-level
-    split (too few shards for every rank) which rank keeps which sample."""
+    """What one worker thread reads: (global shard index, shard) pairs; for the sample-level
+    split (too few shards for every rank) which rank keeps which sample; for the rest of an
+    interrupted epoch (data/remainder.py) the keys it keeps."""
 
     shards: Tuple[Tuple[int, Shard], ...]
     keep_rank: Optional[int] = None
     world: int = 1
+    keep_keys: Optional[FrozenSet[str]] = None
 
-    def keeps(self, shard_index: int, sample_index: int) -> bool:
+    @property
+    def filters(self) -> bool:
+        return self.keep_rank is not None or self.keep_keys is not None
+
+    def keeps(self, shard_index: int, sample_index: int, key: str) -> bool:
+        if self.keep_keys is not None and key not in self.keep_keys:
+            return False
         return self.keep_rank is None or (shard_index + sample_index) % self.world == self.keep_rank
 
 
@@ -324,10 +342,11 @@ def iter_shard(
     shard: Shard,
     data_cfg: Optional[DataConfig] = None,
     bad: Optional[BadLog] = None,
-    keep: Optional[Callable[[int], bool]] = None,
+    keep: Optional[Callable[[int, str], bool]] = None,
 ) -> Iterator[Sample]:
-    """Samples of one shard in order. Damaged samples are logged in `bad` and skipped; a
-    truncated or corrupt tar ends the shard early (logged); a missing shard is a UserError."""
+    """Samples of one shard in order (those `keep(position in the shard, key)` accepts). Damaged
+    samples are logged in `bad` and skipped; a truncated or corrupt tar ends the shard early
+    (logged); a missing shard is a UserError."""
     bad = bad if bad is not None else BadLog()
     try:
         fileobj = sources.open_url(shard.url, data_cfg)
@@ -340,7 +359,7 @@ def iter_shard(
     def finish(k, members):
         nonlocal count, position
         position += 1
-        if keep is not None and not keep(position):
+        if keep is not None and not keep(position, k):
             return None
         try:
             sample = sample_from_members(k, shard.url, members)
@@ -382,7 +401,45 @@ def iter_shard(
 
 
 # ------------------------------------------------------------------------------- rank stream
-_PASS_END = object()
+PASS_END = object()  # a worker's pass over its shards is over (then the next pass, or END)
+
+
+def shuffle_pass(items: Iterable, buffer: int, seed: int, epoch: int, rank: int, worker: int, pass_: int, layer: int):
+    """One worker's pass through its shuffle buffer, seeded by integers. Layer 0 is an epoch read
+    from its start; layer L > 0 the rest of an epoch after the L-th change of rank layout
+    (data/remainder.py). The buffer draws depend on positions only, never on the items, so the
+    same call over keys instead of samples gives the same order (remainder.py simulates it)."""
+    if buffer <= 1:
+        return iter(items)
+    ints = (seed, epoch, rank, worker, pass_) + ((layer,) if layer else ())
+    rng = random.Random(int(seeded_rng(*ints).integers(1 << 62)))
+    return wds_shuffle(buffer, buffer, rng=rng)(iter(items))
+
+
+def merge_round_robin(takes: Sequence[Callable[[], object]], on_empty_pass: Optional[Callable[[], None]] = None):
+    """The workers' items merged one from each in worker order. `takes[w]()` returns worker w's
+    next item, PASS_END after each pass, END after its last. A worker at PASS_END waits until
+    all have reached theirs, so passes never mix; an all-empty pass calls `on_empty_pass`."""
+    workers = len(takes)
+    parked, done = [False] * workers, [False] * workers
+    in_pass = 0
+    while not all(done):
+        for w in range(workers):
+            if done[w] or parked[w]:
+                continue
+            item = takes[w]()
+            if item is PASS_END:
+                parked[w] = True
+            elif item is END:
+                done[w] = True
+            else:
+                in_pass += 1
+                yield item
+        if all(p or d for p, d in zip(parked, done)):
+            if in_pass == 0 and on_empty_pass is not None and not all(done):
+                on_empty_pass()
+            parked = [False] * workers
+            in_pass = 0
 
 
 class RankStream:
@@ -391,6 +448,7 @@ class RankStream:
     `infinite=True` (training) starts another pass over the rank's shards when all workers have
     finished one; every sample carries its position `index` in this stream and its pass
     `occurrence`. `resampled=True` draws shards with replacement instead (always endless).
+    `plans` (with `layer` > 0) reads the rest of an interrupted epoch instead (data/remainder.py).
 
     Each reader hands its samples over through its own `Handoff` (threads.py): a reader's
     exception is raised by the iteration, and `stop` (the consumer's event) or `close()` ends it
@@ -415,12 +473,17 @@ class RankStream:
         bad: Optional[BadLog] = None,
         queue_size: int = 8,
         stop: Optional[threading.Event] = None,
+        plans: Optional[List[WorkerPlan]] = None,
+        layer: int = 0,
     ):
         self.shardset, self.data_cfg = shardset, data_cfg
         self.epoch, self.rank, self.world, self.seed = int(epoch), int(rank), int(world), int(seed)
         self.shuffle_buffer, self.infinite, self.resampled = int(shuffle_buffer), infinite or resampled, resampled
+        self.layer = int(layer)
         self.bad = bad if bad is not None else BadLog()
-        if resampled:
+        if plans is not None:
+            self.plans = list(plans)
+        elif resampled:
             self.plans = [WorkerPlan(()) for _ in range(max(1, workers))]
         else:
             self.plans = plan_workers(
@@ -456,23 +519,29 @@ class RankStream:
         for shard_index, shard in self._pass_shards(worker, pass_):
             if self._handoffs[worker].closed:
                 return
-            keep = (lambda i, si=shard_index, p=plan: p.keeps(si, i)) if plan.keep_rank is not None else None
+            keep = (lambda i, key, si=shard_index, p=plan: p.keeps(si, i, key)) if plan.filters else None
             yield from iter_shard(shard, self.data_cfg, self.bad, keep=keep)
 
     def _produce(self, worker: int) -> None:
-        """One reader: its passes, each ended by _PASS_END (the hand-off adds END or the failure)."""
+        """One reader: its passes, each ended by PASS_END (the hand-off adds END or the failure)."""
         out = self._handoffs[worker]
         passes = itertools.count() if self.infinite else range(1)
         for pass_ in passes:
-            samples = self._pass_samples(worker, pass_)
-            if self.shuffle_buffer > 1:
-                rng = random.Random(int(seeded_rng(self.seed, self.epoch, self.rank, worker, pass_).integers(1 << 62)))
-                samples = wds_shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+            samples = shuffle_pass(
+                self._pass_samples(worker, pass_),
+                self.shuffle_buffer,
+                self.seed,
+                self.epoch,
+                self.rank,
+                worker,
+                pass_,
+                self.layer,
+            )
             for sample in samples:
                 sample.occurrence = pass_
                 if not out.put(sample):
                     return
-            if not out.put(_PASS_END):
+            if not out.put(PASS_END):
                 return
 
     # -- the merge ---------------------------------------------------------------------------
@@ -482,35 +551,19 @@ class RankStream:
         self._started = True
         for w, handoff in enumerate(self._handoffs):
             handoff.start(lambda w=w: self._produce(w), name=f"shard-reader-{self.rank}-{w}")
-        parked = [False] * self.workers
-        done = [False] * self.workers
-        index = 0
-        in_pass = 0
         try:
-            while not all(done):
-                for w in range(self.workers):
-                    if done[w] or parked[w]:
-                        continue
-                    item = self._handoffs[w].get()
-                    if item is _PASS_END:
-                        parked[w] = True
-                    elif item is END:
-                        done[w] = True
-                    else:
-                        item.index = index
-                        index += 1
-                        in_pass += 1
-                        yield item
-                if all(p or d for p, d in zip(parked, done)):
-                    if self.infinite and in_pass == 0:
-                        raise UserError(
-                            f"rank {self.rank}: its shards yielded no usable sample in a whole pass "
-                            f"({len(self.bad.samples)} bad samples, {len(self.bad.shards)} damaged shards)"
-                        )
-                    parked = [False] * self.workers
-                    in_pass = 0
+            merged = merge_round_robin([h.get for h in self._handoffs], self._empty_pass if self.infinite else None)
+            for index, sample in enumerate(merged):
+                sample.index = index
+                yield sample
         finally:
             self.close()
+
+    def _empty_pass(self) -> None:
+        raise UserError(
+            f"rank {self.rank}: its shards yielded no usable sample in a whole pass "
+            f"({len(self.bad.samples)} bad samples, {len(self.bad.shards)} damaged shards)"
+        )
 
     def close(self) -> None:
         """Stop the readers: close every hand-off first (no reader stays blocked), then join."""

@@ -95,17 +95,17 @@ class TrainerState:
         self.nonfinite_total = int(saved.get("bad_total" if version_1 else "nonfinite_total", 0))
         self.skipped_total = int(saved.get("skipped_total", 0))
         self.evals = list(saved.get("evals", []))
-        self.loader_position = self._own_position(saved, version_1)
-        self.loader.load_state_dict(self.loader_position)
+        every = [dict(p) for p in saved.get("loader_positions") or []]
+        self.loader.load_state_dict(self._own_position(saved, every, version_1), every_rank=every or None)
+        self.loader_position = self.loader.state_dict()
         set_rng_state(saved["rng"])
 
-    def _own_position(self, saved: Dict[str, Any], version_1: bool) -> Dict[str, Any]:
+    def _own_position(self, saved: Dict[str, Any], every: List[Dict[str, Any]], version_1: bool) -> Dict[str, Any]:
         """This rank's loader position when the checkpoint was written by as many ranks (each rank
         has its own: bad samples skipped move one rank's stream further than another's); rank 0's
-        otherwise (the loader then sees another layout and resumes its epoch approximately)."""
-        every = saved.get("loader_positions") or []
+        otherwise (the loader then places the epoch's rest from every rank's position)."""
         if len(every) == self.world_size:
-            return dict(every[self.rank])
+            return every[self.rank]
         return dict(saved["data" if version_1 else "loader_position"])
 
 

@@ -251,8 +251,8 @@ class Trainer:
                 **figures,
                 "epoch": round(step / self.length.steps_per_epoch, 4),
             }
-            if self.cfg.logging.sample_keys:
-                row["keys"] = result.keys
+            if self.cfg.logging.sample_keys:  # every rank's, in rank order (collective: all ranks log this step)
+                row["keys"] = [key for keys in all_gather_objects(result.keys) for key in keys]
             self.metrics.log("train", step, row)
 
     # ------------------------------------------------------------------------------ evaluation

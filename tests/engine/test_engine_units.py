@@ -146,7 +146,7 @@ class _Loader:
     def state_dict(self):
         return {"batches": self.position}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state, every_rank=None):
         self.position = state["batches"]
 
 

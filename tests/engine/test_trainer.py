@@ -95,7 +95,7 @@ class FakeLoader:
     def state_dict(self) -> Dict[str, Any]:
         return {"position": self.position}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: Dict[str, Any], every_rank=None) -> None:
         self.position = state["position"]
 
 

@@ -1,16 +1,22 @@
 """A run continued on another number of ranks (real DeepSpeed engines, ZeRO-2 and ZeRO-3): 2 ranks,
-then 1, then 2 again, in one run directory. The trained state comes back bit for bit at each
-change (checked by the loader itself, which says so), the global batch is kept by changing
-grad_accum, and every step is logged once."""
+then 1, then 2 again, in one run directory, each stop in the middle of the data epoch. The trained
+state comes back bit for bit at each change (checked by the loader itself, which says so), the
+global batch is kept by changing grad_accum, the epoch's samples are each used once, and every
+step is logged once."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from tests.support.engine import DEMO, run_cli, tiny_overrides, train_steps
+from tests.support.engine import DEMO, run_cli, tiny_overrides, train_rows, train_steps
 
 pytestmark = pytest.mark.slow  # side4video runs in subprocesses (DeepSpeed engines, launchers, servers)
+
+
+def _epoch_keys(manifest: str) -> list:
+    return [key for shard in json.loads(Path(manifest).read_text())["shards"] for key in shard["keys"]]
 
 
 def _config(run: Path) -> dict:
@@ -31,6 +37,8 @@ def test_two_ranks_then_one_then_two_keep_the_state_and_the_global_batch(motion_
         "train.eval_every=0",
         "train.export=false",
         "logging.tensorboard=false",
+        "logging.sample_keys=true",
+        "data.workers=2",
     ]
     # stopped at an odd step: the 1-rank run must count its micro-batches at grad_accum 2 from there
     run_cli(["train", DEMO, *tiny_overrides(motion_data, run, *common, "train.stop_at_step=3")], nproc=2)
@@ -48,6 +56,10 @@ def test_two_ranks_then_one_then_two_keep_the_state_and_the_global_batch(motion_
     assert train_steps(run) == list(range(1, 7))  # every step logged once across the three runs
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["world_size"] == 2 and summary["steps"] == 6
+    # the 6 steps of 4 clips are the data epoch: each of its 24 samples once, on whichever ranks
+    used = Counter(key for row in train_rows(run) for key in row["keys"])
+    assert used == Counter({key: 1 for key in _epoch_keys(motion_data["train"])}), used
+    assert "data: epoch 0 continues on 1 rank(s) x 2 worker(s) (was 2 rank(s) x 2 worker(s))" in one.stderr
 
 
 def test_a_global_batch_that_cannot_be_kept_is_refused_in_one_line(motion_data, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -364,3 +365,7 @@ def test_a_stopped_two_node_job_continues_as_one_task(slurm_cluster, slurm_data,
     result = summary(run_dir)
     assert result["status"] == "finished" and result["world_size"] == 1 and result["steps"] == 24
     assert train_steps(run_dir) == list(range(1, 25))  # every step once, across the two jobs
+    # steps 1-8 are the first data epoch, stopped at 6: its 32 samples each once across the jobs
+    assert "data: epoch 0 continues on 1 rank(s) x 1 worker(s) (was 2 rank(s) x 1 worker(s))" in done.stderr
+    used = Counter(key for row in train_rows(run_dir)[:8] for key in row["keys"])
+    assert len(used) == 32 and set(used.values()) == {1}, used
