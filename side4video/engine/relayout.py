@@ -107,18 +107,22 @@ def _materialise_optimizer_state(engine) -> None:
     rates = [group["lr"] for group in base.param_groups]
     for group in base.param_groups:
         group["lr"] = 0.0
+    # With offload_optimizer a flat partition's .grad is DeepSpeed's own (pinned) gradient buffer,
+    # which its backward writes into: it is put back afterwards, not dropped.
     if hasattr(zero, "sub_group_to_group_id"):  # ZeRO-3 hands the optimizer one sub-group at a time
         for index, flat in enumerate(zero.fp32_partitioned_groups_flat):
             group = base.param_groups[zero.sub_group_to_group_id[index]]
+            own = flat.grad
             group["params"], flat.grad = [flat], torch.zeros_like(flat)
             base.step()
-            group["params"], flat.grad = [], None
+            group["params"], flat.grad = [], own
     else:
+        own = [flat.grad for flat in zero.single_partition_of_fp32_groups]
         for flat in zero.single_partition_of_fp32_groups:
             flat.grad = torch.zeros_like(flat)
         base.step()
-        for flat in zero.single_partition_of_fp32_groups:
-            flat.grad = None
+        for flat, grad in zip(zero.single_partition_of_fp32_groups, own):
+            flat.grad = grad
         zero._lazy_init_hp_params_optimizer_state()
     for group, rate in zip(base.param_groups, rates):
         group["lr"] = rate

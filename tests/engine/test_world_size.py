@@ -76,3 +76,29 @@ def test_a_global_batch_that_cannot_be_kept_is_refused_in_one_line(motion_data, 
     line = out.stderr.strip().splitlines()[-1]
     assert "resuming 2 ranks -> 1: the global batch 6 (2 x 3 x 1) is not a multiple of 1 ranks" in line, out.stderr
     assert "train.keep_global_batch=false" in line and "Traceback" not in out.stderr
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "setting",
+    [
+        ("deepspeed.zero_stage=0", "deepspeed.precision=bf16"),  # DeepSpeed's own files hold the whole state
+        ("deepspeed.zero_stage=1", "deepspeed.offload_optimizer=cpu"),
+        ("deepspeed.zero_stage=3", "deepspeed.offload_param=cpu", "deepspeed.offload_optimizer=cpu"),
+    ],
+    ids=["zero0", "zero1-offload-optimizer", "zero3-offload-both"],
+)
+def test_every_stage_and_offload_continues_on_one_rank(motion_data, tmp_path, setting):
+    """2 ranks stopped mid-epoch, continued on 1: the state restored (bit for bit where DeepSpeed
+    partitions it), the epoch's samples each used once, every step logged once."""
+    run = tmp_path / "run"
+    common = [*setting, "train.max_steps=6", "train.save_every=3", "train.batch_size=2", "train.eval_every=0"]
+    common += ["train.export=false", "logging.tensorboard=false", "logging.sample_keys=true"]
+    run_cli(["train", DEMO, *tiny_overrides(motion_data, run, *common, "train.stop_at_step=3")], nproc=2)
+    one = run_cli(["train", DEMO, *tiny_overrides(motion_data, run, *common)], nproc=1)
+    assert "resuming 2 ranks -> 1: grad_accum 1 -> 2, global batch 4 kept" in one.stderr
+    if setting[0] != "deepspeed.zero_stage=0":
+        assert "written by 2 ranks on 1" in one.stderr and "equal the saved ones bit for bit" in one.stderr
+    assert train_steps(run) == list(range(1, 7))
+    used = Counter(key for row in train_rows(run) for key in row["keys"])
+    assert used == Counter({key: 1 for key in _epoch_keys(motion_data["train"])}), used
