@@ -9,16 +9,21 @@ a), one after another in one run directory, one optimizer step each:
                  ->  2 ranks: load (written by 2: DeepSpeed's own files) and save
                  ->  1 rank:  load (written by 2: the gathered copy) and save
 
-Each run logs one JSON line per save and load (engine/runner.py): seconds on rank 0 and the bytes of
-DeepSpeed's files and of the gathered trained state. Writes OUT/checkpoint.json, .md and .png.
+Each run logs one JSON line per save and load (engine/runner.py): seconds on rank 0 (DeepSpeed's
+files and the gathered trained state also apart) and the bytes of each. The 2-rank checkpoint is
+also converted to DeepSpeed's universal format (`ds_to_universal`, the alternative to the gathered
+copy: an offline step per checkpoint), timed and measured. Writes OUT/checkpoint.json, .md and .png.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -29,6 +34,25 @@ from side4video.distributed import launch_command
 from side4video.errors import UserError
 
 RUNS = [(1, 2), (2, 1), (2, 1), (1, 2)]  # (ranks, clips per rank): the global batch is 2 throughout
+UNIVERSAL_AFTER = 3  # the run whose (2-rank) checkpoint is also converted to the universal format
+
+
+def _universal(checkpoint: Path, out: Path) -> Dict:
+    """DeepSpeed's offline conversion of a ZeRO checkpoint to its universal (any world size)
+    format: seconds and bytes, then the copy is removed."""
+    workers = str(max(1, min(2, os.cpu_count() or 1)))
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint)]
+    command += ["--output_folder", str(out), "--num_extract_workers", workers, "--num_merge_workers", workers]
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise RuntimeError(f"bench checkpoint: ds_to_universal failed: {tail[0]}")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    files = sum(1 for p in out.rglob("*") if p.is_file())
+    shutil.rmtree(out)
+    return {"kind": "universal", "ranks": 2, "seconds": seconds, "universal_bytes": size, "files": files}
 
 
 def _events(stderr: str) -> List[Dict]:
@@ -70,6 +94,9 @@ def run(out: str, config: Optional[str] = None, overrides: Sequence[str] = (), q
             results["events"] += events
             for e in events:
                 print(_describe(e), flush=True)
+            if step == UNIVERSAL_AFTER:
+                results["universal"] = _universal(work / "run" / "checkpoints" / f"step_{step:07d}", work / "universal")
+                print(_describe(results["universal"]), flush=True)
     (out_dir / "checkpoint.json").write_text(json.dumps(results, indent=2) + "\n")
     _write_markdown(results, out_dir / "checkpoint.md")
     _write_plot(results, out_dir / "checkpoint.png")
@@ -84,9 +111,15 @@ def _trainable_params(config: Path, overrides: List[str]) -> int:
 
 
 def _describe(e: Dict) -> str:
+    if e["kind"] == "universal":
+        return (
+            f"universal conversion of the {e['ranks']}-rank checkpoint (ds_to_universal): {e['seconds']:.1f} s, "
+            f"{e['universal_bytes'] / 2**30:.2f} GiB in {e['files']} files"
+        )
     if e["kind"] == "saved":
         return (
-            f"save on {e['ranks']} rank(s): {e['seconds']:.1f} s, DeepSpeed files {e['deepspeed_bytes'] / 2**30:.2f} "
+            f"save on {e['ranks']} rank(s): {e['seconds']:.1f} s (DeepSpeed files {e['deepspeed_seconds']:.1f} s, "
+            f"gathered copy {e['trained_state_seconds']:.1f} s), DeepSpeed files {e['deepspeed_bytes'] / 2**30:.2f} "
             f"GiB, gathered trained state {e['trained_state_bytes'] / 2**30:.2f} GiB"
         )
     route = "its gathered copy" if e["written_by"] != e["ranks"] else "DeepSpeed's files"
@@ -97,14 +130,23 @@ def _write_markdown(r: Dict, path: Path) -> None:
     lines = [
         f"# Checkpoints of `{Path(r['config']).name}`'s side network" + (" (quick)" if r["quick"] else ""),
         "",
-        "| event | ranks | written by | seconds | DeepSpeed files (GiB) | gathered state (GiB) |",
-        "|---|---|---|---|---|---|",
+        "| event | ranks | written by | seconds | of which DeepSpeed files / gathered copy | "
+        "DeepSpeed files (GiB) | gathered state (GiB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for e in r["events"]:
         deepspeed = f"{e['deepspeed_bytes'] / 2**30:.2f}" if "deepspeed_bytes" in e else ""
         gathered = f"{e['trained_state_bytes'] / 2**30:.2f}" if "trained_state_bytes" in e else ""
-        written_by = e.get("written_by", "")
-        lines.append(f"| {e['kind']} | {e['ranks']} | {written_by} | {e['seconds']:.1f} | {deepspeed} | {gathered} |")
+        parts = f"{e['deepspeed_seconds']:.1f} / {e['trained_state_seconds']:.1f}" if "deepspeed_seconds" in e else ""
+        row = [e["kind"], e["ranks"], e.get("written_by", ""), f"{e['seconds']:.1f}", parts, deepspeed, gathered]
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    u = r.get("universal")
+    if u:
+        lines += [
+            "",
+            f"DeepSpeed's universal format instead (`ds_to_universal` of the {u['ranks']}-rank checkpoint, offline): "
+            f"{u['seconds']:.1f} s, {u['universal_bytes'] / 2**30:.2f} GiB in {u['files']} files.",
+        ]
     path.write_text("\n".join(lines) + "\n")
 
 

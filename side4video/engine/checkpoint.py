@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -122,9 +124,15 @@ def _commit(root: Path, tmp_tag: str, tag: str) -> None:
 
 
 # --------------------------------------------------------------------------------- save / load
+@dataclass(frozen=True)
+class Saved:
+    path: Path
+    seconds: Dict[str, float]  # rank 0's: DeepSpeed's files, then the gathered trained state
+
+
 def save(
     engine, output_dir: str | Path, step: int, client_state: Dict[str, Any], keep: int, layout: Dict[str, int]
-) -> Path:
+) -> Saved:
     """Collective: every rank calls it at the same step. `layout`: the run's ranks, batch and ZeRO
     stage (engine/relayout.py); under ZeRO 1-3 the trained state is also written gathered, so
     that any number of ranks can continue from it."""
@@ -135,21 +143,26 @@ def save(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
     barrier()
+    started = time.perf_counter()
     engine.save_checkpoint(
         str(root), tag=tmp_tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
     )
+    barrier()
+    seconds = {"deepspeed_seconds": time.perf_counter() - started}
+    started = time.perf_counter()
     trained = relayout.gather(engine) if layout["zero_stage"] >= 1 else None  # collective
     if _rank() == 0:
         relayout.write_layout(root / tmp_tag, layout)
         if trained is not None:
             torch.save({**trained, "trainer": client_state}, root / tmp_tag / relayout.TRAINED_STATE)
     barrier()  # every rank's shard is on disk before the folder becomes visible
+    seconds["trained_state_seconds"] = time.perf_counter() - started
     if _rank() == 0:
         _commit(root, tmp_tag, tag)
         _prune(root, keep)
     barrier()
     log.debug("saved checkpoint %s", root / tag)
-    return root / tag
+    return Saved(root / tag, seconds)
 
 
 def file_sizes(folder: Path) -> Dict[str, int]:

@@ -160,12 +160,13 @@ class Runner:
         started = time.perf_counter()
         layout = relayout.layout_of(self.cfg, self.dist.world_size)
         client = {**state.state_dict(), "loader_positions": all_gather_objects(state.loader_position)}
-        path = checkpoint.save(self.engine, self.run_dir, state.step, client, self.cfg.train.keep_checkpoints, layout)
+        saved = checkpoint.save(self.engine, self.run_dir, state.step, client, self.cfg.train.keep_checkpoints, layout)
+        path = saved.path
         export.write_trainable(self.engine, path, self.cfg.deepspeed.zero_stage, self.is_main)
         barrier()
         if self.is_main:  # one JSON line: `side4video bench checkpoint` reads it
             timing = {"tag": path.name, "ranks": self.dist.world_size, "seconds": time.perf_counter() - started}
-            log.info("checkpoint saved: %s", json.dumps({**timing, **checkpoint.file_sizes(path)}))
+            log.info("checkpoint saved: %s", json.dumps({**timing, **saved.seconds, **checkpoint.file_sizes(path)}))
         return path
 
     def resume(self, state: TrainerState) -> Optional[Path]:

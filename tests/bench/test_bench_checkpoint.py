@@ -31,5 +31,12 @@ def test_bench_checkpoint_quick_saves_and_loads_across_world_sizes(tmp_path):
     for e in (e for e in events if e["kind"] == "saved"):
         assert 12 * trained <= e["trained_state_bytes"] <= 12 * trained + (1 << 20)
         assert e["deepspeed_bytes"] > 12 * trained  # DeepSpeed's files hold the same, partitioned, and more
+    for e in (e for e in events if e["kind"] == "saved"):  # the two parts timed apart
+        assert 0 < e["deepspeed_seconds"] and 0 < e["trained_state_seconds"]
+        assert e["deepspeed_seconds"] + e["trained_state_seconds"] <= e["seconds"]
+    # the universal format of the 2-rank checkpoint: the same state again, one folder per parameter
+    universal = report["universal"]
+    assert universal["seconds"] > 0 and universal["universal_bytes"] > 12 * trained and universal["files"] > 3
     assert "| loaded | 1 | 2 |" in (out / "checkpoint.md").read_text()
+    assert "universal format" in (out / "checkpoint.md").read_text()
     assert (out / "checkpoint.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
