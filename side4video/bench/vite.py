@@ -236,7 +236,25 @@ def _write_markdown(r: Dict, path: Path) -> None:
             )
     if "two_ranks_sum_minus_one_rank_bytes" in r:
         lines += ["", f"2 ranks together peak {_gib(r['two_ranks_sum_minus_one_rank_bytes'])} GiB above 1 rank."]
+    lines += ["", *_timeline_table(r)]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _timeline_table(r: Dict) -> List[str]:
+    """Each rank's resident memory after each phase of its run (engine/metrics.MemoryTimeline),
+    GiB: the size then / the peak so far."""
+    marks = [m["at"] for m in r["cases"][0]["per_rank"][0]["timeline"]]
+    lines = [
+        "Resident memory after each phase, GiB (now / peak so far):",
+        "",
+        "| case | rank | " + " | ".join(marks) + " |",
+        "|---|---|" + "---|" * len(marks),
+    ]
+    for row in r["cases"]:
+        for m in row["per_rank"]:
+            cells = [f"{_gib(t['rss_bytes'])} / {_gib(t['peak_bytes'])}" for t in m["timeline"]]
+            lines.append(f"| {row['case']} | {m['rank']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _write_plot(r: Dict, path: Path) -> None:

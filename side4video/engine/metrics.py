@@ -30,6 +30,32 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class MemoryTimeline:
+    """This process's resident memory at the named moments of a run, each recorded once: after
+    imports, after the model is built, after deepspeed.initialize, after the first forward,
+    backward and optimizer step. `rss` is the size then, `peak` the high-water mark so far (VmHWM):
+    the difference between two marks is what that phase added, and a peak above both is a
+    transient inside it."""
+
+    def __init__(self):
+        self.marks: Dict[str, Dict[str, int]] = {}
+
+    def mark(self, name: str) -> None:
+        if name not in self.marks:
+            self.marks[name] = {"rss_bytes": rss_bytes(), "peak_bytes": _status_bytes("VmHWM")}
+
+    def as_list(self) -> list:
+        return [{"at": name, **figures} for name, figures in self.marks.items()]
+
+
 def held_bytes(params) -> int:
     """Bytes of these parameters this process holds: its ZeRO-3 partitions (wherever they are
     offloaded), or the whole tensors when not partitioned."""

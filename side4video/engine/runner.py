@@ -21,7 +21,7 @@ from side4video.config import Config, to_yaml
 from side4video.engine import checkpoint, deepspeed_engine, export, relayout
 from side4video.engine.collectives import all_gather_objects, barrier
 from side4video.engine.factory import loader_from_config, run_precision
-from side4video.engine.metrics import held_bytes, rss_bytes
+from side4video.engine.metrics import MemoryTimeline, held_bytes, rss_bytes
 from side4video.engine.schedule import RunLength, run_length
 from side4video.engine.state import TrainerState
 from side4video.engine.tasks import Compute, task_for
@@ -47,6 +47,8 @@ class Runner:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.memory = MemoryTimeline()  # RSS at the run's phases (summary.json: memory_per_rank)
+        self.memory.mark("imports")
         release_freed_memory()  # freed activations go back to the OS (side4video/allocator.py)
         self.dist = distributed.detect()
         self.device = distributed.select_device(cfg.train.device, self.dist.local_rank, self.dist.local_world_size)
@@ -57,6 +59,7 @@ class Runner:
         seed_everything(cfg.train.seed)
         self.task = task_for(cfg)
         self.model = self.task.build_model(self.device, self.precision, self._frozen_unit_placer())
+        self.memory.mark("model built")
         self.engine = None
         self.resume_point: Optional[Tuple[Path, str]] = None  # the checkpoint training continues from
         self.memory_after_build: Dict[str, int] = {}  # this rank's RSS and backbone bytes once the engine is built
@@ -103,6 +106,7 @@ class Runner:
         groups = self.task.param_groups(self.model)  # each with its lr_scale (engine/tasks.py)
         self.lr_scales = [group["lr_scale"] for group in groups]
         self.engine = deepspeed_engine.initialize(self.model, cfg, self.precision, self.dist.world_size, groups)
+        self.memory.mark("deepspeed.initialize")
         self.memory_after_build = {
             "rss_after_build_bytes": rss_bytes(),
             "backbone_bytes_held": held_bytes(self.model.backbone.frozen_parameters()),

@@ -188,16 +188,19 @@ class Trainer:
                 result.stopped = True
                 return result
             loss = self.run.task.loss(compute, pulled.batch)  # recognition or retrieval (engine/tasks.py)
+            self.run.memory.mark("first forward")
             (nonfinite,) = any_rank(not torch.isfinite(loss).item())
             result.nonfinite |= nonfinite
             # Backward even a non-finite loss: its gradients make DeepSpeed skip the optimizer step
             # on every rank, with its counters (micro-steps, steps, skipped steps) kept consistent.
             engine.backward(loss)
+            self.run.memory.mark("first backward")
             engine.step()
             losses.append(loss.item())
             result.clips += len(pulled.batch["key"])
             result.keys.extend(pulled.batch["key"])
             result.wait_s += self.run.train_loader.last_wait_s
+        self.run.memory.mark("first optimizer step")
         result.loss = sum(losses) / len(losses)
         result.seconds = time.perf_counter() - started
         result.applied = engine.skipped_steps == skipped_before
@@ -343,6 +346,7 @@ def _run_figures(trainer: Trainer) -> Dict[str, Any]:
     run, training_peak = trainer.run, trainer.training_peak or peak_memory()
     memory = {
         "rank": run.dist.rank,
+        "timeline": run.memory.as_list(),
         **run.memory_after_build,
         **{f"{k[:-6]}_training_bytes": v for k, v in training_peak.items()},
         **peak_memory(),

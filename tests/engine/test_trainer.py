@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from side4video.config import load_config
+from side4video.engine.metrics import MemoryTimeline
 from side4video.engine.schedule import RunLength, lr_at
 from side4video.engine.state import TrainerState
 from side4video.engine.status import RunStatus
@@ -113,7 +114,7 @@ class FakeRun:
         self.train_loader = FakeLoader(events)
         self.val_loader = None if evaluation is None else object()
         self.evaluation, self.evaluations = evaluation, 0
-        self.class_names, self.memory_after_build = [], {}
+        self.class_names, self.memory_after_build, self.memory = [], {}, MemoryTimeline()
         self.saved: List[int] = []
         self.reports: List[str] = []
 
