@@ -220,3 +220,21 @@ def test_videos_from_s3_make_the_same_shards_as_from_a_folder(videos, tmp_path, 
     for shard in local["shards"]:
         body = client.get_object(Bucket=BUCKET, Key=f"shards24/{shard['url']}")["Body"].read()
         assert body == (tmp_path / "local" / shard["url"]).read_bytes()
+
+
+def test_a_rerun_rewrites_a_recorded_shard_whose_file_changed(videos, tmp_path):
+    """A recorded shard cut short (or with a sample count other than recorded) is written again;
+    the intact ones are kept (same inode and mtime)."""
+    root, listf = videos
+    out = tmp_path / "out"
+    first = make_shards(str(listf), "list", str(root), str(out), shard_samples=6, progress=False)
+    names = [s["url"] for s in first["shards"]]
+    before = {name: os.stat(out / name) for name in names}
+    data = (out / names[1]).read_bytes()
+    (out / names[1]).write_bytes(data[: len(data) // 2])
+    again = make_shards(str(listf), "list", str(root), str(out), shard_samples=6, progress=False)
+    assert again["shards"] == first["shards"] and (out / names[1]).read_bytes() == data
+    for name in names:
+        after = os.stat(out / name)
+        kept = (after.st_ino, after.st_mtime_ns) == (before[name].st_ino, before[name].st_mtime_ns)
+        assert kept == (name != names[1]), name
