@@ -117,6 +117,8 @@ def test_the_merge_refuses_parts_made_with_other_settings(videos, tmp_path, caps
     # rerunning a part with other settings into the same output is refused too
     assert cli_main(["make-shards", *common, "--out", out, "--part", "0", "--parts", "2", "--no-shuffle"]) == 2
     assert "other settings" in capsys.readouterr().err
+    assert cli_main(["make-shards", *common, "--out", out, "--part", "2", "--parts", "2"]) == 2
+    assert "need 0 <= part < parts" in capsys.readouterr().err
 
 
 class _StallingServer:
@@ -203,7 +205,9 @@ def test_a_killed_part_is_rerun_without_rewriting_its_finished_shards(videos, tm
 
 
 @pytest.mark.timeout(120)
-def test_videos_from_s3_make_the_same_shards_as_from_a_folder(videos, tmp_path, s3_server, monkeypatch):
+def test_videos_from_s3_make_the_same_shards_as_from_a_folder(videos, tmp_path, s3_server, monkeypatch, caplog):
+    """--root s3://: the same shards, byte for byte, as from the folder; written to s3:// and run
+    again, every finished shard is found there (by its size) and kept."""
     for name, value in s3_server.environment().items():
         monkeypatch.setenv(name, value)
     root, listf = videos
@@ -220,6 +224,13 @@ def test_videos_from_s3_make_the_same_shards_as_from_a_folder(videos, tmp_path, 
     for shard in local["shards"]:
         body = client.get_object(Bucket=BUCKET, Key=f"shards24/{shard['url']}")["Body"].read()
         assert body == (tmp_path / "local" / shard["url"]).read_bytes()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="side4video"):
+        again = make_shards(
+            str(listf), "list", f"s3://{BUCKET}/videos24", f"s3://{BUCKET}/shards24", shard_samples=5, progress=False
+        )
+    assert again["shards"] == remote["shards"]
+    assert any("5 finished before (kept), 0 videos to write" in r.getMessage() for r in caplog.records)
 
 
 def test_a_rerun_rewrites_a_recorded_shard_whose_file_changed(videos, tmp_path):
