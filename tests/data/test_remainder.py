@@ -164,3 +164,14 @@ def test_a_resume_in_the_same_layout_after_a_change_replays_the_rest(synthetic_d
     head, again = _read(_resume(cfg1, 1, states), batches=[2])
     tail, _ = _read(_resume(cfg1, 1, again))
     assert head + tail == straight and len(straight) == 16
+
+
+def test_states_saved_before_interleave_read_one_shard_at_a_time():
+    """A loader state or layer written before data.interleave existed was read one shard at a
+    time: it resumes in that order (interleave 1), not in the current default's."""
+    current = _layout(2, 2, interleave=4)
+    old = {"world_size": 2, "workers": 2, "seed": 0, "shuffle_buffer": 4, "shuffle_shards": True}
+    assert StreamLayout.saved(old, current).interleave == 1
+    assert StreamLayout.saved({**old, "interleave": 4}, current) == current
+    assert Layer.from_dict({**old, "positions": [3, 5]}).layout.interleave == 1
+    assert Layer.from_dict(Layer(current, (3, 5)).as_dict()) == Layer(current, (3, 5))
