@@ -261,11 +261,11 @@ class _Meter:
         self.done = self.quarantined = 0
         self.t0 = self.last = time.monotonic()
 
-    def update(self, quarantined: bool, force: bool = False) -> None:
+    def update(self, quarantined: bool) -> None:
         self.done += 1
         self.quarantined += int(quarantined)
         now = time.monotonic()
-        if force or now - self.last >= self.every_s:
+        if now - self.last >= self.every_s:
             self.last = now
             log.info("%s", self.line(now))
 
@@ -273,7 +273,7 @@ class _Meter:
         elapsed = max(1e-9, (now or time.monotonic()) - self.t0)
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?"
+        eta_text = "?" if eta == float("inf") else f"{int(eta) // 3600}:{int(eta) // 60 % 60:02d}:{int(eta) % 60:02d}"
         return (
             f"{self.what}: {self.done}/{self.total} videos, {rate:.2f} videos/s, ETA {eta_text}, "
             f"{self.quarantined} quarantined"
