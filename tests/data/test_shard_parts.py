@@ -170,7 +170,7 @@ def test_a_killed_part_is_rerun_without_rewriting_its_finished_shards(videos, tm
     try:
         proc = subprocess.Popen(cmd + ["--part", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         progress = out / "parts" / "part-0000-of-0002.json"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
             if progress.exists() and len(json.loads(progress.read_text())["units"]) == 2:
                 break
