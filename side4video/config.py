@@ -111,6 +111,11 @@ class DataConfig:
     workers: int = setting(1, "stream reader workers per rank")
     prefetch: int = setting(2, "decoded batches prepared ahead of the training step")
     shuffle_buffer: int = setting(64, "samples (compressed bytes) in the shuffle buffer")
+    interleave: int = setting(
+        4,
+        "training: shards each reader streams from at once, a sample from each in turn (mixes shards "
+        "written in class order; README 'Mixing'); 1: one shard after another",
+    )
     shuffle_shards: bool = setting(True, "shuffle the shard list every epoch")
     resampled: bool = setting(False, "infinite stream: shards drawn with replacement")
     seed: int = setting(0, "seed of the data order (with epoch, rank and worker)")
@@ -486,6 +491,7 @@ def _check_values(cfg: DictConfig) -> None:
         "data.repeated_views",
         "eval.clips",
         "data.workers",
+        "data.interleave",
     ]
     for key in positive:
         if OmegaConf.select(cfg, key) < 1:

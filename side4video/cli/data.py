@@ -1,13 +1,39 @@
-"""Data commands: `make-shards`, `make-synthetic`, `inspect`."""
+"""Data commands: `make-shards`, `merge-shards`, `make-synthetic`, `inspect`."""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+import contextlib
+import logging
+import sys
+from typing import Any, Dict, Iterator
 
 from side4video.cli.common import print_json
+from side4video.logs import LOGGER_NAME
+
+
+@contextlib.contextmanager
+def task_log() -> Iterator[None]:
+    """The command's progress and quarantine lines on stderr (the task's log), for its duration."""
+    logger = logging.getLogger(LOGGER_NAME)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    level = logger.level
+    logger.addHandler(handler)
+    if level == logging.NOTSET or level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def cmd_make_shards(args) -> int:
+    with task_log():
+        return _make_shards(args)
+
+
+def _make_shards(args) -> int:
     from side4video.data.shards import make_shards
 
     manifest = make_shards(
@@ -25,10 +51,31 @@ def cmd_make_shards(args) -> int:
         progress=not args.no_progress,
         captions=args.captions,
         allow_missing=args.allow_missing,
+        shard_samples=args.shard_samples,
+        seed=args.seed,
+        shuffle=not args.no_shuffle,
+        part=args.part,
+        parts=args.parts,
     )
     n = sum(s["samples"] for s in manifest["shards"])
+    where = f"part {args.part} of {args.parts}: " if args.part is not None else ""
     print(
-        f"wrote {len(manifest['shards'])} shards, {n} samples, {len(manifest['quarantine'])} quarantined -> {args.out}"
+        f"{where}wrote {len(manifest['shards'])} shards, {n} samples, {len(manifest['quarantine'])} quarantined "
+        f"-> {args.out}"
+    )
+    if args.part is not None:
+        print(f"when all {args.parts} parts are done: side4video merge-shards {args.out}")
+    return 0
+
+
+def cmd_merge_shards(args) -> int:
+    from side4video.data.parts import merge_parts
+
+    with task_log():
+        manifest = merge_parts(args.out)
+    print(
+        f"merged {manifest['parts']} part(s): {len(manifest['shards'])} shards, {manifest['samples']} samples, "
+        f"{len(manifest['quarantine'])} quarantined -> {args.out}/manifest.json"
     )
     return 0
 
@@ -89,6 +136,18 @@ def format_report(report: Dict[str, Any]) -> str:
     lines.append(f"classes:   {len(report['classes'])}")
     for name, n in report["classes"].items():
         lines.append(f"  {n:>7}  {name}")
+    mixing = report.get("mixing")
+    if mixing:
+        d, share = mixing["distinct_classes"], mixing["largest_class_share"]
+        lines.append(
+            f"mixing:    {d['min']}..{d['max']} classes per shard (mean {d['mean']}); largest class "
+            f"{share['min']:.0%}..{share['max']:.0%} of a shard (mean {share['mean']:.0%})"
+        )
+        if mixing["nearly_single_class"]:
+            lines.append(
+                "warning: shards are nearly single-class: write them with make-shards (shuffled) or "
+                "keep data.interleave and data.shuffle_buffer large enough to mix batches"
+            )
     checked = "decoded" if report["decoded"] else "probed"
     lines.append(f"bad samples ({checked}): {len(report['bad_samples'])}")
     for key in report["bad_samples"]:

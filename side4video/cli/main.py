@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 from side4video.bench import BENCHES
 from side4video.cli.configs import cmd_config, cmd_plan
 from side4video.cli.convert import cmd_convert_official
-from side4video.cli.data import cmd_inspect, cmd_make_shards, cmd_make_synthetic
+from side4video.cli.data import cmd_inspect, cmd_make_shards, cmd_make_synthetic, cmd_merge_shards
 from side4video.cli.demo import cmd_demo
 from side4video.cli.run import cmd_eval, cmd_predict, cmd_train
 from side4video.cli.submit import cmd_submit
@@ -129,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         "also a split list such as MSRVTT_train.9k.csv or test_list.txt)",
     )
     p.add_argument("--format", required=True, choices=["k400", "ssv2", "msrvtt", "msvd", "vatex", "list"])
-    p.add_argument("--root", required=True, help="folder the annotation's video paths are relative to")
+    p.add_argument(
+        "--root",
+        required=True,
+        help="where the annotation's video paths are relative to: a folder, s3://bucket/prefix or http(s)://",
+    )
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     p.add_argument("--labels", default=None, help="class list: SSv2 labels.json, or a text file (one name per line)")
     p.add_argument("--split", default=None, help="keep only this split (Kinetics CSV 'split' column, MSR-VTT 'split')")
@@ -144,12 +148,34 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="retrieval formats: quarantine listed videos not found under --root instead of refusing",
     )
-    p.add_argument("--shard-size", default="1GB", help="target bytes per shard, e.g. 512MB (default 1GB)")
+    p.add_argument(
+        "--shard-samples",
+        type=int,
+        default=1000,
+        help="videos per planned shard (default 1000); the plan decides every shard's videos before writing",
+    )
+    p.add_argument(
+        "--shard-size",
+        default="1GB",
+        help="byte cap per shard file, e.g. 512MB (default 1GB): a planned shard over it continues in a second file",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle of the list before planning (default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the list order (shards then follow the list)")
+    p.add_argument("--part", type=int, default=None, help="write only part K (0-based) of --parts; merge-shards after")
+    p.add_argument("--parts", type=int, default=1, help="number of parts the plan is split into (default 1)")
     p.add_argument("--workers", type=int, default=1, help="worker processes for probing/transcoding")
     p.add_argument("--validate", action="store_true", help="probe and decode every video; failures are quarantined")
     p.add_argument("--transcode", choices=["none", "vp9", "h264"], default="none")
     p.add_argument("--short-side", type=int, default=0, help="resize the short side when transcoding (e.g. 320)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = add(
+        "merge-shards",
+        cmd_merge_shards,
+        "write manifest.json of a make-shards output from its finished parts (make-shards --part K --parts N)",
+        "side4video merge-shards s3://bucket/k400/train",
+    )
+    p.add_argument("out", help="the parts' common --out (folder or s3://bucket/prefix)")
 
     p = add(
         "make-synthetic",

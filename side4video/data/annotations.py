@@ -32,8 +32,9 @@ import os
 import pickle
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
+from side4video.data import sources
 from side4video.data.sample import VIDEO_EXTS, check_key
 from side4video.errors import UserError, first_line
 
@@ -61,15 +62,39 @@ def make_key(rel: str) -> str:
     return f"{head}/{leaf}" if head else leaf
 
 
+_s3_listings: Dict[str, FrozenSet[str]] = {}
+
+
+def _is_file(root: str, rel: str) -> bool:
+    """Whether `rel` exists under `root`: a local folder, an s3:// prefix (listed once) or an
+    http(s):// base (a HEAD request)."""
+    kind = sources.url_kind(root)
+    if kind == "local":
+        return os.path.isfile(os.path.join(root, rel))
+    if kind == "s3":
+        if root not in _s3_listings:
+            try:
+                _s3_listings[root] = frozenset(sources.list_names(root))
+            except OSError as e:
+                raise UserError(f"--root {root}: cannot list it ({first_line(e)})") from None
+        return rel in _s3_listings[root]
+    if kind == "http":
+        return sources.exists(f"{root.rstrip('/')}/{rel}")
+    raise UserError(f"--root {root!r}: a local folder, s3://bucket/prefix or http(s):// URL expected")
+
+
+def _join(root: str, rel: str) -> str:
+    return os.path.join(root, rel) if sources.url_kind(root) == "local" else f"{root.rstrip('/')}/{rel}"
+
+
 def find_video(root: str, candidates: Sequence[str]) -> Tuple[Optional[str], str]:
-    """First existing file among candidates (with or without a video extension)."""
+    """First existing file among candidates (with or without a video extension): its path or URL."""
     for rel in candidates:
-        path = os.path.join(root, rel)
-        if os.path.isfile(path):
-            return path, rel
+        if _is_file(root, rel):
+            return _join(root, rel), rel
         for ext in VIDEO_EXTS:
-            if os.path.isfile(f"{path}.{ext}"):
-                return f"{path}.{ext}", f"{rel}.{ext}"
+            if _is_file(root, f"{rel}.{ext}"):
+                return _join(root, f"{rel}.{ext}"), f"{rel}.{ext}"
     return None, candidates[0]
 
 
@@ -414,8 +439,10 @@ def read_annotations(
         raise UserError(f"annotation format {fmt!r}: allowed {', '.join(FORMATS)}")
     if not os.path.isfile(list_file):
         raise UserError(f"annotation file not found: {list_file}")
-    if not os.path.isdir(root):
+    if sources.url_kind(root) == "local" and not os.path.isdir(root):
         raise UserError(f"video root is not a folder: {root}")
+    if sources.url_kind(root) not in ("local", "s3", "http"):
+        raise UserError(f"video root {root!r}: a local folder, s3://bucket/prefix or http(s):// URL expected")
     if captions and fmt not in CAPTION_FORMATS:
         raise UserError(f"--captions applies to the caption formats ({', '.join(CAPTION_FORMATS)}), not {fmt}")
     if captions and not os.path.isfile(captions):

@@ -3,7 +3,9 @@
 Every sample is read (any URL kind) and probed (container, codec, frame count, size); with
 `decode=True` every video is also decoded through the configured pipeline (DALI or PyAV by codec,
 test-time sampling and crops). The report counts samples per class, frame-count and size ranges,
-codecs, and lists undecodable samples and damaged shards.
+codecs, and lists undecodable samples and damaged shards; and how mixed the shards are (distinct
+classes per shard, the largest class's share of a shard), with a warning when shards are nearly
+single-class (then training batches mix only through data.interleave and the shuffle buffer).
 """
 
 from __future__ import annotations
@@ -23,6 +25,34 @@ from side4video.data.video import VideoError, probe
 
 def _range(values: List[float]) -> Optional[Dict[str, float]]:
     return {"min": min(values), "max": max(values)} if values else None
+
+
+# a warning when the average shard's largest class holds more than this share of it
+SINGLE_CLASS_SHARE = 0.8
+
+
+def shard_mixing(labels_per_shard: Dict[str, List[int]]) -> Optional[Dict[str, Any]]:
+    """Distinct classes per shard and the largest class's share of a shard (min, mean, max over
+    labelled shards); `nearly_single_class` when the mean share passes SINGLE_CLASS_SHARE."""
+    distinct, share = [], []
+    for labels in labels_per_shard.values():
+        labelled = [x for x in labels if x >= 0]
+        if not labelled:
+            continue
+        counts = collections.Counter(labelled)
+        distinct.append(len(counts))
+        share.append(max(counts.values()) / len(labelled))
+    if not distinct:
+        return None
+
+    def stats(values):
+        return {"min": min(values), "mean": round(float(np.mean(values)), 3), "max": max(values)}
+
+    return {
+        "distinct_classes": stats(distinct),
+        "largest_class_share": stats(share),
+        "nearly_single_class": bool(np.mean(share) > SINGLE_CLASS_SHARE),
+    }
 
 
 def inspect_shards(
@@ -45,6 +75,7 @@ def inspect_shards(
         bad=bad,
     )
     classes: Dict[str, int] = collections.Counter()
+    labels_per_shard: Dict[str, List[int]] = collections.defaultdict(list)
     codecs: Dict[str, int] = collections.Counter()
     frames, widths, heights = [], [], []
     samples = 0
@@ -83,6 +114,7 @@ def inspect_shards(
                 else str(sample.label)
             )
             classes[name] += 1
+            labels_per_shard[sample.url].append(int(sample.label))
             try:
                 info = probe(sample.video)
             except VideoError as e:
@@ -118,6 +150,7 @@ def inspect_shards(
         "bad_reasons": dict(bad.samples),
         "damaged_shards": dict(bad.shards),
         "classes": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "mixing": shard_mixing(labels_per_shard),
         "codecs": dict(codecs),
         "frames": _range(frames),
         "width": _range(widths),

@@ -297,6 +297,7 @@ class VideoLoader:
             workers=int(d.workers),
             shuffle_shards=bool(d.shuffle_shards) and self.train,
             shuffle_buffer=int(d.shuffle_buffer) if self.train else 0,
+            interleave=int(d.interleave) if self.train else 1,
             seed=int(d.seed),
             infinite=self.train,
             resampled=bool(d.resampled) and self.train,

@@ -6,7 +6,8 @@ uploaded whole. Layout:
     {"version": 1,
      "shards": [{"url": "shard-000000.tar", "samples": 32, "bytes": 123456, "keys": ["...", ...]}, ...],
      "samples": 1024, "classes": ["...", ...], "num_classes": 8, "quarantine": [{"path", "reason"}],
-     "format": "ssv2", "created": "2026-..."}
+     "format": "ssv2", "created": "2026-...",
+     make-shards adds: "shuffle": true, "seed": 0, "shard_samples": 1000, "parts": 4, "transcode", "validated"}
 
 A shard's `keys` (its samples' keys in tar order; optional) let a run resumed on another number of
 ranks place the samples consumed before without reading a shard (data/remainder.py).

@@ -1,7 +1,7 @@
 """The rest of an interrupted training epoch, read exactly when the rank layout changed.
 
-A rank's stream is a pure function of (seed, epoch, rank, world size, workers, shuffle buffer,
-shard order) and of the shards' key lists (stream.py), so the samples a run consumed before it
+A rank's stream is a pure function of (seed, epoch, rank, world size, workers, interleave, shuffle
+buffer, shard order) and of the shards' key lists (stream.py), so the samples a run consumed before it
 stopped follow from every rank's saved stream position alone, without reading a video:
 
     layer 0: the epoch's streams in the first layout; rank r consumed the first positions[r]
@@ -30,6 +30,7 @@ from side4video.data.stream import (
     ShardSet,
     WorkerPlan,
     epoch_shard_order,
+    interleave,
     iter_shard,
     merge_round_robin,
     plan_workers,
@@ -61,17 +62,25 @@ class StreamLayout:
     seed: int
     shuffle_buffer: int
     shuffle_shards: bool
+    interleave: int = 1  # shards a reader streams from at once (states before it read one at a time)
 
     @classmethod
     def of(cls, data: DataConfig, world_size: int) -> "StreamLayout":
         return cls(
-            int(world_size), int(data.workers), int(data.seed), int(data.shuffle_buffer), bool(data.shuffle_shards)
+            int(world_size),
+            int(data.workers),
+            int(data.seed),
+            int(data.shuffle_buffer),
+            bool(data.shuffle_shards),
+            int(data.interleave),
         )
 
     @classmethod
     def saved(cls, state: Dict[str, Any], current: "StreamLayout") -> "StreamLayout":
-        """The layout a loader state was written in (fields older states lack: the current ones)."""
-        return cls(**{name: type(value)(state.get(name, value)) for name, value in asdict(current).items()})
+        """The layout a loader state was written in (fields older states lack: the current ones,
+        except `interleave`: 1, how they were read)."""
+        fields = {**asdict(current), "interleave": 1}
+        return cls(**{name: type(value)(state.get(name, value)) for name, value in fields.items()})
 
     def describe(self) -> str:
         return f"{self.world_size} rank(s) x {self.workers} worker(s)"
@@ -90,7 +99,9 @@ class Layer:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Layer":
         fields = {k: d[k] for k in ("world_size", "workers", "seed", "shuffle_buffer", "shuffle_shards")}
-        return cls(StreamLayout(**fields), tuple(int(p) for p in d["positions"]))
+        return cls(
+            StreamLayout(**fields, interleave=int(d.get("interleave", 1))), tuple(int(p) for p in d["positions"])
+        )
 
 
 def shard_keys(shardset: ShardSet, data_cfg: Optional[DataConfig]) -> ShardKeys:
@@ -155,12 +166,11 @@ def stream_keys(plans: List[WorkerPlan], keys: ShardKeys, epoch: int, layout: St
     def worker_items(w: int) -> Iterator[object]:
         plan = plans[w]
         for pass_ in range(1 << 62):
-            items = (
-                key
+            shards = (
+                [key for i, key in enumerate(keys.of_shard[shard_index]) if plan.keeps(shard_index, i, key)]
                 for shard_index, _ in plan.shards
-                for i, key in enumerate(keys.of_shard[shard_index])
-                if plan.keeps(shard_index, i, key)
             )
+            items = interleave(shards, layout.interleave)
             yield from shuffle_pass(items, layout.shuffle_buffer, layout.seed, epoch, rank, w, pass_, layer)
             yield PASS_END
 

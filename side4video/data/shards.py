@@ -1,11 +1,15 @@
-"""Writing WebDataset shards and their manifest (`side4video make-shards`, make-synthetic).
+"""Writing WebDataset shards (`side4video make-shards`, make-synthetic).
 
 Each sample is `{key}.{webm|mp4|...}` (the video bytes) + `{key}.json` (label index and name,
-captions, frame count, fps, width, height, codec). Shards roll over at a target size in bytes
-(or a sample count); each finished shard is renamed into place, or uploaded when the output is
-`s3://bucket/prefix`, and `manifest.json` is written last, with shard URLs relative to it.
-Inputs that cannot be read, probed (or, with validation, decoded) go to the manifest's
-quarantine list with the reason instead of into the shards.
+captions, frame count, fps, width, height, codec). make-shards plans its shards before writing
+(data/parts.py: a seeded shuffle, planned shards of a sample count, part K of N); a planned
+shard rolls over into a second file at a byte cap; each finished shard file is renamed into
+place, or uploaded when the output is `s3://bucket/prefix`, then recorded in the part's progress
+file, and `manifest.json` (shard URLs relative to it) is written by the merge. Videos are read
+from a folder, s3:// or http(s):// (data/sources.py). Inputs that cannot be read, probed (or,
+with validation, decoded) go to the quarantine list with the reason instead of into the shards;
+progress (videos/s, ETA, quarantined) goes to the log. ShardWriter also writes a plain set of
+shards + manifest in one go (make-synthetic, benchmarks).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import multiprocessing as mp
 import os
 import re
 import tempfile
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from webdataset import TarWriter
 
@@ -23,8 +28,9 @@ from side4video.config import DataConfig
 from side4video.data import sources, video
 from side4video.data.annotations import CAPTION_FORMATS, read_annotations
 from side4video.data.manifest import MANIFEST_NAME, build_manifest, dumps
+from side4video.data.parts import PartProgress, merge_parts, plan_shards, shard_name
 from side4video.data.sample import VIDEO_EXTS, check_key
-from side4video.errors import UserError
+from side4video.errors import UserError, first_line
 from side4video.logs import get_logger
 
 log = get_logger(__name__)
@@ -71,12 +77,14 @@ class ShardWriter:
         max_samples: Optional[int] = None,
         prefix: str = "shard",
         data_cfg: Optional[DataConfig] = None,
+        name_of: Optional[Callable[[int], str]] = None,
     ):
         self.out = out.rstrip("/")
         self.kind = sources.url_kind(self.out)
         if self.kind not in ("local", "s3"):
             raise UserError(f"output {out!r}: must be a local folder or s3://bucket/prefix")
         self.max_bytes, self.max_samples, self.prefix, self.data_cfg = max_bytes, max_samples, prefix, data_cfg
+        self.name_of = name_of or (lambda i: f"{prefix}-{i:06d}.tar")
         if self.kind == "local":
             os.makedirs(sources.local_path(self.out), exist_ok=True)
             self.staging = sources.local_path(self.out)
@@ -94,7 +102,7 @@ class ShardWriter:
         self._bytes = 0
 
     def _name(self) -> str:
-        return f"{self.prefix}-{len(self.shards):06d}.tar"
+        return self.name_of(len(self.shards))
 
     def _open(self) -> None:
         self._partial = os.path.join(self.staging, self._name() + ".partial")
@@ -147,6 +155,13 @@ class ShardWriter:
         self._count += 1
         self._bytes += size
 
+    def finish(self) -> List[Dict[str, Any]]:
+        """Finish the last shard (no manifest: make-shards records shards per part); the shards."""
+        self._finish()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        return self.shards
+
     def close(
         self, classes: Optional[Sequence[str]], quarantine: Sequence[Dict[str, str]], fmt: str, **extra: Any
     ) -> Dict[str, Any]:
@@ -192,10 +207,13 @@ def prepare_entry(args) -> Dict[str, Any]:
     if entry.path is None:
         return {"key": entry.key, "path": entry.rel, "error": "video file not found"}
     try:
-        with open(entry.path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        return {"key": entry.key, "path": entry.rel, "error": f"cannot read: {e}"}
+        if sources.url_kind(entry.path) == "local":
+            with open(entry.path, "rb") as f:
+                data = f.read()
+        else:  # s3:// or http(s)://: the loader's retrying readers
+            data = sources.read_bytes(entry.path)
+    except (OSError, UserError) as e:
+        return {"key": entry.key, "path": entry.rel, "error": f"cannot read: {first_line(e)}"}
     try:
         if transcode and transcode != "none":
             data = video.transcode(data, transcode, short_side=short_side)
@@ -223,7 +241,7 @@ def _map(fn, items: Sequence, workers: int) -> Iterable:
     parent), and forking costs milliseconds where spawning re-imports the stack for seconds."""
     if workers <= 1 or len(items) <= 1:
         return map(fn, items)
-    pool = mp.get_context("fork").Pool(processes=workers)
+    pool = mp.get_context("fork").Pool(processes=workers, initializer=sources.forget_clients)
 
     def gen():
         try:
@@ -233,6 +251,33 @@ def _map(fn, items: Sequence, workers: int) -> Iterable:
             pool.join()
 
     return gen()
+
+
+class _Meter:
+    """Progress lines in the task's log: videos done, videos/s, ETA, quarantined (every `every_s`)."""
+
+    def __init__(self, what: str, total: int, every_s: float = 10.0):
+        self.what, self.total, self.every_s = what, total, every_s
+        self.done = self.quarantined = 0
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, quarantined: bool) -> None:
+        self.done += 1
+        self.quarantined += int(quarantined)
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            log.info("%s", self.line(now))
+
+    def line(self, now: Optional[float] = None) -> str:
+        elapsed = max(1e-9, (now or time.monotonic()) - self.t0)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta_text = "?" if eta == float("inf") else f"{int(eta) // 3600}:{int(eta) // 60 % 60:02d}:{int(eta) % 60:02d}"
+        return (
+            f"{self.what}: {self.done}/{self.total} videos, {rate:.2f} videos/s, ETA {eta_text}, "
+            f"{self.quarantined} quarantined"
+        )
 
 
 def make_shards(
@@ -251,8 +296,20 @@ def make_shards(
     data_cfg: Optional[DataConfig] = None,
     captions: Optional[str] = None,
     allow_missing: bool = False,
+    shard_samples: int = 1000,
+    seed: int = 0,
+    shuffle: bool = True,
+    part: Optional[int] = None,
+    parts: int = 1,
 ) -> Dict[str, Any]:
-    """Annotation list + video root -> shards + manifest.json in `out` (folder or s3://).
+    """Annotation list + video root (folder, s3:// or http(s)://) -> shards + manifest.json in
+    `out` (folder or s3://).
+
+    The entries are shuffled (seeded; `shuffle=False` keeps list order) and planned into shards of
+    `shard_samples` before anything is written (data/parts.py); `shard_size` caps a shard's bytes
+    (a planned shard over it continues in a second file). `part`/`parts`: write only part `part`
+    of `parts` (independent tasks; `merge_parts` then writes the manifest) and return its record;
+    without `part` the whole plan is written and merged. A rerun keeps every finished shard.
 
     Caption datasets (retrieval) refuse a list naming videos that are not under `root`, since a
     test set with videos left out ranks differently; `allow_missing` quarantines them instead, as
@@ -264,7 +321,16 @@ def make_shards(
         raise UserError(f"--transcode {transcode!r}: allowed none, vp9, h264")
     if short_side and transcode == "none":
         raise UserError("--short-side needs --transcode vp9 or h264 (resizing re-encodes the video)")
+    parts = int(parts)
+    if parts < 1 or (part is not None and not 0 <= int(part) < parts):
+        raise UserError(f"--part {part} --parts {parts}: need 0 <= part < parts")
+    whole = part is None
+    part = 0 if whole else int(part)
     max_bytes = parse_size(shard_size)
+    if sources.url_kind(out) not in ("local", "s3"):
+        raise UserError(f"output {out!r}: must be a local folder or s3://bucket/prefix")
+    if sources.url_kind(out) == "s3":
+        sources.check_s3_output(out, data_cfg)
     entries, classes = read_annotations(fmt, list_file, root, labels, split, captions)
     if not entries:
         raise UserError(f"{list_file}: no videos listed" + (f" for split {split!r}" if split else ""))
@@ -274,25 +340,74 @@ def make_shards(
             f"{list_file} names {len(missing)} videos not found under {root} (e.g. "
             f"{', '.join(missing[:3])}); pass --allow-missing to leave them out"
         )
-    writer = ShardWriter(out, max_bytes=max_bytes, prefix=split or "shard", data_cfg=data_cfg)
-    quarantine: List[Dict[str, str]] = []
-    jobs = [(e, validate, transcode, short_side) for e in entries]
-    bar = tqdm(total=len(jobs), desc="make-shards", unit="video", disable=not progress)
-    for result in _map(prepare_entry, jobs, max(1, int(workers))):
-        bar.update(1)
-        if "error" in result:
-            quarantine.append({"key": result["key"], "path": result["path"], "reason": result["error"]})
-            continue
-        if result["key"] in writer.keys:
-            quarantine.append({"key": result["key"], "path": result["path"], "reason": "duplicate key"})
-            continue
-        writer.write(result["key"], result["video"], result["ext"], result["meta"])
-    bar.close()
-    for q in quarantine:
-        log.warning("quarantined %s: %s", q["path"], q["reason"])
-    if not writer.keys:
-        raise UserError(
-            f"no usable video among {len(entries)} listed ({len(quarantine)} quarantined; "
-            f"first: {quarantine[0]['path']}: {quarantine[0]['reason']})"
+    plan = plan_shards(entries, int(shard_samples), int(seed), bool(shuffle))
+    prefix = split or "shard"
+    settings = {
+        "format": fmt,
+        "split": split,
+        "prefix": prefix,
+        "classes": list(classes) if classes is not None else None,
+        "plan": plan.digest(),
+        "planned_shards": len(plan.units),
+        "duplicates": plan.duplicates,
+        "shard_samples": int(shard_samples),
+        "shard_bytes": max_bytes,
+        "seed": int(seed),
+        "shuffle": bool(shuffle),
+        "transcode": transcode,
+        "short_side": int(short_side),
+        "validate": bool(validate),
+    }
+    record = PartProgress(out, part, parts, settings, data_cfg)
+    mine = plan.of_part(part, parts)
+    todo = [u for u in mine if not record.finished(u)]
+    what = "make-shards" if whole else f"make-shards part {part} of {parts}"
+    total = sum(len(plan.units[u]) for u in todo)
+    log.info(
+        "%s: %d planned shards of %d videos, %d finished before (kept), %d videos to write",
+        what,
+        len(mine),
+        sum(len(plan.units[u]) for u in mine),
+        len(mine) - len(todo),
+        total,
+    )
+    jobs = [(e, validate, transcode, short_side) for u in todo for e in plan.units[u]]
+    results = iter(_map(prepare_entry, jobs, max(1, int(workers))))
+    bar = tqdm(total=total, desc=what, unit="video", disable=not progress)
+    meter = _Meter(what, total)
+    for u in todo:
+        writer = ShardWriter(
+            out, max_bytes=max_bytes, prefix=prefix, data_cfg=data_cfg, name_of=lambda i, u=u: shard_name(prefix, u, i)
         )
-    return writer.close(classes, quarantine, fmt, transcode=transcode, validated=bool(validate))
+        quarantine: List[Dict[str, str]] = []
+        for _ in plan.units[u]:
+            result = next(results)
+            bar.update(1)
+            meter.update("error" in result)
+            if "error" in result:
+                log.warning("quarantined %s: %s", result["path"], result["error"])
+                quarantine.append({"key": result["key"], "path": result["path"], "reason": result["error"]})
+                continue
+            writer.write(result["key"], result["video"], result["ext"], result["meta"])
+        record.record(u, writer.finish(), quarantine)
+    bar.close()
+    record.complete()
+    log.info("%s (finished)", meter.line())
+    if whole:
+        try:
+            return merge_parts(out, data_cfg)
+        except UserError as e:
+            if "no usable video" not in str(e):
+                raise
+            first = next((q for r in record.units.values() for q in r["quarantine"]), plan.duplicates[:1] or [{}])
+            raise UserError(
+                f"no usable video among {len(entries)} listed (first quarantined: "
+                f"{first.get('path')}: {first.get('reason')})"
+            ) from None
+    units = {u: record.units[u] for u in mine}
+    return {
+        "part": part,
+        "parts": parts,
+        "shards": [s for u in mine for s in units[u]["shards"]],
+        "quarantine": [q for u in mine for q in units[u]["quarantine"]],
+    }

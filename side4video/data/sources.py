@@ -21,7 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from side4video.config import DataConfig
 from side4video.errors import UserError, first_line
@@ -434,3 +434,66 @@ def put_file(local: str, url: str, data_cfg: Optional[DataConfig] = None) -> Non
         shutil.move(local, dest)
         return
     raise UserError(f"cannot write to {url!r}: output must be a local folder or s3://bucket/prefix")
+
+
+def size_of(url: str, data_cfg: Optional[DataConfig] = None) -> Optional[int]:
+    """Bytes of a local file or an s3:// object; None when it is not there."""
+    kind = url_kind(url)
+    if kind == "local":
+        path = local_path(url)
+        return os.path.getsize(path) if os.path.isfile(path) else None
+    if kind == "s3":
+        bucket, key = _bucket_key(url)
+        try:
+            return int(s3_client(SourceOptions.of(data_cfg)).head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except Exception:
+            return None
+    raise UserError(f"cannot look at {url!r}: a local path or s3://bucket/key expected")
+
+
+def list_names(folder: str, data_cfg: Optional[DataConfig] = None) -> List[str]:
+    """Names (paths relative to `folder`) of the files under a local folder or an s3:// prefix."""
+    kind = url_kind(folder)
+    folder = folder.rstrip("/")
+    if kind == "local":
+        base = local_path(folder)
+        return sorted(os.path.relpath(os.path.join(d, f), base) for d, _, files in os.walk(base) for f in files)
+    if kind == "s3":
+        bucket, prefix = _bucket_key(folder + "/")
+        client = s3_client(SourceOptions.of(data_cfg))
+        names: List[str] = []
+        try:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                names += [o["Key"][len(prefix) :] for o in page.get("Contents", [])]
+        except Exception as e:
+            raise _s3_error(e, folder) from None
+        return sorted(names)
+    raise UserError(f"cannot list {folder!r}: a local folder or s3://bucket/prefix expected")
+
+
+def write_text(url: str, text: str, data_cfg: Optional[DataConfig] = None) -> None:
+    """A small text file written whole or not at all: a local file renamed into place, or one
+    S3 PUT (an object appears only complete)."""
+    kind = url_kind(url)
+    data = text.encode("utf-8")
+    if kind == "local":
+        path = local_path(url)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".partial", "wb") as f:
+            f.write(data)
+        os.replace(path + ".partial", path)
+        return
+    if kind == "s3":
+        bucket, key = _bucket_key(url)
+        try:
+            s3_client(SourceOptions.of(data_cfg)).put_object(Bucket=bucket, Key=key, Body=data)
+        except Exception as e:
+            raise OSError(first_line(e)) from None
+        return
+    raise UserError(f"cannot write to {url!r}: output must be a local folder or s3://bucket/prefix")
+
+
+def forget_clients() -> None:
+    """In a forked worker: the parent's S3 clients are not safe to share; each worker makes its own."""
+    with _client_lock:
+        _client_cache.clear()

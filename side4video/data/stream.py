@@ -3,11 +3,12 @@
     spec -> ShardSet (urls + sample counts + class names)
          -> epoch order of shards: permutation from the integers (seed, epoch)
          -> split by rank, then by worker (every worker a thread reading its own shards)
-         -> tar members grouped into samples (key, video bytes, metadata)
+         -> tar members grouped into samples (key, video bytes, metadata); a worker streams from
+            `interleave` of its shards at once, one sample from each in turn (`interleave`)
          -> shuffle buffer of compressed samples, seeded by (seed, epoch, rank, worker, pass)
          -> the workers' streams merged round-robin in worker order
 
-Everything above is a pure function of (seed, epoch, rank, world size, workers), never of
+Everything above is a pure function of (seed, epoch, rank, world size, workers, interleave), never of
 timing or `hash()`, so an epoch can be replayed exactly: resuming mid-epoch replays the rank's
 compressed stream and skips what was already consumed. Training streams are endless: after a
 rank's shards are exhausted the next pass over them starts (each sample once per pass), so that
@@ -404,6 +405,38 @@ def iter_shard(
 PASS_END = object()  # a worker's pass over its shards is over (then the next pass, or END)
 
 
+def interleave(sources: Iterable[Iterator], open_at_once: int) -> Iterator:
+    """Items of several iterators (a worker's shards, in plan order) read `open_at_once` at a time,
+    one item from each open one in turn; an exhausted one gives its turn to the next source.
+
+    A pure function of the sources' lengths (never of timing), so the same call over key lists
+    gives the same order (data/remainder.py simulates the stream with it). `open_at_once` 1 is
+    one source after another. Shards written in class order reach the shuffle buffer already
+    mixed from `open_at_once` classes (README 'Mixing')."""
+    pending = iter(sources)
+    slots: List[Iterator] = [iter(s) for s in itertools.islice(pending, max(1, int(open_at_once)))]
+    turn = 0
+    try:
+        while slots:
+            try:
+                item = next(slots[turn])
+            except StopIteration:
+                following = next(pending, None)
+                if following is None:
+                    del slots[turn]
+                    turn = turn if turn < len(slots) else 0
+                else:
+                    slots[turn] = iter(following)
+                continue
+            yield item
+            turn = (turn + 1) % len(slots)
+    finally:
+        for slot in slots:
+            close = getattr(slot, "close", None)
+            if close is not None:
+                close()
+
+
 def shuffle_pass(items: Iterable, buffer: int, seed: int, epoch: int, rank: int, worker: int, pass_: int, layer: int):
     """One worker's pass through its shuffle buffer, seeded by integers. Layer 0 is an epoch read
     from its start; layer L > 0 the rest of an epoch after the L-th change of rank layout
@@ -449,6 +482,7 @@ class RankStream:
     finished one; every sample carries its position `index` in this stream and its pass
     `occurrence`. `resampled=True` draws shards with replacement instead (always endless).
     `plans` (with `layer` > 0) reads the rest of an interrupted epoch instead (data/remainder.py).
+    `interleave`: shards each reader streams from at once (`interleave()`).
 
     Each reader hands its samples over through its own `Handoff` (threads.py): a reader's
     exception is raised by the iteration, and `stop` (the consumer's event) or `close()` ends it
@@ -466,6 +500,7 @@ class RankStream:
         workers: int = 1,
         shuffle_shards: bool = True,
         shuffle_buffer: int = 0,
+        interleave: int = 1,
         seed: int = 0,
         infinite: bool = False,
         resampled: bool = False,
@@ -480,6 +515,7 @@ class RankStream:
         self.epoch, self.rank, self.world, self.seed = int(epoch), int(rank), int(world), int(seed)
         self.shuffle_buffer, self.infinite, self.resampled = int(shuffle_buffer), infinite or resampled, resampled
         self.layer = int(layer)
+        self.interleave = max(1, int(interleave))
         self.bad = bad if bad is not None else BadLog()
         if plans is not None:
             self.plans = list(plans)
@@ -516,11 +552,15 @@ class RankStream:
 
     def _pass_samples(self, worker: int, pass_: int) -> Iterator[Sample]:
         plan = self.plans[worker]
-        for shard_index, shard in self._pass_shards(worker, pass_):
-            if self._handoffs[worker].closed:
-                return
-            keep = (lambda i, key, si=shard_index, p=plan: p.keeps(si, i, key)) if plan.filters else None
-            yield from iter_shard(shard, self.data_cfg, self.bad, keep=keep)
+
+        def shards() -> Iterator[Iterator[Sample]]:
+            for shard_index, shard in self._pass_shards(worker, pass_):
+                if self._handoffs[worker].closed:
+                    return
+                keep = (lambda i, key, si=shard_index, p=plan: p.keeps(si, i, key)) if plan.filters else None
+                yield iter_shard(shard, self.data_cfg, self.bad, keep=keep)  # opened at its first sample
+
+        return interleave(shards(), self.interleave)
 
     def _produce(self, worker: int) -> None:
         """One reader: its passes, each ended by PASS_END (the hand-off adds END or the failure)."""

@@ -23,23 +23,34 @@ def _take(iterable, n):
     return list(itertools.islice(iterable, n))
 
 
-def _layout(world, workers, buffer=4):
-    return StreamLayout(world_size=world, workers=workers, seed=0, shuffle_buffer=buffer, shuffle_shards=True)
+def _layout(world, workers, buffer=4, interleave=1):
+    return StreamLayout(
+        world_size=world, workers=workers, seed=0, shuffle_buffer=buffer, shuffle_shards=True, interleave=interleave
+    )
 
 
-@pytest.mark.parametrize("world,workers", [(1, 1), (2, 2), (4, 1)])
-def test_the_keys_alone_replay_a_rank_stream_as_read(synthetic_data, world, workers):
-    """The simulation over the manifest's keys is the real stream (shards read), wrap-around
-    passes included; and so is a stream over the rest of an epoch (layer 1)."""
+@pytest.mark.parametrize("world,workers,interleave", [(1, 1, 3), (2, 2, 1), (1, 2, 2), (4, 1, 1)])
+def test_the_keys_alone_replay_a_rank_stream_as_read(synthetic_data, world, workers, interleave):
+    """The simulation over the manifest's keys is the real stream (shards read, `interleave` of
+    them at once), wrap-around passes included; and so is a stream over the rest of an epoch
+    (layer 1)."""
     cfg = data_cfg_for(str(synthetic_data["train"]), None)
     shardset = resolve_shards(cfg.data.train.shards, cfg.data)
     keys = shard_keys(shardset, cfg.data)
     assert sum(len(k) for k in keys.of_shard) == 24  # the manifest lists every shard's keys
-    layout = _layout(world, workers)
+    layout = _layout(world, workers, interleave=interleave)
     n = 2 * 24 // world  # two passes over the rank's shards
     for rank in range(world):
         real = RankStream(
-            shardset, cfg.data, epoch=EPOCH, rank=rank, world=world, workers=workers, shuffle_buffer=4, infinite=True
+            shardset,
+            cfg.data,
+            epoch=EPOCH,
+            rank=rank,
+            world=world,
+            workers=workers,
+            shuffle_buffer=4,
+            interleave=interleave,
+            infinite=True,
         )
         got = [s.key for s in _take(real, n)]
         real.close()
@@ -56,6 +67,7 @@ def test_the_keys_alone_replay_a_rank_stream_as_read(synthetic_data, world, work
         world=world,
         workers=workers,
         shuffle_buffer=4,
+        interleave=interleave,
         infinite=True,
         plans=plans,
         layer=1,
@@ -152,3 +164,14 @@ def test_a_resume_in_the_same_layout_after_a_change_replays_the_rest(synthetic_d
     head, again = _read(_resume(cfg1, 1, states), batches=[2])
     tail, _ = _read(_resume(cfg1, 1, again))
     assert head + tail == straight and len(straight) == 16
+
+
+def test_states_saved_before_interleave_read_one_shard_at_a_time():
+    """A loader state or layer written before data.interleave existed was read one shard at a
+    time: it resumes in that order (interleave 1), not in the current default's."""
+    current = _layout(2, 2, interleave=4)
+    old = {"world_size": 2, "workers": 2, "seed": 0, "shuffle_buffer": 4, "shuffle_shards": True}
+    assert StreamLayout.saved(old, current).interleave == 1
+    assert StreamLayout.saved({**old, "interleave": 4}, current) == current
+    assert Layer.from_dict({**old, "positions": [3, 5]}).layout.interleave == 1
+    assert Layer.from_dict(Layer(current, (3, 5)).as_dict()) == Layer(current, (3, 5))

@@ -226,8 +226,9 @@ def test_cli_make_shards(tmp_path, capsys):
 
 @pytest.mark.timeout(120)
 def test_make_shards_uploads_to_s3(tmp_path, s3_server, monkeypatch):
-    """Output s3://bucket/prefix: each finished shard is uploaded, the manifest last; credentials
-    and endpoint from the standard AWS environment variables."""
+    """Output s3://bucket/prefix: each finished shard is uploaded, then its record in the part's
+    progress file, the manifest last; credentials and endpoint from the standard AWS environment
+    variables."""
     from side4video.data.inspect import inspect_shards
     from tests.support.data import BUCKET
 
@@ -240,7 +241,8 @@ def test_make_shards_uploads_to_s3(tmp_path, s3_server, monkeypatch):
     listf.write_text("".join(f"{r} {i % 2}\n" for i, r in enumerate(rels)))
     manifest = make_shards(str(listf), "list", str(root), f"s3://{BUCKET}/ds", shard_size="8KB", progress=False)
     names = sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="ds/")["Contents"])
-    assert names == sorted([f"ds/{s['url']}" for s in manifest["shards"]] + ["ds/manifest.json"])
+    progress = "ds/parts/part-0000-of-0001.json"  # what a rerun keeps (data/parts.py)
+    assert names == sorted([f"ds/{s['url']}" for s in manifest["shards"]] + ["ds/manifest.json", progress])
     report = inspect_shards(
         f"s3://{BUCKET}/ds/manifest.json", load_cfg().data, batch_size=4, decode=True, progress=False
     )
