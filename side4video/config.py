@@ -135,6 +135,11 @@ class BackboneConfig:
     )
     weights: str = setting("", "local open_clip/EVA checkpoint file; empty: random init")
     precision: str = setting("fp16", "storage precision of the frozen weights", PRECISIONS)
+    convert_weights: bool = setting(
+        False,
+        "allow storing a half-precision checkpoint (fp16 or bf16) in the other half precision: values are rounded "
+        "and one line counts those that changed; false: such a load is refused",
+    )
     compute_precision: str = setting(
         "auto", "compute precision; auto: storage precision on GPU, fp32 on CPU", ("auto",) + PRECISIONS
     )

@@ -1,7 +1,7 @@
 """`side4video bench vite`: the 4.35 B-parameter EVA ViT-E/14 trained for real, measured.
 
 Each case is a real `side4video train` run of configs/experiments/ssv2_eva02e14.yaml (EVA02-E-14,
-random init in bf16, the 183 M-parameter EVA side network, ZeRO-3 with `offload_param: cpu`) on
+random init in its storage precision, fp16, the 183 M-parameter EVA side network, ZeRO-3 with `offload_param: cpu`) on
 generated clips, in fresh processes:
 
   (a) 1 rank at a reduced input (56 px, 2 frames, 1 clip), a few steps;
@@ -171,7 +171,11 @@ def run(out: str, config: Optional[str] = None, overrides: Sequence[str] = (), q
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = find_config(config)
     cuda = torch.cuda.is_available()
-    results = {"config": str(config_path), "host": host_info(), "cuda": cuda, "quick": quick, "cases": []}
+    from side4video.config import load_config
+
+    storage = str(load_config(config_path, []).model.backbone.precision)
+    results = {"config": str(config_path), "host": host_info(), "cuda": cuda, "quick": quick, "storage": storage}
+    results["cases"] = []
     with tempfile.TemporaryDirectory(prefix="side4video-vite-") as tmp:
         for name, ranks, size, frames, steps in QUICK_CASES if quick else CASES:
             row = _run_case(config_path, name, ranks, size, frames, steps, Path(tmp), cuda, quick)
@@ -218,7 +222,7 @@ def _write_markdown(r: Dict, path: Path) -> None:
     lines = [
         f"# EVA ViT-E/14 training steps ({'GPU' if r['cuda'] else 'CPU'}: {h['gpu'] or h['cpu']}, {h['cores']} cores)",
         "",
-        f"Config {r['config']}: random-init EVA02-E-14 stored in bf16, ZeRO-3 + offload_param cpu"
+        f"Config {r['config']}: random-init EVA02-E-14 stored in {r.get('storage', 'fp16')}, ZeRO-3 + offload_param cpu"
         + ("" if r["cuda"] else ", blocks computed in fp32, side network trained in fp32 (CPU host)")
         + ".",
         "",

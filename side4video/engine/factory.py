@@ -39,6 +39,7 @@ def backbone_args(cfg: Config) -> BackboneArgs:
         weights=str(b.weights or ""),
         image_size=int(cfg.data.size),
         quick_gelu=bool(b.quick_gelu),
+        convert_weights=bool(b.convert_weights),
         arch_overrides={k: int(getattr(b, k)) for k in ARCH_KEYS},
     )
 

@@ -22,6 +22,7 @@ class BackboneArgs:
     weights: str = ""  # local checkpoint (retrieval: of both towers); empty: random init
     image_size: int = 224
     quick_gelu: bool = False
+    convert_weights: bool = False  # allow fp16 <-> bf16 rounding of a half-precision checkpoint (counted)
     arch_overrides: Dict[str, int] = field(default_factory=dict)  # width/layers/heads/patch_size, 0 = named value
 
     def spec(self) -> BackboneSpec:

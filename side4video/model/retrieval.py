@@ -248,6 +248,7 @@ def _build(args: RetrievalArgs, device, place_unit=None) -> RetrievalModel:
         storage_dtype=p.storage,
         compute_dtype=p.compute,
         weights=args.backbone.weights,
+        convert_weights=args.backbone.convert_weights,
         seed=args.seed,
         device=device,
         keep_final_norm=True,

@@ -5,6 +5,8 @@ those libraries write, loaded through `model.backbone.weights`, and must give th
 outputs.
 """
 
+import logging
+
 import pytest
 import torch
 
@@ -161,3 +163,66 @@ def test_random_backbone_tokens_carry_their_position():
     grid = int(len(patches) ** 0.5)
     assert float(distances[0, 1]) < float(distances[0, len(patches) - 1])
     assert grid * grid == len(patches)
+
+
+class Lines(logging.Handler):
+    """The log lines of one logger (whatever the package logger's propagation)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_a_half_precision_checkpoint_is_never_rounded_silently(tmp_path):
+    """An fp16 checkpoint (a small random ViT saved as a file) into a bf16-configured backbone:
+    refused in one line; with model.backbone.convert_weights=true converted, and one line counts
+    the values the rounding changed. Stored in fp16, the file's bits are kept as they are."""
+    tower = open_clip_tower().half()
+    path = tmp_path / "clip_fp16.pt"
+    torch.save({"state_dict": {f"visual.{k}": v for k, v in tower.state_dict().items()}}, path)
+    base = [
+        "model.backbone.name=ViT-T-16",
+        "model.backbone.quick_gelu=true",
+        "data.size=32",
+        "model.method=linear_probe",
+    ]
+    base.append(f"model.backbone.weights={path}")
+
+    with pytest.raises(UserError) as refused:
+        build_model(load_config(DEMO, [*base, "model.backbone.precision=bf16"]))
+    message = str(refused.value)
+    assert "\n" not in message and "is fp16, model.backbone.precision is bf16" in message
+    assert "model.backbone.convert_weights=true" in message and "model.backbone.precision=fp16" in message
+
+    kept = build_model(load_config(DEMO, [*base, "model.backbone.precision=fp16"])).backbone
+    log = logging.getLogger("side4video.model.weights")
+    lines, level = Lines(), log.level
+    log.addHandler(lines)
+    log.setLevel(logging.INFO)
+    try:
+        converted = build_model(
+            load_config(DEMO, [*base, "model.backbone.precision=bf16", "model.backbone.convert_weights=true"])
+        ).backbone
+    finally:
+        log.removeHandler(lines)
+        log.setLevel(level)
+    changed = total = 0
+    for (name, bf), (_, fp) in zip(converted.named_parameters(), kept.named_parameters()):
+        assert bf.dtype == torch.bfloat16 and fp.dtype == torch.float16, name
+        assert torch.equal(bf, fp.to(torch.bfloat16)), name  # the fp16 file's values, rounded once
+        changed += int((bf.to(torch.float16) != fp).sum())
+        total += fp.numel()
+    assert 0 < changed < total
+    assert lines.lines == [
+        f"model.backbone.convert_weights: {changed:,} of {total:,} fp16 values of {path} changed when stored in "
+        f"the other half precision ({100 * changed / total:.2f}%)"
+    ]
+    assert converted.fingerprint()["converted_to"] == "bfloat16" and "converted_to" not in kept.fingerprint()
+
+    # the reverse: a bf16 file into fp16 storage is refused the same way
+    torch.save({f"visual.{k}": v.to(torch.bfloat16) for k, v in tower.state_dict().items()}, path)
+    with pytest.raises(UserError, match="is bf16, model.backbone.precision is fp16"):
+        build_model(load_config(DEMO, [*base, "model.backbone.precision=fp16"]))
