@@ -132,11 +132,23 @@ def planned_peak_bytes(config: Path, overrides: Sequence[str], ranks: int, cuda:
 
 
 def _run_case(
-    config: Path, name: str, ranks: int, size: int, frames: int, steps: int, work: Path, cuda: bool, quick: bool
+    config: Path,
+    name: str,
+    ranks: int,
+    size: int,
+    frames: int,
+    steps: int,
+    work: Path,
+    cuda: bool,
+    quick: bool,
+    extra: Sequence[str] = (),
 ) -> Dict:
+    """One case in fresh processes; `extra`: overrides after the case's own (the GPU kit's
+    `deepspeed.offload_param=none` run)."""
     run_dir = work / name.split(":")[0]
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = case_overrides(run_dir, clips_for(work, size, frames), size, frames, steps, cuda, quick)
+    overrides += list(extra)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks))),
@@ -247,6 +259,8 @@ def _write_plot(r: Dict, path: Path) -> None:
     from side4video.engine.plots import pyplot
 
     plt = pyplot()
+    if plt is None:
+        return
     labels, peaks, held, built = [], [], [], []
     for row in r["cases"]:
         for m in row["per_rank"]:
