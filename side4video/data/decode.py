@@ -464,7 +464,7 @@ class ClipDecoder:
         largest video seen (8 x 16 full-HD frames is ~0.8 GB) and never shrink on their own,
         outside torch's allocator; an epoch boundary is a good moment (make-shards --short-side
         bounds them for good)."""
-        if self.gpu:
+        if self.gpu and self.dali:
             from nvidia.dali import backend
 
             backend.ReleaseUnusedMemory()

@@ -388,6 +388,7 @@ assert all(decoder.route(r) == "pyav" for r in reqs)
 out, bad = decoder.decode(reqs)
 assert not bad and not decoder.fallbacks
 torch.save({"clips": out, "grey": [[v.grayscale for v in r.views] for r in reqs]}, sys.argv[1])
+ClipDecoder(**kw, gpu=True, device_id=0).release_memory()  # a GPU host without DALI: nothing to release
 for wrong in (dict(kw, ra_steps=1), dict(kw, decoder="dali")):
     try:
         ClipDecoder(**wrong)
