@@ -19,6 +19,8 @@ def test_bench_fp16_reports_the_largest_activation_per_block(tmp_path, capsys):
     assert [r["block"] for r in rows] == [0, 1, 2, 3]
     for r in rows:  # the block output is one of the tensors looked at
         assert 0 < r["max_abs_output"] <= r["max_abs_inside"] < 65504
+        assert 0 < r["max_deviation_vs_fp32"] < 1e-2  # computed in fp16 for real: close to fp32, not equal
+    assert report["compute"].startswith("fp16")
     assert report["max_abs"] == max(r["max_abs_inside"] for r in rows)
     assert report["headroom"] == 65504.0 / report["max_abs"]
     assert "| 3 |" in (out / "fp16.md").read_text() and "headroom" in capsys.readouterr().out
