@@ -143,6 +143,11 @@ class BackboneConfig:
     compute_precision: str = setting(
         "auto", "compute precision; auto: storage precision on GPU, fp32 on CPU", ("auto",) + PRECISIONS
     )
+    fp32_blocks: List[int] = setting(
+        [],
+        "backbone blocks (0-based) computed in fp32 from their half-precision weights, for a checkpoint whose "
+        "activations overflow fp16 inside them; the others compute in the compute precision",
+    )
     quick_gelu: bool = setting(False, "QuickGELU MLP activation (OpenAI CLIP weights)")
     width: int = setting(0, "override: transformer width (0: from the model name)")
     layers: int = setting(0, "override: number of blocks (0: from the model name)")

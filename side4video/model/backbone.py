@@ -142,6 +142,7 @@ def build_backbone(
     compute_dtype: torch.dtype,
     weights: str = "",
     convert_weights: bool = False,
+    fp32_blocks: Sequence[int] = (),
     seed: int = 0,
     device="cpu",
     trainable: bool = False,
@@ -170,6 +171,7 @@ def build_backbone(
         keep_final_norm=keep_final_norm,
         keep_proj=keep_proj,
         tap_dtype=tap_dtype,
+        fp32_blocks=fp32_blocks,
     )
     # Tower modules the wrapper does not keep (e.g. the head) stay on meta and go away with `tower`.
     if str(device) == "meta":

@@ -249,6 +249,7 @@ def _build(args: RetrievalArgs, device, place_unit=None) -> RetrievalModel:
         compute_dtype=p.compute,
         weights=args.backbone.weights,
         convert_weights=args.backbone.convert_weights,
+        fp32_blocks=args.backbone.fp32_blocks,
         seed=args.seed,
         device=device,
         keep_final_norm=True,
