@@ -269,6 +269,7 @@ def _build(args: RetrievalArgs, device, place_unit=None) -> RetrievalModel:
         weights=args.backbone.weights,
         seed=args.seed + 2,
         trainable=args.text_trainable,
+        convert_weights=args.backbone.convert_weights,
     )
     # Trained modules: fp32, deterministic from the seed.
     with torch.random.fork_rng(devices=[]), torch.device(device):

@@ -29,6 +29,50 @@ log = get_logger(__name__)
 HALF = (torch.float16, torch.bfloat16)
 HALF_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
+
+def half_crossing(
+    path: str, dtypes, storage: Optional[torch.dtype], convert: bool, what: str = ""
+) -> Optional[torch.dtype]:
+    """The file's half precision when storing its tensors (`dtypes`) in `storage` would round them
+    into the other half precision (None: no such tensor); refused in one line unless `convert`."""
+    if storage not in HALF:
+        return None
+    found = next((d for d in HALF if d in set(dtypes) and d != storage), None)
+    if found is not None and not convert:
+        raise UserError(
+            f"weights file {path}{what} is {HALF_NAMES[found]}, model.backbone.precision is "
+            f"{HALF_NAMES[storage]}: storing it would round its values; set model.backbone.precision="
+            f"{HALF_NAMES[found]} to keep them, or model.backbone.convert_weights=true to convert"
+        )
+    return found
+
+
+def store(target: torch.Tensor, value: torch.Tensor) -> tuple:
+    """Copy `value` into `target`; (values converted, values changed) when it crosses between fp16
+    and bf16 (NaNs count as unchanged)."""
+    if value.dtype in HALF and target.dtype in HALF and value.dtype != target.dtype:
+        stored = value.to(target.dtype)
+        target.data.copy_(stored)
+        return value.numel(), int(((stored.to(value.dtype) != value) & ~value.isnan()).sum())
+    target.data.copy_(value)
+    return 0, 0
+
+
+def report_conversion(path: str, crossing: Optional[torch.dtype], converted: int, changed: int, what: str = "") -> None:
+    """The one line after a counted fp16 <-> bf16 conversion."""
+    if converted:
+        log.info(
+            "model.backbone.convert_weights: %s of %s %s values of %s%s changed when stored in the other half "
+            "precision (%.2f%%)",
+            f"{changed:,}",
+            f"{converted:,}",
+            HALF_NAMES[crossing],
+            path,
+            what,
+            100.0 * changed / converted,
+        )
+
+
 WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "model_ema")
 
 
@@ -165,35 +209,11 @@ class WeightSource:
                 f"weights file {path} lacks {len(missing)} tensors of {backbone.spec.name}'s vision tower "
                 f"(e.g. {missing[0]}); is it a checkpoint of that model?"
             )
-        self.crossing = self._crossing(needed, storage)
-
-    def _crossing(self, needed, storage: Optional[torch.dtype]) -> Optional[torch.dtype]:
-        """The checkpoint's half precision when storing its tensors in `storage` would round them
-        into the other half precision (None: no such tensor); refused unless `convert`."""
-        if storage not in HALF:
-            return None
-        dtypes = {self.tensors[k].dtype for k in needed}
-        found = next((d for d in dtypes if d in HALF and d != storage), None)
-        if found is not None and not self.convert:
-            raise UserError(
-                f"weights file {self.path} is {HALF_NAMES[found]}, model.backbone.precision is "
-                f"{HALF_NAMES[storage]}: storing it would round its values; set model.backbone.precision="
-                f"{HALF_NAMES[found]} to keep them, or model.backbone.convert_weights=true to convert"
-            )
-        return found
+        self.crossing = half_crossing(path, {self.tensors[k].dtype for k in needed}, storage, self.convert)
 
     def report(self) -> None:
         """One line after loading: how many values the fp16 <-> bf16 conversion changed."""
-        if self.converted:
-            log.info(
-                "model.backbone.convert_weights: %s of %s %s values of %s changed when stored in the other half "
-                "precision (%.2f%%)",
-                f"{self.changed:,}",
-                f"{self.converted:,}",
-                HALF_NAMES[self.crossing],
-                self.path,
-                100.0 * self.changed / self.converted,
-            )
+        report_conversion(self.path, self.crossing, self.converted, self.changed)
 
     @torch.no_grad()
     def load(self, unit_name: str, unit: nn.Module) -> None:
@@ -211,11 +231,6 @@ class WeightSource:
                         f"weights file {self.path}: {name} has shape {tuple(value.shape)}, the model needs "
                         f"{tuple(target.shape)} (check model.backbone.name and its overrides)"
                     )
-            if value.dtype in HALF and target.dtype in HALF and value.dtype != target.dtype:
-                stored = value.to(target.dtype)
-                self.converted += value.numel()
-                # NaN != NaN: count a value as changed only where both are numbers and differ
-                self.changed += int(((stored.to(value.dtype) != value) & ~value.isnan()).sum())
-                target.data.copy_(stored)
-                continue
-            target.data.copy_(value)
+            converted, changed = store(target, value)
+            self.converted += converted
+            self.changed += changed

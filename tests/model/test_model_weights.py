@@ -226,3 +226,30 @@ def test_a_half_precision_checkpoint_is_never_rounded_silently(tmp_path):
     torch.save({f"visual.{k}": v.to(torch.bfloat16) for k, v in tower.state_dict().items()}, path)
     with pytest.raises(UserError, match="is bf16, model.backbone.precision is fp16"):
         build_model(load_config(DEMO, [*base, "model.backbone.precision=fp16"]))
+
+
+def test_a_half_precision_text_tower_is_never_rounded_silently(tmp_path):
+    """Retrieval's frozen text tower reads the same checkpoint: an fp16 file into a bf16 tower is
+    refused in one line, converted and counted with model.backbone.convert_weights."""
+    from side4video.model.text import build_text_tower, resolve_text_spec
+
+    spec = resolve_text_spec("ViT-B-16", 12, 48, width=32, layers=1, heads=1, vocab_size=64)
+    source, _ = build_text_tower(spec, dtype=torch.float16, seed=3)
+    path = tmp_path / "clip_fp16.pt"
+    torch.save({f"text.{k}": v for k, v in source.state_dict().items()}, path)
+    with pytest.raises(UserError, match="clip_fp16.pt's text tower is fp16, model.backbone.precision is bf16"):
+        build_text_tower(spec, dtype=torch.bfloat16, weights=str(path))
+    log = logging.getLogger("side4video.model.weights")
+    lines, level = Lines(), log.level
+    log.addHandler(lines)
+    log.setLevel(logging.INFO)
+    try:
+        tower, _ = build_text_tower(spec, dtype=torch.bfloat16, weights=str(path), convert_weights=True)
+    finally:
+        log.removeHandler(lines)
+        log.setLevel(level)
+    expected = {k: v.to(torch.bfloat16) for k, v in source.state_dict().items()}
+    assert all(torch.equal(v, expected[k]) for k, v in tower.state_dict().items())
+    assert len(lines.lines) == 1 and "fp16 values of" in lines.lines[0] and "'s text tower changed" in lines.lines[0]
+    kept, _ = build_text_tower(spec, dtype=torch.float16, weights=str(path))  # its own precision: exact
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in kept.state_dict().items())
