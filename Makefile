@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 TEST_PACKAGES := slurm-wlm munge iproute2
 TEST_TOOLS    := slurmctld slurmd munged sbatch ip
 
-.PHONY: setup test-system demo demo-retrieval lint format test test-gpu clean-runs
+.PHONY: setup test-system demo demo-retrieval lint format test test-gpu gpu-kit clean-runs
 
 setup: $(STAMP)
 
@@ -66,6 +66,12 @@ test-gpu: setup
 		echo "make test-gpu: no GPU torch can use here: $$($(PY) -c 'from side4video.distributed import cuda_failure; print(cuda_failure())')"; \
 		exit 2; }
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/gpu
+
+# The portable GPU check kit (README "GPUs"): wheels for a GPU machine's Python 3.12 with its own
+# torch (all our dependencies but torch, DALI, matplotlib and boto3) + the checks, under 60 MiB, in
+# build/gpu-kit (git-ignored); there: bash build/gpu-kit/project/scripts/gpu_check.sh
+gpu-kit: setup
+	$(PY) scripts/gpu_kit.py build/gpu-kit
 
 clean-runs:
 	rm -rf runs

@@ -140,8 +140,18 @@ class BackboneConfig:
     )
     weights: str = setting("", "local open_clip/EVA checkpoint file; empty: random init")
     precision: str = setting("fp16", "storage precision of the frozen weights", PRECISIONS)
+    convert_weights: bool = setting(
+        False,
+        "allow storing a half-precision checkpoint (fp16 or bf16) in the other half precision: values are rounded "
+        "and one line counts those that changed; false: such a load is refused",
+    )
     compute_precision: str = setting(
         "auto", "compute precision; auto: storage precision on GPU, fp32 on CPU", ("auto",) + PRECISIONS
+    )
+    fp32_blocks: List[int] = setting(
+        [],
+        "backbone blocks (0-based) computed in fp32 from their half-precision weights, for a checkpoint whose "
+        "activations overflow fp16 inside them; the others compute in the compute precision",
     )
     quick_gelu: bool = setting(False, "QuickGELU MLP activation (OpenAI CLIP weights)")
     width: int = setting(0, "override: transformer width (0: from the model name)")

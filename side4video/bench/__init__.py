@@ -16,6 +16,7 @@ BENCHES = {
     "memory": "side4video.bench.memory",  # methods x backbones peak memory
     "vite": "side4video.bench.vite",  # EVA ViT-E/14 training steps: memory per rank, step times
     "stream": "side4video.bench.stream",  # shard streaming MB/s: the readers vs raw clients, folder/HTTP/S3
+    "fp16": "side4video.bench.fp16",  # EVA ViT-E/14 blocks stored in fp16: largest activation per block vs 65504
     "checkpoint": "side4video.bench.checkpoint",  # ViT-E side network checkpoints: size, save/load on 1 and 2 ranks
 }
 

@@ -283,6 +283,8 @@ def _write_plot(r: Dict, path: str) -> None:
     from side4video.engine.plots import pyplot
 
     plt = pyplot()
+    if plt is None:
+        return
 
     names = ["DALI\n(loader path)", "PyAV\n(plain)", "DALI decoder\nalone", "DALI + train\naug (2 views)"]
     values = [

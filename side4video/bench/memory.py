@@ -500,6 +500,8 @@ def _write_plot(r: Dict, path: Path) -> None:
     from side4video.engine.plots import pyplot
 
     plt = pyplot()
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for row in r["methods"]:
         runs = [x for x in row["runs"] if x["frames"] == int(r["setup"]["data.frames"])]

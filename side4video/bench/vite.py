@@ -1,7 +1,7 @@
 """`side4video bench vite`: the 4.35 B-parameter EVA ViT-E/14 trained for real, measured.
 
 Each case is a real `side4video train` run of configs/experiments/ssv2_eva02e14.yaml (EVA02-E-14,
-random init in bf16, the 183 M-parameter EVA side network, ZeRO-3 with `offload_param: cpu`) on
+random init in its storage precision, fp16, the 183 M-parameter EVA side network, ZeRO-3 with `offload_param: cpu`) on
 generated clips, in fresh processes:
 
   (a) 1 rank at a reduced input (56 px, 2 frames, 1 clip), a few steps;
@@ -132,11 +132,23 @@ def planned_peak_bytes(config: Path, overrides: Sequence[str], ranks: int, cuda:
 
 
 def _run_case(
-    config: Path, name: str, ranks: int, size: int, frames: int, steps: int, work: Path, cuda: bool, quick: bool
+    config: Path,
+    name: str,
+    ranks: int,
+    size: int,
+    frames: int,
+    steps: int,
+    work: Path,
+    cuda: bool,
+    quick: bool,
+    extra: Sequence[str] = (),
 ) -> Dict:
+    """One case in fresh processes; `extra`: overrides after the case's own (the GPU kit's
+    `deepspeed.offload_param=none` run)."""
     run_dir = work / name.split(":")[0]
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = case_overrides(run_dir, clips_for(work, size, frames), size, frames, steps, cuda, quick)
+    overrides += list(extra)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks))),
@@ -171,7 +183,11 @@ def run(out: str, config: Optional[str] = None, overrides: Sequence[str] = (), q
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = find_config(config)
     cuda = torch.cuda.is_available()
-    results = {"config": str(config_path), "host": host_info(), "cuda": cuda, "quick": quick, "cases": []}
+    from side4video.config import load_config
+
+    storage = str(load_config(config_path, []).model.backbone.precision)
+    results = {"config": str(config_path), "host": host_info(), "cuda": cuda, "quick": quick, "storage": storage}
+    results["cases"] = []
     with tempfile.TemporaryDirectory(prefix="side4video-vite-") as tmp:
         for name, ranks, size, frames, steps in QUICK_CASES if quick else CASES:
             row = _run_case(config_path, name, ranks, size, frames, steps, Path(tmp), cuda, quick)
@@ -218,7 +234,7 @@ def _write_markdown(r: Dict, path: Path) -> None:
     lines = [
         f"# EVA ViT-E/14 training steps ({'GPU' if r['cuda'] else 'CPU'}: {h['gpu'] or h['cpu']}, {h['cores']} cores)",
         "",
-        f"Config {r['config']}: random-init EVA02-E-14 stored in bf16, ZeRO-3 + offload_param cpu"
+        f"Config {r['config']}: random-init EVA02-E-14 stored in {r.get('storage', 'fp16')}, ZeRO-3 + offload_param cpu"
         + ("" if r["cuda"] else ", blocks computed in fp32, side network trained in fp32 (CPU host)")
         + ".",
         "",
@@ -261,6 +277,8 @@ def _write_plot(r: Dict, path: Path) -> None:
     from side4video.engine.plots import pyplot
 
     plt = pyplot()
+    if plt is None:
+        return
     labels, peaks, held, built = [], [], [], []
     for row in r["cases"]:
         for m in row["per_rank"]:

@@ -141,6 +141,15 @@ def format_plan(report: Dict) -> str:
     return _table(rows) + "\n\n" + format_rank_plan(report["plan"])
 
 
+def _host_line(h: Dict) -> str:
+    """The node's host memory: ranks x (offloaded partitions + the process baseline)."""
+    return (
+        f"{_gib(h['total'])} = {h['ranks']} ranks x ({_gib(h['frozen_partition_per_rank'])} frozen partition + "
+        f"{_gib(h['trained_state_per_rank'])} trained state offloaded + {_gib(h['process_baseline_per_rank'])} "
+        f"process baseline)"
+    )
+
+
 def format_rank_plan(p: Dict) -> str:
     z, fz, st, act = p["zero"], p["frozen_weights"], p["trained_state"], p["activations"]
     unit = "GPU" if p["device"] == "cuda" else "CPU rank"
@@ -199,7 +208,7 @@ def format_rank_plan(p: Dict) -> str:
     rows.append((f"peak per {unit}", _gib(p["peak_per_rank"])))
     traffic = p["offload_traffic_per_step"]
     rows += [
-        ("host memory per node", f"{_gib(p['host_per_node_offloaded'])} offloaded"),
+        ("host memory per node", _host_line(p["host_per_node"])),
         (
             "offload traffic per step",
             f"{traffic['bytes'] / 1e9:.2f} GB per {unit}: {traffic['seconds']:.2f} s at {traffic['link_gbs']:g} GB/s",

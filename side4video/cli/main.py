@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(BENCHES),
         help="data: decode clips/s (DALI vs PyAV); memory: methods side by side; vite: EVA ViT-E/14 "
         "training; stream: shard streaming MB/s from a folder, HTTP and S3 (readers vs raw clients); "
-        "checkpoint: ViT-E side network checkpoints, save and load on 1 and 2 ranks",
+        "checkpoint: ViT-E side network checkpoints, save and load on 1 and 2 ranks; fp16: the largest activation "
+        "per EVA ViT-E/14 block stored in fp16 against fp16's 65504",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", default=None, help="config to benchmark (default: built-in small setup)")

@@ -10,6 +10,10 @@ sample) -> grayscale (a conditional on a fed per-sample flag; only in graphs bui
 `grayscale=True`) -> fn.crop_mirror_normalize (flip, mean/std, FCHW, fp16/fp32). Every fed
 parameter is per sample, so every frame of a clip gets the same op, magnitude, flip and grey.
 
+Without DALI (not installed, e.g. the portable GPU kit): one log line says so, every clip is
+decoded by PyAV and the same transforms run in torch (`torch_views`; RandAugment and
+`data.decoder=dali` are refused in one line).
+
 Every random parameter arrives through external_source (drawn in augment.py from seeded
 Generators), never from DALI's RNG: a pipeline rebuilt after a resume or an error gives the same
 tensors. A DALI pipeline does not survive an operator error ("Current pipeline object is no
@@ -29,7 +33,7 @@ import torch
 
 from side4video.data import augment as A
 from side4video.data.video import VideoError, VideoInfo, dali_decodes, decode_frames
-from side4video.errors import first_line
+from side4video.errors import UserError, first_line
 from side4video.logs import get_logger
 
 log = get_logger(__name__)
@@ -52,6 +56,58 @@ class ClipRequest:
 
 def gpu_available() -> bool:
     return torch.cuda.is_available()
+
+
+_DALI: Optional[str] = None  # "" when NVIDIA DALI imports, else why it does not
+
+
+def dali_missing() -> str:
+    """Why NVIDIA DALI cannot be imported here ("" when it can); said once, in one log line, when
+    it cannot: every clip is then decoded by PyAV and transformed in torch (no RandAugment)."""
+    global _DALI
+    if _DALI is None:
+        try:
+            import nvidia.dali  # noqa: F401
+
+            _DALI = ""
+        except ImportError as e:
+            _DALI = first_line(e)
+            log.warning("NVIDIA DALI is not available (%s): decoding every clip with PyAV instead", _DALI)
+    return _DALI
+
+
+def torch_views(frames: np.ndarray, views: Sequence[A.ViewParams], size: int, mean, std, dtype) -> torch.Tensor:
+    """Without DALI: the graph's transforms in torch on PyAV's frames (F, H, W, 3) uint8 -> (V, F, 3,
+    size, size): the view's relative ROI cropped and resized (bilinear, antialiased, rounded to uint8
+    as DALI's resize gives it), grayscale, flip, normalisation. RandAugment has no torch path."""
+    clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # F, 3, H, W
+    height, width = clip.shape[-2:]
+    m = torch.tensor([255.0 * v for v in mean]).view(1, 3, 1, 1)
+    s = torch.tensor([255.0 * v for v in std]).view(1, 3, 1, 1)
+    out = []
+    for view in views:
+        if view.ra:
+            raise ValueError("RandAugment needs NVIDIA DALI")
+        (y0, x0), (y1, x1) = view.roi_start, view.roi_end
+        top, bottom = (
+            int(round(float(y0) * height)),
+            max(int(round(float(y0) * height)) + 1, int(round(float(y1) * height))),
+        )
+        left, right = (
+            int(round(float(x0) * width)),
+            max(int(round(float(x0) * width)) + 1, int(round(float(x1) * width))),
+        )
+        crop = clip[:, :, max(top, 0) : min(bottom, height), max(left, 0) : min(right, width)]
+        v = torch.nn.functional.interpolate(
+            crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+        v = v.round().clamp(0, 255)
+        if view.grayscale:
+            v = (v * torch.from_numpy(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True).expand(-1, 3, -1, -1)
+        if view.flip:
+            v = v.flip(-1)
+        out.append(((v - m) / s).to(dtype))
+    return torch.stack(out)
 
 
 # --------------------------------------------------------------------------------- the graph
@@ -262,6 +318,11 @@ class ClipDecoder:
         self._pipes: Dict[str, object] = {}
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="pyav-decode")
         self.fallbacks: List[Tuple[str, str]] = []  # (key, DALI's reason) of samples PyAV decoded instead
+        self.dali = not dali_missing()
+        if not self.dali and (self.ra_steps or decoder == "dali"):
+            self.close()
+            wanted = "data.decoder=dali" if decoder == "dali" else "RandAugment (data.randaugment.enabled)"
+            raise UserError(f"{wanted} needs NVIDIA DALI, which is not available here: {dali_missing()}")
 
     # -- routing --------------------------------------------------------------------------------
     def route(self, request: ClipRequest) -> str:
@@ -269,6 +330,8 @@ class ClipDecoder:
         pixel format, which NVDEC limits), else 'pyav'."""
         if self.decoder in ("dali", "pyav"):
             return self.decoder
+        if not self.dali:
+            return "pyav"
         info = request.info
         width, height, pix_fmt = (info.width, info.height, info.pix_fmt) if info is not None else (1 << 16, 1 << 16, "")
         return "dali" if dali_decodes(request.codec, width, height, pix_fmt, self.gpu) else "pyav"
@@ -383,7 +446,13 @@ class ClipDecoder:
                     bad.append((requests[i].key, frames))
                 else:
                     ok.append((i, frames))
-            if ok:
+            if ok and not self.dali:  # the transforms in torch
+                dtype = torch.float16 if self.fp16 else torch.float32
+                device = torch.device("cuda", self.device_id) if self.gpu else torch.device("cpu")
+                for i, frames in ok:
+                    clip = torch_views(frames, requests[i].views, self.size, self.mean, self.std, dtype)
+                    results[i] = clip.to(device)
+            elif ok:
                 out, b = self._run_guarded("frames", [requests[i] for i, _ in ok], [f for _, f in ok])
                 for (i, _), t in zip(ok, out):
                     results[i] = t
@@ -395,7 +464,7 @@ class ClipDecoder:
         largest video seen (8 x 16 full-HD frames is ~0.8 GB) and never shrink on their own,
         outside torch's allocator; an epoch boundary is a good moment (make-shards --short-side
         bounds them for good)."""
-        if self.gpu:
+        if self.gpu and self.dali:
             from nvidia.dali import backend
 
             backend.ReleaseUnusedMemory()

@@ -39,6 +39,8 @@ def backbone_args(cfg: Config) -> BackboneArgs:
         weights=str(b.weights or ""),
         image_size=int(cfg.data.size),
         quick_gelu=bool(b.quick_gelu),
+        convert_weights=bool(b.convert_weights),
+        fp32_blocks=tuple(int(i) for i in b.fp32_blocks),
         arch_overrides={k: int(getattr(b, k)) for k in ARCH_KEYS},
     )
 

@@ -21,6 +21,7 @@ the CUDA context and allocator fragmentation are not, hence the headroom in the 
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import time
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ GiB = 2**30
 HEADROOM = 0.10  # share of the GPU kept free for the CUDA context, cuDNN workspaces, fragmentation
 DEFAULT_LINK_GBS = 25.0  # host link (PCIe 4.0 x16, about 25 GB/s in practice) for offload traffic
 DEFAULT_SOURCE = (1920, 1080)  # the largest source video DALI decodes (its buffers grow to it)
+# Host memory of one training process before any tensor: the interpreter with torch, DeepSpeed, DALI,
+# open_clip and timm imported (resident size measured alone on the CPU host, README "Measured",
+# bench vite). A GPU process maps CUDA's libraries on top (not measured here).
+PROCESS_BASELINE = int(0.80 * GiB)
 
 
 # ----------------------------------------------------------------------------------- DeepSpeed
@@ -59,9 +64,9 @@ class ZeroSettings:
 
 def zero_settings(cfg: Config, world_size: int, trainable_params: int = 0) -> ZeroSettings:
     """From the DeepSpeed config the engine builds, through DeepSpeed's own config class."""
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
     from side4video.engine.deepspeed_engine import deepspeed_config  # first: it quiets DeepSpeed's import
+
+    DeepSpeedZeroConfig = importlib.import_module("deepspeed.runtime.zero.config").DeepSpeedZeroConfig
 
     zero_dict = deepspeed_config(cfg, world_size, trainable_params=trainable_params)["zero_optimization"]
     z = DeepSpeedZeroConfig(**zero_dict)
@@ -385,7 +390,7 @@ def _rank_plan(
     dali = dali_buffer_bytes(cfg, source)
     device = _device_total(frozen, state, activations["step_peak"], zero) + dali["train"] + dali["val"]
     budget = int(gpu_mem_gib * GiB) if gpu_mem_gib else None
-    host_per_node = (frozen["host"] + state["host"]) * per_node
+    host = host_memory(frozen, state, per_node)
     traffic = offload_traffic(frozen, state, zero, cfg, trainable, world, precision.train)
     plan = {
         "device": "cuda" if cuda else "cpu",
@@ -400,7 +405,8 @@ def _rank_plan(
         "activations": activations,
         "dali_buffers": dali,
         "peak_per_rank": device,
-        "host_per_node_offloaded": host_per_node,
+        "host_per_node_offloaded": host["offloaded_per_node"],
+        "host_per_node": host,
         "offload_traffic_per_step": dict(
             traffic, link_gbs=link_gbs, seconds=round(traffic["bytes"] / (link_gbs * 1e9), 3)
         ),
@@ -419,6 +425,23 @@ def _rank_plan(
                 cfg, model, precision, world, budget, step, one, batch, checkpointed, cuda, dali["train"] + dali["val"]
             )
     return plan
+
+
+def host_memory(frozen: Dict[str, int], state: Dict[str, int], per_node: int) -> Dict[str, int]:
+    """Host memory of one node: each of its ranks holds what it offloads (its partition of the frozen
+    backbone, its trained state when offloaded) plus a process's own baseline (PROCESS_BASELINE)."""
+    offloaded = frozen["host"] + state["host"]
+    per_rank = offloaded + PROCESS_BASELINE
+    return {
+        "ranks": per_node,
+        "offloaded_per_rank": offloaded,
+        "frozen_partition_per_rank": frozen["host"],
+        "trained_state_per_rank": state["host"],
+        "process_baseline_per_rank": PROCESS_BASELINE,
+        "per_rank": per_rank,
+        "offloaded_per_node": offloaded * per_node,
+        "total": per_rank * per_node,
+    }
 
 
 def _device_total(frozen: Dict[str, int], state: Dict[str, int], activation_peak: int, zero: ZeroSettings) -> int:

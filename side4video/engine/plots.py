@@ -8,11 +8,22 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from side4video.engine.metrics import read_metrics
+from side4video.logs import get_logger
+
+_MISSING_SAID = False
 
 
 def pyplot():
-    """matplotlib.pyplot on the headless Agg backend (files only): every plot of the project."""
-    import matplotlib
+    """matplotlib.pyplot on the headless Agg backend (files only): every plot of the project; None
+    where matplotlib is not installed (the portable GPU kit leaves it out), said once in one line."""
+    global _MISSING_SAID
+    try:
+        import matplotlib
+    except ImportError:
+        if not _MISSING_SAID:
+            get_logger(__name__).warning("matplotlib is not installed: no plots are drawn (pip install matplotlib)")
+            _MISSING_SAID = True
+        return None
 
     matplotlib.use("Agg")  # headless: files only
     import matplotlib.pyplot as plt
@@ -27,6 +38,8 @@ def plot_curves(run_dir: Path) -> Optional[Path]:
     if not train and not evals:
         return None
     plt = pyplot()
+    if plt is None:
+        return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         steps = [r["step"] for r in train]
@@ -54,6 +67,8 @@ def plot_curves(run_dir: Path) -> Optional[Path]:
 def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], out: Path, title: str = "") -> Path:
     """Row-normalised confusion matrix (rows: true class); labelled when classes are few."""
     plt = pyplot()
+    if plt is None:
+        return None
     n = confusion.shape[0]
     rows = confusion.sum(axis=1, keepdims=True)
     norm = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
@@ -88,6 +103,8 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], out: Path,
 def plot_recall_curves(report: dict, out: Path, title: str = "") -> Path:
     """Retrieval recall@K curves, text->video and video->text (+ dual-softmax, dashed), K log-scaled."""
     plt = pyplot()
+    if plt is None:
+        return None
     curves = report["recall_at_k"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for direction, label in (("t2v", "text -> video"), ("v2t", "video -> text")):

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 from side4video.model.side import SideNetwork
 from side4video.model.spec import BackboneSpec, resolve_spec, resolve_taps, side_variant
@@ -22,6 +22,8 @@ class BackboneArgs:
     weights: str = ""  # local checkpoint (retrieval: of both towers); empty: random init
     image_size: int = 224
     quick_gelu: bool = False
+    convert_weights: bool = False  # allow fp16 <-> bf16 rounding of a half-precision checkpoint (counted)
+    fp32_blocks: Tuple[int, ...] = ()  # blocks computed in fp32 from their half-precision weights
     arch_overrides: Dict[str, int] = field(default_factory=dict)  # width/layers/heads/patch_size, 0 = named value
 
     def spec(self) -> BackboneSpec:

@@ -141,6 +141,8 @@ def build_backbone(
     storage_dtype: torch.dtype,
     compute_dtype: torch.dtype,
     weights: str = "",
+    convert_weights: bool = False,
+    fp32_blocks: Sequence[int] = (),
     seed: int = 0,
     device="cpu",
     trainable: bool = False,
@@ -154,7 +156,8 @@ def build_backbone(
     `storage_dtype` on `device`, load from `weights` or randomly initialise (one RNG stream from
     `seed`, the same whatever happens to the units), then `place_unit(unit)`: e.g. ZeRO-3
     partitioning, so that only one unit is ever whole in this process. `device="meta"` only
-    sets the dtypes (planning)."""
+    sets the dtypes (planning). A half-precision checkpoint is stored in the other half
+    precision only with `convert_weights` (model/weights.py), and then says how many values changed."""
     with parameters_on_meta():
         tower = build_tower(spec, with_head=keep_proj)
     backbone = FrozenBackbone(
@@ -168,12 +171,13 @@ def build_backbone(
         keep_final_norm=keep_final_norm,
         keep_proj=keep_proj,
         tap_dtype=tap_dtype,
+        fp32_blocks=fp32_blocks,
     )
     # Tower modules the wrapper does not keep (e.g. the head) stay on meta and go away with `tower`.
     if str(device) == "meta":
         materialise(backbone, storage_dtype, compute_dtype, device)
     else:
-        source = WeightSource(backbone, tower, weights) if weights else None
+        source = WeightSource(backbone, tower, weights, storage_dtype, convert=convert_weights) if weights else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for name, unit in backbone.named_units():
@@ -187,8 +191,12 @@ def build_backbone(
                 if place_unit is not None:
                     place_unit(unit)
         materialise(backbone, storage_dtype, compute_dtype, device)  # buffers outside the units
+        if source is not None:
+            source.report()
         if weights:
             backbone._fingerprint.update(weights=os.path.abspath(weights), seed=None)
+            if source.converted:  # the stored bits are the file's rounded to the other half precision
+                backbone._fingerprint["converted_to"] = str(storage_dtype).replace("torch.", "")
         else:
             backbone._fingerprint.update(weights="random", seed=int(seed))
     for p in backbone.parameters():

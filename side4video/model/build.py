@@ -119,6 +119,8 @@ def _build(args: ModelArgs, device, place_unit=None) -> VideoModel:
         storage_dtype=p.storage,
         compute_dtype=p.compute,
         weights=args.backbone.weights,
+        convert_weights=args.backbone.convert_weights,
+        fp32_blocks=args.backbone.fp32_blocks,
         seed=args.seed,
         device=device,
         trainable=method == "full",

@@ -248,6 +248,8 @@ def _build(args: RetrievalArgs, device, place_unit=None) -> RetrievalModel:
         storage_dtype=p.storage,
         compute_dtype=p.compute,
         weights=args.backbone.weights,
+        convert_weights=args.backbone.convert_weights,
+        fp32_blocks=args.backbone.fp32_blocks,
         seed=args.seed,
         device=device,
         keep_final_norm=True,
@@ -267,6 +269,7 @@ def _build(args: RetrievalArgs, device, place_unit=None) -> RetrievalModel:
         weights=args.backbone.weights,
         seed=args.seed + 2,
         trainable=args.text_trainable,
+        convert_weights=args.backbone.convert_weights,
     )
     # Trained modules: fp32, deterministic from the seed.
     with torch.random.fork_rng(devices=[]), torch.device(device):

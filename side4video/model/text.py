@@ -24,7 +24,7 @@ from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 from side4video.errors import UserError
 from side4video.model.backbone import materialise, parameters_on_meta, random_init
 from side4video.model.spec import open_clip_config
-from side4video.model.weights import read_checkpoint
+from side4video.model.weights import half_crossing, read_checkpoint, report_conversion, store
 
 MIN_WORDS = 3  # SOT, one word, EOT
 
@@ -130,8 +130,10 @@ def text_state_dict(sd: Dict[str, torch.Tensor], path: str = "weights file") -> 
 
 
 @torch.no_grad()
-def load_text_weights(tower: TextTower, path: str) -> Optional[float]:
-    """Copy a local checkpoint's text tower into `tower`; returns its `logit_scale` if it has one."""
+def load_text_weights(tower: TextTower, path: str, convert: bool = False) -> Optional[float]:
+    """Copy a local checkpoint's text tower into `tower`; returns its `logit_scale` if it has one.
+    A half-precision file into the other half precision: refused unless `convert` (then counted),
+    as for the vision tower (model/weights.py)."""
     sd = read_checkpoint(path)
     ours = text_state_dict(sd, path)
     if "positional_embedding" in ours:  # the reference feeds only the first max_words positions
@@ -140,6 +142,9 @@ def load_text_weights(tower: TextTower, path: str) -> Optional[float]:
     missing = [k for k in targets if k not in ours]
     if missing:
         raise UserError(f"weights file {path} lacks {len(missing)} tensors of the text tower (e.g. text.{missing[0]})")
+    dtype = next((t.dtype for t in targets.values() if t.is_floating_point()), None)
+    crossing = half_crossing(path, {ours[k].dtype for k in targets}, dtype, convert, "'s text tower")
+    converted = changed = 0
     for key, target in targets.items():
         value = ours[key]
         if value.shape != target.shape:
@@ -147,13 +152,22 @@ def load_text_weights(tower: TextTower, path: str) -> Optional[float]:
                 f"weights file {path}: text.{key} has shape {tuple(value.shape)}, the text tower needs "
                 f"{tuple(target.shape)} (check model.backbone.name and model.text.*)"
             )
-        target.data.copy_(value)
+        n, c = store(target, value)
+        converted, changed = converted + n, changed + c
+    report_conversion(path, crossing, converted, changed, "'s text tower")
     scale = sd.get("logit_scale", sd.get("logit_scale.value"))  # open_clip's / ours
     return float(scale) if torch.is_tensor(scale) and scale.numel() == 1 else None
 
 
 def build_text_tower(
-    spec: TextSpec, *, dtype: torch.dtype, device="cpu", weights: str = "", seed: int = 0, trainable: bool = False
+    spec: TextSpec,
+    *,
+    dtype: torch.dtype,
+    device="cpu",
+    weights: str = "",
+    seed: int = 0,
+    trainable: bool = False,
+    convert_weights: bool = False,
 ) -> Tuple[TextTower, Optional[float]]:
     """Build on meta, materialise in `dtype` on `device`, load or initialise as open_clip does.
 
@@ -170,7 +184,7 @@ def build_text_tower(
     scale = None
     if str(device) != "meta":
         if weights:
-            scale = load_text_weights(tower, weights)
+            scale = load_text_weights(tower, weights, convert=convert_weights)
         else:
             # Defaults for what open_clip's init leaves to the modules (norms, biases), then its own.
             with torch.random.fork_rng(devices=[]):

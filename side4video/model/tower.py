@@ -147,6 +147,7 @@ class FrozenBackbone(nn.Module):
         keep_final_norm: bool = False,
         keep_proj: bool = False,
         tap_dtype: Optional[torch.dtype] = None,
+        fp32_blocks: Sequence[int] = (),
     ):
         super().__init__()
         self.spec = spec
@@ -158,6 +159,12 @@ class FrozenBackbone(nn.Module):
         self.taps = sorted(set(int(i) for i in taps))
         if not self.taps or self.taps[0] < 0 or self.taps[-1] >= spec.layers:
             raise UserError(f"backbone tap layers {list(taps)} are outside 0..{spec.layers - 1}")
+        self.fp32_blocks = sorted(set(int(i) for i in fp32_blocks))
+        if self.fp32_blocks and (self.fp32_blocks[0] < 0 or self.fp32_blocks[-1] >= spec.layers):
+            raise UserError(
+                f"config key 'model.backbone.fp32_blocks': {self.fp32_blocks} are not all blocks of "
+                f"{spec.name} (0..{spec.layers - 1})"
+            )
         if spec.family == "vit":
             self.stem = vit_stem(tower)
             self.blocks = tower.transformer.resblocks
@@ -229,21 +236,40 @@ class FrozenBackbone(nn.Module):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
-        if self.compute_dtype == self.storage_dtype:
+        fp32 = [self.blocks[i] for i in self.fp32_blocks if self.compute_dtype != torch.float32]
+        if self.compute_dtype == self.storage_dtype and not fp32:
             return
         if self.grad_through:
             raise RuntimeError(
                 "compute hooks swap weight data and cannot be used when gradients flow through the backbone"
             )
         for unit in (self.stem, *self.blocks):  # final norm and projection cast on the fly
-            self._hook_handles.append(unit.register_forward_pre_hook(self._upcast))
-            self._hook_handles.append(unit.register_forward_hook(self._restore, prepend=True))
+            if any(unit is b for b in fp32):  # fp32 weights, fp32 input, output back in the compute precision
+                self._hook_handles.append(unit.register_forward_pre_hook(self._upcast_fp32, with_kwargs=True))
+                self._hook_handles.append(unit.register_forward_hook(self._restore_fp32, prepend=True))
+            elif self.compute_dtype != self.storage_dtype:
+                self._hook_handles.append(unit.register_forward_pre_hook(self._upcast))
+                self._hook_handles.append(unit.register_forward_hook(self._restore, prepend=True))
 
-    def _upcast(self, module: nn.Module, args) -> None:
+    def _upcast_fp32(self, module: nn.Module, args, kwargs):
+        """A block of `fp32_blocks`: its weights and its inputs (tokens, rotary tables) in fp32."""
+        self._upcast(module, args, torch.float32)
+
+        def up(v):
+            return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+        return tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()}
+
+    def _restore_fp32(self, module: nn.Module, args, output):
+        self._restore(module, args, output)
+        return output.to(self.compute_dtype)
+
+    def _upcast(self, module: nn.Module, args, dtype: Optional[torch.dtype] = None) -> None:
+        dtype = dtype or self.compute_dtype
         saved = []
         for t in (*module.parameters(), *module.buffers()):
-            if t.is_floating_point() and t.dtype != self.compute_dtype:
-                copy = t.data.to(self.compute_dtype)
+            if t.is_floating_point() and t.dtype != dtype:
+                copy = t.data.to(dtype)
                 # The copy's tensor is kept with the stored data until the restore (it lives as
                 # long anyway, in the parameter): memory accounting that follows tensors sees it.
                 saved.append((t, t.data, copy))

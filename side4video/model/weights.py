@@ -4,6 +4,11 @@ Reads open_clip checkpoints (`visual.*`), timm EVA checkpoints (plain or under o
 `visual.trunk.`), EVA-CLIP's own layout (converted by timm) and our own files (`backbone.*`,
 from convert-official or exports); maps the tower's keys to FrozenBackbone's and copies tensor by
 tensor into the already materialised (half-precision) parameters.
+
+Loading never rounds silently: a half-precision checkpoint (fp16 or bf16) goes into storage of
+its own precision (or fp32, exact). Into the other half precision it is refused in one line unless
+`model.backbone.convert_weights` allows it; then one line says how many values the rounding
+changed. An fp32 checkpoint is rounded to the configured storage as asked.
 """
 
 from __future__ import annotations
@@ -15,8 +20,58 @@ import torch
 import torch.nn as nn
 
 from side4video.errors import UserError, first_line
+from side4video.logs import get_logger
 from side4video.model.spec import BackboneSpec
 from side4video.model.tower import FrozenBackbone
+
+log = get_logger(__name__)
+
+HALF = (torch.float16, torch.bfloat16)
+HALF_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def half_crossing(
+    path: str, dtypes, storage: Optional[torch.dtype], convert: bool, what: str = ""
+) -> Optional[torch.dtype]:
+    """The file's half precision when storing its tensors (`dtypes`) in `storage` would round them
+    into the other half precision (None: no such tensor); refused in one line unless `convert`."""
+    if storage not in HALF:
+        return None
+    found = next((d for d in HALF if d in set(dtypes) and d != storage), None)
+    if found is not None and not convert:
+        raise UserError(
+            f"weights file {path}{what} is {HALF_NAMES[found]}, model.backbone.precision is "
+            f"{HALF_NAMES[storage]}: storing it would round its values; set model.backbone.precision="
+            f"{HALF_NAMES[found]} to keep them, or model.backbone.convert_weights=true to convert"
+        )
+    return found
+
+
+def store(target: torch.Tensor, value: torch.Tensor) -> tuple:
+    """Copy `value` into `target`; (values converted, values changed) when it crosses between fp16
+    and bf16 (NaNs count as unchanged)."""
+    if value.dtype in HALF and target.dtype in HALF and value.dtype != target.dtype:
+        stored = value.to(target.dtype)
+        target.data.copy_(stored)
+        return value.numel(), int(((stored.to(value.dtype) != value) & ~value.isnan()).sum())
+    target.data.copy_(value)
+    return 0, 0
+
+
+def report_conversion(path: str, crossing: Optional[torch.dtype], converted: int, changed: int, what: str = "") -> None:
+    """The one line after a counted fp16 <-> bf16 conversion."""
+    if converted:
+        log.info(
+            "model.backbone.convert_weights: %s of %s %s values of %s%s changed when stored in the other half "
+            "precision (%.2f%%)",
+            f"{changed:,}",
+            f"{converted:,}",
+            HALF_NAMES[crossing],
+            path,
+            what,
+            100.0 * changed / converted,
+        )
+
 
 WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "model_ema")
 
@@ -123,8 +178,17 @@ class WeightSource:
     that the backbone can be filled unit by unit: a rank that partitions each unit as soon as it is
     loaded never holds the whole backbone (engine/deepspeed_engine.py, ZeRO-3)."""
 
-    def __init__(self, backbone: FrozenBackbone, tower: nn.Module, path: str):
+    def __init__(
+        self,
+        backbone: FrozenBackbone,
+        tower: nn.Module,
+        path: str,
+        storage: Optional[torch.dtype] = None,
+        convert: bool = False,
+    ):
         self.path = path
+        self.convert = bool(convert)
+        self.converted = self.changed = 0  # half-precision values stored in the other half precision
         sd = read_checkpoint(path)
         if any(k.startswith("backbone.") for k in sd):  # our own format (convert-official, exports)
             self.tensors = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
@@ -145,6 +209,11 @@ class WeightSource:
                 f"weights file {path} lacks {len(missing)} tensors of {backbone.spec.name}'s vision tower "
                 f"(e.g. {missing[0]}); is it a checkpoint of that model?"
             )
+        self.crossing = half_crossing(path, {self.tensors[k].dtype for k in needed}, storage, self.convert)
+
+    def report(self) -> None:
+        """One line after loading: how many values the fp16 <-> bf16 conversion changed."""
+        report_conversion(self.path, self.crossing, self.converted, self.changed)
 
     @torch.no_grad()
     def load(self, unit_name: str, unit: nn.Module) -> None:
@@ -162,4 +231,6 @@ class WeightSource:
                         f"weights file {self.path}: {name} has shape {tuple(value.shape)}, the model needs "
                         f"{tuple(target.shape)} (check model.backbone.name and its overrides)"
                     )
-            target.data.copy_(value)
+            converted, changed = store(target, value)
+            self.converted += converted
+            self.changed += changed

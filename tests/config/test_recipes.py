@@ -86,6 +86,8 @@ def test_recipe_matches_the_reference(name):
     # model
     assert (cfg.model.method, cfg.model.backbone.name, cfg.model.side.dim) == ("side4video", r.backbone, r.side_dim)
     assert cfg.model.side.drop_path == 0.0 and cfg.model.head.dropout == 0.0
+    # frozen weights in fp16 for every backbone, ViT-E included (the EVA authors' precision)
+    assert (cfg.model.backbone.precision, cfg.model.backbone.convert_weights) == ("fp16", False)
     # schedule and optimizer (shared by every reference config)
     assert (t.batch_size, t.lr, t.epochs, t.warmup_epochs) == (r.batch, r.lr, r.epochs, r.warmup)
     assert (t.optimizer, list(t.betas), t.eps, t.weight_decay, t.label_smoothing) == (

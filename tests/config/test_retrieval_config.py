@@ -38,6 +38,7 @@ def test_schema_documents_the_task_switch_and_the_retrieval_keys():
 def test_retrieval_configs_carry_the_reference_recipe(name):
     cfg = load_config(CONFIGS / "experiments" / f"{name}.yaml")
     assert cfg.task == "retrieval" and cfg.model.retrieval.similarity == "wti"
+    assert cfg.model.backbone.precision == "fp16"  # frozen weights in fp16, ViT-E included
     assert (cfg.data.frames, cfg.model.text.max_words, cfg.model.side.dim, cfg.train.epochs) == (12, 32, 320, 5)
     assert cfg.train.batch_size * 8 == 128  # per GPU x the reference's 8 GPUs
     assert cfg.train.lr * cfg.model.retrieval.coef_lr == pytest.approx(1e-7) and cfg.train.lr == 1e-4

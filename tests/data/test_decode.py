@@ -367,3 +367,68 @@ def test_pipeline_builds_for_gpu_layout_without_running():
     cpu = define_pipeline("bytes", gpu=False, device_id=None, **kw)
     assert {d for devices in _data_path(cpu, "decoders__Video").values() for d in devices} == {"cpu"}
     assert build_pipeline("bytes", gpu=False, device_id=None, **kw) is not None  # this host builds its own layout
+
+
+WITHOUT_DALI = """
+import sys
+sys.modules["nvidia.dali"] = None  # DALI not installed: its import fails
+import torch
+from side4video.logs import setup_logging
+from side4video.data.decode import ClipDecoder
+from side4video.errors import UserError
+from tests.data.test_decode import requests_for
+from tests.support.data import encode, load_cfg
+setup_logging()
+cfg = load_cfg("data.size=32", "data.resize=[36]", "data.grayscale=0.5")
+videos = [("vp9", encode(i)) for i in range(3)]
+reqs = requests_for(videos, cfg, views=2)
+kw = dict(views=2, size=32, mean=cfg.data.mean, std=cfg.data.std, batch_size=4, threads=2, grayscale=True)
+decoder = ClipDecoder(**kw)
+assert all(decoder.route(r) == "pyav" for r in reqs)
+out, bad = decoder.decode(reqs)
+assert not bad and not decoder.fallbacks
+torch.save({"clips": out, "grey": [[v.grayscale for v in r.views] for r in reqs]}, sys.argv[1])
+ClipDecoder(**kw, gpu=True, device_id=0).release_memory()  # a GPU host without DALI: nothing to release
+for wrong in (dict(kw, ra_steps=1), dict(kw, decoder="dali")):
+    try:
+        ClipDecoder(**wrong)
+        raise SystemExit("not refused")
+    except UserError as e:
+        print("refused:", e)
+"""
+
+
+def test_without_dali_pyav_decodes_and_torch_transforms_in_one_line(tmp_path):
+    """DALI absent (its import fails in a fresh process): one log line says so, every clip goes
+    through PyAV with the same crops, flips, grayscale and normalisation in torch, close to what
+    the DALI graph gives; RandAugment and data.decoder=dali are refused in one line each."""
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+
+    out = tmp_path / "clips.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_DALI, str(out)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in proc.stderr.splitlines() if "DALI" in line]
+    assert len(said) == 1 and "NVIDIA DALI is not available" in said[0] and "decoding every clip with PyAV" in said[0]
+    refused = proc.stdout.splitlines()
+    assert len(refused) == 2 and "RandAugment (data.randaugment.enabled) needs NVIDIA DALI" in refused[0]
+    assert "data.decoder=dali needs NVIDIA DALI" in refused[1]
+
+    saved = torch.load(out, weights_only=True)
+    cfg = load_cfg("data.size=32", "data.resize=[36]", "data.grayscale=0.5")
+    reqs = requests_for([("vp9", encode(i)) for i in range(3)], cfg, views=2)
+    assert saved["grey"] == [[v.grayscale for v in r.views] for r in reqs]
+    dali = ClipDecoder(
+        views=2, size=32, mean=cfg.data.mean, std=cfg.data.std, batch_size=4, threads=2, grayscale=True, decoder="dali"
+    )
+    expected, bad = dali.decode(reqs)
+    dali.close()
+    assert not bad
+    for x, y in zip(saved["clips"], expected):
+        assert x.shape == y.shape == (2, 4, 3, 32, 32) and x.dtype == y.dtype
+        # normalised units: a few levels of 255 over the CLIP std (DALI's resampling differs a little)
+        assert (x - y).abs().mean().item() < 4 / 255 / 0.26, (x - y).abs().mean().item()

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from side4video.cli import main
-from side4video.cli.configs import format_plan
+from side4video.cli.configs import _gib, format_plan
 from side4video.config import load_config
 from side4video.engine.activations import LiveBytes, gradients_dropped, step_memory
 from side4video.engine.factory import model_from_config, model_on_meta, run_precision
-from side4video.engine.plan import ZeroSettings, _with, frozen_weights, plan, trained_state
+from side4video.engine.plan import PROCESS_BASELINE, ZeroSettings, _with, frozen_weights, plan, trained_state
 from tests.support import REPO
 
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -53,7 +53,8 @@ def test_eva02_e14_experiment_on_32_gpus_of_80_gib(capsys):
     assert round(report["side_params"] / 1e6) == 183
     assert round(report["backbone_params"] / 1e9, 2) == 4.35
     mem = report["memory"]
-    assert mem["backbone_weights_bytes"] == 2 * report["backbone_params"]  # bf16 storage
+    assert report["storage_precision"] == "fp16"  # the frozen ViT-E is stored in fp16 (issue 25)
+    assert mem["backbone_weights_bytes"] == 2 * report["backbone_params"]
     assert mem["backbone_weights_bytes_by_precision"]["fp32"] == 4 * report["backbone_params"]
     p = report["plan"]
     assert (p["ranks"], p["ranks_per_node"], p["zero"]["stage"], p["zero"]["offload_param"]) == (32, 8, 3, "cpu")
@@ -63,9 +64,14 @@ def test_eva02_e14_experiment_on_32_gpus_of_80_gib(capsys):
     assert frozen["partition"] == -(-(mem["backbone_weights_bytes"] - frozen["persistent"]) // 32)
     assert frozen["host"] == frozen["partition"] and frozen["resident"] == frozen["persistent"]
     assert p["host_per_node_offloaded"] == 8 * (frozen["host"] + p["trained_state"]["host"])
+    # a GPU node's host memory: 8 ranks x (offloaded partitions + each process's own baseline)
+    host = p["host_per_node"]
+    assert host["ranks"] == 8 and host["process_baseline_per_rank"] == PROCESS_BASELINE > 0
+    assert host["per_rank"] == frozen["host"] + p["trained_state"]["host"] + PROCESS_BASELINE
+    assert host["total"] == 8 * host["per_rank"] == p["host_per_node_offloaded"] + 8 * PROCESS_BASELINE
     act = p["activations"]
     assert act["side_kept_per_clip_checkpointed"] < act["side_kept_per_clip"]
-    assert act["kept_taps_per_clip"] == 32 * report["frames"] * 257 * 1792 * 2  # taps x frames x tokens x width x bf16
+    assert act["kept_taps_per_clip"] == 32 * report["frames"] * 257 * 1792 * 2  # taps x frames x tokens x width x fp16
     assert p["verdict"]["fits"] and p["peak_per_rank"] < 80 * 2**30
     text = format_plan(report)
     assert "per GPU: 32 GPUs (8 per node), ZeRO-3, offload_param cpu" in text
@@ -81,6 +87,8 @@ def test_eva02_e14_experiment_on_32_gpus_of_80_gib(capsys):
     ):
         assert row in text
     assert "verdict                   fits" in text
+    line = f"host memory per node      {_gib(host['total'])} = 8 ranks x ({_gib(frozen['host'])} frozen partition"
+    assert line in text and "process baseline)" in text
     assert main(["plan", config, "--gpus", "0"]) == 2 and "--gpus" in capsys.readouterr().err
     assert main(["plan", config, "--source", "1080p"]) == 2 and "--source" in capsys.readouterr().err
 

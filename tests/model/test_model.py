@@ -226,6 +226,63 @@ def test_eva_variant_on_a_small_eva02_e14_shaped_backbone():
     assert {p.dtype for p in backbone_params(model)} == {torch.bfloat16}
 
 
+def test_fp32_blocks_compute_in_fp32_from_their_half_precision_weights():
+    """model.backbone.fp32_blocks: the named blocks compute in fp32 (weights and inputs upcast for
+    the block, its output back in the compute precision), the others in fp16; weights stay fp16."""
+    import copy
+
+    eva = [
+        "model.backbone.name=EVA02-E-14",
+        "model.backbone.width=64",
+        "model.backbone.layers=3",
+        "model.backbone.heads=2",
+        "model.backbone.patch_size=16",
+        "model.backbone.precision=fp16",
+        "model.backbone.compute_precision=fp16",
+        "model.side.dim=64",
+        "model.side.layers=[2]",
+    ]
+    seen = {}
+
+    def record(model):
+        seen.clear()
+        for i, block in enumerate(model.backbone.blocks):
+
+            def before(m, args, kwargs, i=i):
+                seen[i] = {"input": args[0].dtype, "weights": next(m.parameters()).dtype}
+                seen[i]["args"] = (args[0].clone(), {k: v.clone() for k, v in kwargs.items()})
+
+            def after(m, args, out, i=i):
+                seen[i]["output"] = out
+
+            block.register_forward_pre_hook(before, with_kwargs=True)
+            block.register_forward_hook(after)
+        with torch.no_grad():
+            model.backbone(clips().flatten(0, 1).half())
+
+    model = make(*eva, "model.backbone.fp32_blocks=[1]")
+    record(model)
+    assert [(seen[i]["input"], seen[i]["weights"]) for i in range(3)] == [
+        (torch.float16, torch.float16),
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float16),
+    ]
+    assert seen[1]["output"].dtype == torch.float16
+    assert {p.dtype for p in backbone_params(model)} == {torch.float16}  # upcast for the block only
+    x, kwargs = seen[1]["args"]
+    exact = copy.deepcopy(model.backbone.blocks[1]).float()
+    for handle in list(exact._forward_pre_hooks) + list(exact._forward_hooks):
+        exact._forward_pre_hooks.pop(handle, None)
+        exact._forward_hooks.pop(handle, None)
+    with torch.no_grad():
+        assert torch.equal(seen[1]["output"], exact(x, **kwargs).half())
+
+    record(make(*eva))  # without it: every block in fp16
+    assert {(s["input"], s["weights"]) for s in seen.values()} == {(torch.float16, torch.float16)}
+    with pytest.raises(UserError, match="model.backbone.fp32_blocks"):
+        make(*eva, "model.backbone.fp32_blocks=[3]")
+
+
 def test_eva02_e14_side_model_on_meta():
     cfg = load_config(REPO / "configs" / "experiments" / "ssv2_eva02e14.yaml")
     model = build_model_on_meta(cfg)

@@ -5,6 +5,8 @@ those libraries write, loaded through `model.backbone.weights`, and must give th
 outputs.
 """
 
+import logging
+
 import pytest
 import torch
 
@@ -161,3 +163,93 @@ def test_random_backbone_tokens_carry_their_position():
     grid = int(len(patches) ** 0.5)
     assert float(distances[0, 1]) < float(distances[0, len(patches) - 1])
     assert grid * grid == len(patches)
+
+
+class Lines(logging.Handler):
+    """The log lines of one logger (whatever the package logger's propagation)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_a_half_precision_checkpoint_is_never_rounded_silently(tmp_path):
+    """An fp16 checkpoint (a small random ViT saved as a file) into a bf16-configured backbone:
+    refused in one line; with model.backbone.convert_weights=true converted, and one line counts
+    the values the rounding changed. Stored in fp16, the file's bits are kept as they are."""
+    tower = open_clip_tower().half()
+    path = tmp_path / "clip_fp16.pt"
+    torch.save({"state_dict": {f"visual.{k}": v for k, v in tower.state_dict().items()}}, path)
+    base = [
+        "model.backbone.name=ViT-T-16",
+        "model.backbone.quick_gelu=true",
+        "data.size=32",
+        "model.method=linear_probe",
+    ]
+    base.append(f"model.backbone.weights={path}")
+
+    with pytest.raises(UserError) as refused:
+        build_model(load_config(DEMO, [*base, "model.backbone.precision=bf16"]))
+    message = str(refused.value)
+    assert "\n" not in message and "is fp16, model.backbone.precision is bf16" in message
+    assert "model.backbone.convert_weights=true" in message and "model.backbone.precision=fp16" in message
+
+    kept = build_model(load_config(DEMO, [*base, "model.backbone.precision=fp16"])).backbone
+    log = logging.getLogger("side4video.model.weights")
+    lines, level = Lines(), log.level
+    log.addHandler(lines)
+    log.setLevel(logging.INFO)
+    try:
+        converted = build_model(
+            load_config(DEMO, [*base, "model.backbone.precision=bf16", "model.backbone.convert_weights=true"])
+        ).backbone
+    finally:
+        log.removeHandler(lines)
+        log.setLevel(level)
+    changed = total = 0
+    for (name, bf), (_, fp) in zip(converted.named_parameters(), kept.named_parameters()):
+        assert bf.dtype == torch.bfloat16 and fp.dtype == torch.float16, name
+        assert torch.equal(bf, fp.to(torch.bfloat16)), name  # the fp16 file's values, rounded once
+        changed += int((bf.to(torch.float16) != fp).sum())
+        total += fp.numel()
+    assert 0 < changed < total
+    assert lines.lines == [
+        f"model.backbone.convert_weights: {changed:,} of {total:,} fp16 values of {path} changed when stored in "
+        f"the other half precision ({100 * changed / total:.2f}%)"
+    ]
+    assert converted.fingerprint()["converted_to"] == "bfloat16" and "converted_to" not in kept.fingerprint()
+
+    # the reverse: a bf16 file into fp16 storage is refused the same way
+    torch.save({f"visual.{k}": v.to(torch.bfloat16) for k, v in tower.state_dict().items()}, path)
+    with pytest.raises(UserError, match="is bf16, model.backbone.precision is fp16"):
+        build_model(load_config(DEMO, [*base, "model.backbone.precision=fp16"]))
+
+
+def test_a_half_precision_text_tower_is_never_rounded_silently(tmp_path):
+    """Retrieval's frozen text tower reads the same checkpoint: an fp16 file into a bf16 tower is
+    refused in one line, converted and counted with model.backbone.convert_weights."""
+    from side4video.model.text import build_text_tower, resolve_text_spec
+
+    spec = resolve_text_spec("ViT-B-16", 12, 48, width=32, layers=1, heads=1, vocab_size=64)
+    source, _ = build_text_tower(spec, dtype=torch.float16, seed=3)
+    path = tmp_path / "clip_fp16.pt"
+    torch.save({f"text.{k}": v for k, v in source.state_dict().items()}, path)
+    with pytest.raises(UserError, match="clip_fp16.pt's text tower is fp16, model.backbone.precision is bf16"):
+        build_text_tower(spec, dtype=torch.bfloat16, weights=str(path))
+    log = logging.getLogger("side4video.model.weights")
+    lines, level = Lines(), log.level
+    log.addHandler(lines)
+    log.setLevel(logging.INFO)
+    try:
+        tower, _ = build_text_tower(spec, dtype=torch.bfloat16, weights=str(path), convert_weights=True)
+    finally:
+        log.removeHandler(lines)
+        log.setLevel(level)
+    expected = {k: v.to(torch.bfloat16) for k, v in source.state_dict().items()}
+    assert all(torch.equal(v, expected[k]) for k, v in tower.state_dict().items())
+    assert len(lines.lines) == 1 and "fp16 values of" in lines.lines[0] and "'s text tower changed" in lines.lines[0]
+    kept, _ = build_text_tower(spec, dtype=torch.float16, weights=str(path))  # its own precision: exact
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in kept.state_dict().items())
