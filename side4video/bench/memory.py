@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from side4video.config import Config
+from side4video.engine.metrics import rss_bytes, status_bytes
 from side4video.errors import UserError
 
 FULL_SETUP = [
@@ -70,22 +71,9 @@ ENGINE_CASES = [
 ]
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def peak_rss_bytes() -> int:
     """The resident peak since the process started or since `reset_peak_rss` (Linux VmHWM)."""
-    return _status_bytes("VmHWM")
+    return status_bytes("VmHWM")
 
 
 def reset_peak_rss() -> None:
@@ -96,7 +84,7 @@ def reset_peak_rss() -> None:
 
 def file_rss_bytes() -> int:
     """Resident file-backed pages: the code of the libraries (MKL, oneDNN, ...) paged in as used."""
-    return _status_bytes("RssFile")
+    return status_bytes("RssFile")
 
 
 # ----------------------------------------------------------------------------------- one case

@@ -30,7 +30,8 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmHWM: the resident peak; RssFile: file-backed pages), bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -50,7 +51,7 @@ class MemoryTimeline:
 
     def mark(self, name: str) -> None:
         if name not in self.marks:
-            self.marks[name] = {"rss_bytes": rss_bytes(), "peak_bytes": _status_bytes("VmHWM")}
+            self.marks[name] = {"rss_bytes": rss_bytes(), "peak_bytes": status_bytes("VmHWM")}
 
     def as_list(self) -> list:
         return [{"at": name, **figures} for name, figures in self.marks.items()]
