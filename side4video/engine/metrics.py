@@ -41,8 +41,9 @@ def status_bytes(field: str) -> int:
 
 class MemoryTimeline:
     """This process's resident memory at the named moments of a run, each recorded once: after
-    imports, after the model is built, after deepspeed.initialize, after the first forward,
-    backward and optimizer step. `rss` is the size then, `peak` the high-water mark so far (VmHWM):
+    imports, after the model is built, after deepspeed.initialize, after the forward, backward and
+    optimizer step of the first step and of the second (the first with the optimizer state and
+    DeepSpeed's parameter trace in place). `rss` is the size then, `peak` the high-water mark so far (VmHWM):
     the difference between two marks is what that phase added, and a peak above both is a
     transient inside it."""
 

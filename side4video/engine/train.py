@@ -42,6 +42,9 @@ from side4video.signals import StopRequested
 log = get_logger(__name__)
 
 
+PHASES = {1: "first", 2: "second"}  # steps in the memory timeline: the first, and the steady state
+
+
 @dataclass
 class StepResult:
     loss: float = float("nan")  # mean over this rank's micro-batches
@@ -179,6 +182,7 @@ class Trainer:
             group["lr"] = result.lr * group["lr_scale"]
         skipped_before = engine.skipped_steps
         compute, losses = self.run.compute(), []
+        phase = PHASES.get(step)  # the memory timeline's name of this step, for the first two
         for _ in range(self.length.grad_accum):
             pulled = pull(batches)
             stop, failed = any_rank(signals.stop_requested() or pulled.batch is None, pulled.failure is not None)
@@ -188,19 +192,19 @@ class Trainer:
                 result.stopped = True
                 return result
             loss = self.run.task.loss(compute, pulled.batch)  # recognition or retrieval (engine/tasks.py)
-            self.run.memory.mark("first forward")
+            self._mark(phase, "forward")
             (nonfinite,) = any_rank(not torch.isfinite(loss).item())
             result.nonfinite |= nonfinite
             # Backward even a non-finite loss: its gradients make DeepSpeed skip the optimizer step
             # on every rank, with its counters (micro-steps, steps, skipped steps) kept consistent.
             engine.backward(loss)
-            self.run.memory.mark("first backward")
+            self._mark(phase, "backward")
             engine.step()
             losses.append(loss.item())
             result.clips += len(pulled.batch["key"])
             result.keys.extend(pulled.batch["key"])
             result.wait_s += self.run.train_loader.last_wait_s
-        self.run.memory.mark("first optimizer step")
+        self._mark(phase, "optimizer step")
         result.loss = sum(losses) / len(losses)
         result.seconds = time.perf_counter() - started
         result.applied = engine.skipped_steps == skipped_before
@@ -208,6 +212,10 @@ class Trainer:
         if result.applied:
             self.run.task.after_step(self.run.model)
         return result
+
+    def _mark(self, phase: Optional[str], what: str) -> None:
+        if phase is not None:
+            self.run.memory.mark(f"{phase} {what}")
 
     def _record(self, step: int, result: StepResult) -> None:
         """Step `step` is done: the state moves on, counters, the first step's check, the log."""

@@ -7,7 +7,9 @@ import pytest
 
 from tests.support.engine import run_cli
 
-PHASES = ["imports", "model built", "deepspeed.initialize", "first forward", "first backward", "first optimizer step"]
+PHASES = ["imports", "model built", "deepspeed.initialize"] + [
+    f"{step} {what}" for step in ("first", "second") for what in ("forward", "backward", "optimizer step")
+]
 
 pytestmark = pytest.mark.slow  # side4video runs in subprocesses (DeepSpeed engines, launchers, servers)
 
