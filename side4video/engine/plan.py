@@ -159,7 +159,10 @@ def trained_state(
     bucket = 0
     if stage >= 1 and zero.contiguous_gradients:  # gradients are copied into it as they are produced
         elements = zero.reduce_bucket_size if cuda else min(zero.reduce_bucket_size, trainable)  # CPU: touched pages
-        bucket = elements * t * (2 if zero.overlap_comm and stage < 3 else 1)
+        # ZeRO-1/2 with overlap_comm double-buffer it; ZeRO-3 reduce-scatters a bucket of several
+        # gradients by first concatenating them (DeepSpeed's reduce_scatter_coalesced): a copy
+        copies = 2 if stage == 3 or zero.overlap_comm else 1
+        bucket = elements * t * copies
     host = 0
     if zero.offload_param != "none":  # partitions live in host memory, gathered to the device when used
         host += weights - persistent * t

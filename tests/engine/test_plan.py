@@ -169,6 +169,8 @@ def test_trained_state_by_zero_stage():
         1000,
         2000,
     )
+    # ... and its bucket of several gradients is concatenated (copied) before the reduce-scatter
+    assert s3["reduce_bucket"] == 2 * 100 * 2
     off = trained_state(P, bf16, "adamw", zero(3, offload_param="cpu", offload_optimizer="cpu"), N, persistent=40)
     assert (off["weights"], off["master"], off["optimizer_state"]) == (80, 0, 0)
     assert off["host"] == 240 * 2 + 1000 + 2000 + 250 * 4  # parameter partition, master, moments, fp32 gradients
