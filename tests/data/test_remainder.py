@@ -23,6 +23,13 @@ def _take(iterable, n):
     return list(itertools.islice(iterable, n))
 
 
+def _read_keys(stream, n):
+    """The keys of the first `n` samples a real stream reads (shards opened, tar members parsed)."""
+    keys = [s.key for s in _take(stream, n)]
+    stream.close()
+    return keys
+
+
 def _layout(world, workers, buffer=4, interleave=1):
     return StreamLayout(
         world_size=world, workers=workers, seed=0, shuffle_buffer=buffer, shuffle_shards=True, interleave=interleave
@@ -40,40 +47,17 @@ def test_the_keys_alone_replay_a_rank_stream_as_read(synthetic_data, world, work
     assert sum(len(k) for k in keys.of_shard) == 24  # the manifest lists every shard's keys
     layout = _layout(world, workers, interleave=interleave)
     n = 2 * 24 // world  # two passes over the rank's shards
+    streams = dict(world=world, workers=workers, shuffle_buffer=4, interleave=interleave)
     for rank in range(world):
-        real = RankStream(
-            shardset,
-            cfg.data,
-            epoch=EPOCH,
-            rank=rank,
-            world=world,
-            workers=workers,
-            shuffle_buffer=4,
-            interleave=interleave,
-            infinite=True,
-        )
-        got = [s.key for s in _take(real, n)]
-        real.close()
+        got = _read_keys(RankStream(shardset, cfg.data, epoch=EPOCH, rank=rank, infinite=True, **streams), n)
         plans = rank_plans(shardset, keys, EPOCH, layout, rank, None)
         assert _take(stream_keys(plans, keys, EPOCH, layout, rank, 0), n) == got
 
     consumed, rest = consumed_keys(shardset, keys, EPOCH, [Layer(_layout(2, 2), (5, 3))])
     assert len(consumed) == 8 and len(rest) == 16 and not consumed & set(rest)
     plans = rank_plans(shardset, keys, EPOCH, layout, 0, rest)
-    real = RankStream(
-        shardset,
-        cfg.data,
-        epoch=EPOCH,
-        world=world,
-        workers=workers,
-        shuffle_buffer=4,
-        interleave=interleave,
-        infinite=True,
-        plans=plans,
-        layer=1,
-    )
-    got = [s.key for s in _take(real, 16 // world)]
-    real.close()
+    real = RankStream(shardset, cfg.data, epoch=EPOCH, infinite=True, plans=plans, layer=1, **streams)
+    got = _read_keys(real, 16 // world)
     assert _take(stream_keys(plans, keys, EPOCH, layout, 0, 1), 16 // world) == got
 
 
