@@ -22,3 +22,9 @@ def first_line(exc: BaseException) -> str:
     what a one-line report of it shows."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def last_line(output: str) -> str:
+    """The last non-blank line of a subprocess's output: where a failed run says why."""
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"

@@ -31,7 +31,7 @@ import torch
 
 from side4video.bench.vite import case_overrides, clips_for, find_config, host_info
 from side4video.distributed import launch_command
-from side4video.errors import UserError
+from side4video.errors import UserError, last_line
 
 RUNS = [(1, 2), (2, 1), (2, 1), (1, 2)]  # (ranks, clips per rank): the global batch is 2 throughout
 UNIVERSAL_AFTER = 3  # the run whose (2-rank) checkpoint is also converted to the universal format
@@ -47,8 +47,7 @@ def _universal(checkpoint: Path, out: Path) -> Dict:
     proc = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
-        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-        raise RuntimeError(f"bench checkpoint: ds_to_universal failed: {tail[0]}")
+        raise RuntimeError(f"bench checkpoint: ds_to_universal failed: {last_line(proc.stderr)}")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     files = sum(1 for p in out.rglob("*") if p.is_file())
     shutil.rmtree(out)
@@ -71,8 +70,7 @@ def _run(config: Path, overrides: List[str], ranks: int, step: int) -> List[Dict
     args = ["train", str(config), *overrides, f"train.stop_at_step={step}", "train.max_steps=100"]
     proc = subprocess.run(launch_command(ranks, args), env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-        raise RuntimeError(f"bench checkpoint: the {ranks}-rank run to step {step} failed: {tail[0]}")
+        raise RuntimeError(f"bench checkpoint: the {ranks}-rank run to step {step} failed: {last_line(proc.stderr)}")
     return _events(proc.stderr)
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from side4video.config import Config
 from side4video.engine.metrics import rss_bytes, status_bytes
-from side4video.errors import UserError
+from side4video.errors import UserError, last_line
 
 FULL_SETUP = [
     "model.backbone.name=ViT-B-16",
@@ -251,8 +251,7 @@ def _run_case(
         [sys.executable, "-m", "side4video.bench.memory", json.dumps(case)], capture_output=True, text=True, env=env
     )
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"memory case {overrides} {layout} failed: {tail[0]}")
+        raise RuntimeError(f"memory case {overrides} {layout} failed: {last_line(proc.stderr)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from side4video.distributed import launch_command
-from side4video.errors import UserError
+from side4video.errors import UserError, last_line
 
 CONFIG = "configs/experiments/ssv2_eva02e14.yaml"
 CASES = [  # name, ranks, size, frames, steps
@@ -157,8 +157,7 @@ def _run_case(
         launch_command(ranks, ["train", str(config), *overrides]), env=env, capture_output=True, text=True
     )
     if proc.returncode != 0:
-        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-        raise RuntimeError(f"bench vite case {name!r} failed: {tail[0]}")
+        raise RuntimeError(f"bench vite case {name!r} failed: {last_line(proc.stderr)}")
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     step_s = [r["step_s"] for r in rows if r.get("kind") == "train"]
