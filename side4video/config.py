@@ -280,6 +280,11 @@ class DeepSpeedConfig:
     offload_param: str = setting("none", "ZeRO-3 parameter offload", ("none", "cpu", "nvme"))
     offload_optimizer: str = setting("none", "optimizer state offload (ZeRO >= 1)", ("none", "cpu", "nvme"))
     nvme_path: str = setting("/local_nvme", "folder for nvme offload")
+    prefetch: str = setting(
+        "auto",
+        "ZeRO-3: gather parameters ahead of their module (auto: on GPUs; never: only while used, less memory)",
+        ("auto", "always", "never"),
+    )
     timeout_minutes: int = setting(30, "collective timeout")
 
 

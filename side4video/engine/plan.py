@@ -13,8 +13,8 @@ Nothing is allocated. Two sources, kept apart in the report:
   offloading moves to host memory and over the host link every step.
 
 Approximations (stated here, not hidden in numbers): gradients and their partitions are counted in
-the training precision; a ZeRO-3 rank may hold the trained parameters gathered for the whole step
-(DeepSpeed's default reuse distance keeps parameters used again in backward), which is counted;
+the training precision; a ZeRO-3 rank with prefetch on holds the trained parameters gathered from
+forward to backward (DeepSpeed keeps parameters used again), without it one block at a time;
 the CUDA context and allocator fragmentation are not, hence the headroom in the verdict.
 """
 
@@ -60,15 +60,24 @@ class ZeroSettings:
     param_persistence_threshold: int
     max_live_parameters: int
     sub_group_size: int
+    max_reuse_distance: int = 10**9
+
+    @property
+    def keeps_trained_gathered(self) -> bool:
+        """ZeRO-3 keeps a trained parameter gathered from its forward to its backward when its reuse
+        is within the reuse distance, or when the prefetcher found it already gathered (it then
+        holds it until that use); otherwise it is gathered only while its module runs."""
+        return self.prefetch_bucket_size > 0 or self.max_reuse_distance > 0
 
 
-def zero_settings(cfg: Config, world_size: int, trainable_params: int = 0) -> ZeroSettings:
-    """From the DeepSpeed config the engine builds, through DeepSpeed's own config class."""
+def zero_settings(cfg: Config, world_size: int, trainable_params: int = 0, cuda: bool = True) -> ZeroSettings:
+    """From the DeepSpeed config the engine builds (for a GPU job or a CPU one: `cuda`), through
+    DeepSpeed's own config class."""
     from side4video.engine.deepspeed_engine import deepspeed_config  # first: it quiets DeepSpeed's import
 
     DeepSpeedZeroConfig = importlib.import_module("deepspeed.runtime.zero.config").DeepSpeedZeroConfig
 
-    zero_dict = deepspeed_config(cfg, world_size, trainable_params=trainable_params)["zero_optimization"]
+    zero_dict = deepspeed_config(cfg, world_size, trainable_params=trainable_params, cuda=cuda)["zero_optimization"]
     z = DeepSpeedZeroConfig(**zero_dict)
     return ZeroSettings(
         stage=int(z.stage),
@@ -81,6 +90,7 @@ def zero_settings(cfg: Config, world_size: int, trainable_params: int = 0) -> Ze
         param_persistence_threshold=int(z.param_persistence_threshold),
         max_live_parameters=int(z.max_live_parameters),
         sub_group_size=int(z.sub_group_size),
+        max_reuse_distance=int(z.max_reuse_distance),
     )
 
 
@@ -135,12 +145,14 @@ def trained_state(
     world: int,
     persistent: int = 0,
     cuda: bool = True,
+    largest_unit: int = 0,
 ) -> Dict[str, int]:
     """Bytes per rank of the trained parameters: weights, gradients, fp32 master copies, optimizer
     state (on the device, or `host` when offloaded) and DeepSpeed's gradient reduce bucket.
 
-    `persistent`: trained parameters ZeRO-3 keeps whole (small ones). On a CPU host only the
-    touched part of the (uninitialised) reduce bucket is resident.
+    `persistent`: trained parameters ZeRO-3 keeps whole (small ones); `largest_unit`: trained
+    parameters of the largest block ZeRO-3 gathers at once when it does not keep them gathered.
+    On a CPU host only the touched part of the (uninitialised) reduce bucket is resident.
     """
     t = itemsize(train)
     mixed = train != torch.float32
@@ -151,8 +163,10 @@ def trained_state(
 
     stage = zero.stage
     weights = trainable * t if stage < 3 else (persistent + shard(trainable - persistent)) * t
-    # ZeRO-3 gathers trained parameters for their forward and keeps them until their backward.
-    gathered = min(trainable, zero.max_live_parameters) * t if stage == 3 else 0
+    # ZeRO-3 gathers trained parameters for their forward, and keeps them until their backward
+    # or gathers them again there (one block at a time, a checkpointed block's recomputation)
+    kept = min(trainable, zero.max_live_parameters) if zero.keeps_trained_gathered else min(largest_unit, trainable)
+    gathered = kept * t if stage == 3 else 0
     grads = trainable * t if stage < 2 else shard(trainable) * t
     master = (trainable if stage == 0 else shard(trainable)) * 4 if mixed else 0
     states = (trainable if stage == 0 else shard(trainable)) * per_param_state
@@ -185,6 +199,25 @@ def trained_state(
         "host": host,
         "step_temporaries": temporaries,
     }
+
+
+def largest_trained_unit(model) -> int:
+    """Trained parameters of the largest block of a module list (a side block, its tap projection,
+    a backbone block's adapters): what ZeRO-3 holds gathered at once when it keeps nothing else."""
+    units = [m for lst in model.modules() if isinstance(lst, torch.nn.ModuleList) for m in lst]
+    sizes = [sum(p.numel() for p in unit.parameters() if p.requires_grad) for unit in units]
+    return max(sizes, default=0) or model.parameter_counts()["trainable_params"]
+
+
+def model_trained_state(model, cfg: Config, train: torch.dtype, zero: ZeroSettings, world: int, cuda: bool):
+    """trained_state for a built (meta) model: its counts, small parameters and largest unit."""
+    persistent = sum(
+        p.numel() for p in model.parameters() if p.requires_grad and p.numel() <= zero.param_persistence_threshold
+    )
+    trainable = model.parameter_counts()["trainable_params"]
+    return trained_state(
+        trainable, train, cfg.train.optimizer, zero, world, persistent, cuda, largest_trained_unit(model)
+    )
 
 
 # -------------------------------------------------------------------------------- activations
@@ -352,16 +385,13 @@ def _rank_plan(
     source: Tuple[int, int] = DEFAULT_SOURCE,
 ) -> Dict:
     trainable = model.parameter_counts()["trainable_params"]
-    zero = zero_settings(cfg, world, trainable)
+    zero = zero_settings(cfg, world, trainable, cuda)
     batch = int(cfg.train.batch_size) * int(cfg.data.repeated_views)
     frames = int(cfg.data.frames)
     method = cfg.model.method
-    persistent_trained = sum(
-        p.numel() for p in model.parameters() if p.requires_grad and p.numel() <= zero.param_persistence_threshold
-    )
 
     frozen = frozen_weights(model, zero, world, precision.storage)
-    state = trained_state(trainable, precision.train, cfg.train.optimizer, zero, world, persistent_trained, cuda)
+    state = model_trained_state(model, cfg, precision.train, zero, world, cuda)
 
     # Activations: the configured step, its batch-1 step (the per-clip slope), the other
     # checkpointing setting, and one backbone block's working set.
@@ -550,18 +580,14 @@ def _alternatives(
 def _step_temporaries(cfg: Config, model, world: int, cuda: bool) -> int:
     """The optimizer step's temporaries (fp32 whatever the training precision)."""
     trainable = model.parameter_counts()["trainable_params"]
-    zero = zero_settings(cfg, world, trainable)
+    zero = zero_settings(cfg, world, trainable, cuda)
     return trained_state(trainable, torch.float32, cfg.train.optimizer, zero, world, 0, cuda)["step_temporaries"]
 
 
 def _predicted_peak(cfg: Config, model, precision: Precision, world: int, step: Dict, cuda: bool) -> int:
-    trainable = model.parameter_counts()["trainable_params"]
-    zero = zero_settings(cfg, world, trainable)
-    persistent = sum(
-        p.numel() for p in model.parameters() if p.requires_grad and p.numel() <= zero.param_persistence_threshold
-    )
+    zero = zero_settings(cfg, world, model.parameter_counts()["trainable_params"], cuda)
     frozen = frozen_weights(model, zero, world, precision.storage)
-    state = trained_state(trainable, precision.train, cfg.train.optimizer, zero, world, persistent, cuda)
+    state = model_trained_state(model, cfg, precision.train, zero, world, cuda)
     return _device_total(frozen, state, step["peak"], zero)
 
 

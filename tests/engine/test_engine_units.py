@@ -48,6 +48,18 @@ def test_deepspeed_config_maps_our_keys():
     assert nvme["zero_optimization"]["offload_param"]["buffer_size"] == int(3e8)  # a whole block per buffer
 
 
+def test_zero3_prefetch_on_gpus_and_off_on_cpu_hosts():
+    def zero(*overrides, cuda):
+        return deepspeed_config(cfg_with("deepspeed.zero_stage=3", *overrides), 2, cuda=cuda)["zero_optimization"]
+
+    gpu, cpu = zero(cuda=True), zero(cuda=False)  # deepspeed.prefetch=auto
+    assert gpu["stage3_prefetch_bucket_size"] > 0 and "stage3_max_reuse_distance" not in gpu  # DeepSpeed's default
+    # never: nothing gathered ahead, nothing kept for a later use (both, or the prefetcher keeps it)
+    assert (cpu["stage3_prefetch_bucket_size"], cpu["stage3_max_reuse_distance"]) == (0, 0)
+    assert zero("deepspeed.prefetch=always", cuda=False)["stage3_prefetch_bucket_size"] > 0
+    assert zero("deepspeed.prefetch=never", cuda=True)["stage3_max_reuse_distance"] == 0
+
+
 def test_schedule_warmup_then_cosine():
     cfg = cfg_with("train.epochs=2", "train.warmup_epochs=0.5", "train.lr=1e-3", "train.min_lr=1e-5")
     length = run_length(cfg.train, micro_batches_per_epoch=10)

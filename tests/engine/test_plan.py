@@ -169,6 +169,10 @@ def test_trained_state_by_zero_stage():
         1000,
         2000,
     )
+    # without prefetch or reuse distance, gathered only while used: the largest unit at a time
+    lean = zero(3, prefetch_bucket_size=0, max_reuse_distance=0)
+    assert trained_state(P, bf16, "adamw", lean, N, persistent=40, largest_unit=300)["gathered"] == 300 * 2
+    assert trained_state(P, bf16, "adamw", zero(3, prefetch_bucket_size=0), N, largest_unit=300)["gathered"] == 2000
     # ... and its bucket of several gradients is concatenated (copied) before the reduce-scatter
     assert s3["reduce_bucket"] == 2 * 100 * 2
     off = trained_state(P, bf16, "adamw", zero(3, offload_param="cpu", offload_optimizer="cpu"), N, persistent=40)
