@@ -173,7 +173,7 @@ def format_rank_plan(p: Dict) -> str:
         ("frozen weights", frozen),
         (
             "trained weights",
-            _gib(st["weights"]) + (f" + gathered for the step {_gib(st['gathered'])}" if st["gathered"] else ""),
+            _gib(st["weights"]) + (f" + gathered while used {_gib(st['gathered'])}" if st["gathered"] else ""),
         ),
         ("gradients", _gib(st["gradients"])),
         ("fp32 master copies", _gib(st["master"])),

@@ -2,12 +2,14 @@
 
 gloo's `all_gather_into_tensor` gathers into a buffer of its own and copies it into the output,
 and its `reduce_scatter_tensor` reduces a copy of the whole input: each holds one more buffer of
-the gathered (or reduced) size while it runs (`side4video bench collectives`: +1.00 x the output
-and +1.00 x the input). ZeRO-3 gathers a block or a bucket of parameters and reduce-scatters its
-gradient bucket at every step, so on CPU hosts every process peaked that much higher than the
-same step needs on NCCL, which works in place. gloo's `all_reduce` works in place, so both are
-written here as one in-place all-reduce (twice the bytes on the wire, no extra memory) and
-installed as the functions DeepSpeed's torch backend calls. NCCL is left alone.
+the gathered (or reduced) size while it runs (+1.00 x the output, +1.00 x the input, measured
+through DeepSpeed's entry points by tests/engine/test_gloo_collectives.py). ZeRO-3 gathers a block
+or a bucket of parameters and reduce-scatters its gradient bucket at every step, so on CPU hosts
+every process peaked that much higher than the same step needs on NCCL, which works in place.
+gloo's `all_reduce` works in place, so both are written here as one in-place all-reduce (twice the
+bytes on the wire, no extra memory) and installed as the functions DeepSpeed's torch backend
+calls. NCCL is left alone. (ViT-E, bench vite: 0.12 GiB less peak on 1 rank, 0.10 GiB on each
+of 2.)
 """
 
 from __future__ import annotations
