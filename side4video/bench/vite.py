@@ -1,8 +1,8 @@
 """`side4video bench vite`: the 4.35 B-parameter EVA ViT-E/14 trained for real, measured.
 
 Each case is a real `side4video train` run of configs/experiments/ssv2_eva02e14.yaml (EVA02-E-14,
-random init in its storage precision, fp16, the 183 M-parameter EVA side network, ZeRO-3 with `offload_param: cpu`) on
-generated clips, in fresh processes:
+random init stored in fp16, the 183 M-parameter EVA side network, ZeRO-3 with `offload_param: cpu`)
+on generated clips, in fresh processes:
 
   (a) 1 rank at a reduced input (56 px, 2 frames, 1 clip), a few steps;
   (b) the same on 2 ranks of this host: the backbone partitioned between them;

@@ -89,14 +89,9 @@ def torch_views(frames: np.ndarray, views: Sequence[A.ViewParams], size: int, me
         if view.ra:
             raise ValueError("RandAugment needs NVIDIA DALI")
         (y0, x0), (y1, x1) = view.roi_start, view.roi_end
-        top, bottom = (
-            int(round(float(y0) * height)),
-            max(int(round(float(y0) * height)) + 1, int(round(float(y1) * height))),
-        )
-        left, right = (
-            int(round(float(x0) * width)),
-            max(int(round(float(x0) * width)) + 1, int(round(float(x1) * width))),
-        )
+        top, left = round(float(y0) * height), round(float(x0) * width)
+        bottom = max(top + 1, round(float(y1) * height))  # at least one row and column
+        right = max(left + 1, round(float(x1) * width))
         crop = clip[:, :, max(top, 0) : min(bottom, height), max(left, 0) : min(right, width)]
         v = torch.nn.functional.interpolate(
             crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False
