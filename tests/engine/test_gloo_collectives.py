@@ -34,19 +34,22 @@ COLLECTIVES = textwrap.dedent("""
     def rss():
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * page
-    peak = [0]
+    peak, lock = [0], threading.Lock()  # the lock: a reset never loses to a sample of the last peak
     def sample():
         while True:
-            peak[0] = max(peak[0], rss())
+            with lock:
+                peak[0] = max(peak[0], rss())
             time.sleep(0.0002)
     threading.Thread(target=sample, daemon=True).start()
 
     def above(fn, out):  # peak resident bytes above the start while fn runs, less the output itself
         dist.barrier(); time.sleep(0.05)
-        start = peak[0] = rss()
+        with lock:
+            start = peak[0] = rss()
         fn()
         dist.barrier(); time.sleep(0.05)
-        return peak[0] - start - out.numel() * out.element_size()
+        with lock:
+            return peak[0] - start - out.numel() * out.element_size()
 
     def values(dtype, n):
         g = torch.Generator().manual_seed(rank)
